@@ -1,0 +1,69 @@
+"""The application factory: ``create_app(settings)`` builds everything; nothing happens at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.handlers import install_handlers
+from service.api.middleware import RequestGuard
+from service.api.routes import health, image_classification, v2
+from service.api.routes import metrics as metrics_routes
+from service.config import Settings
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+A model server for ONNX models: the Open Inference Protocol (KServe v2) for every model in the
+repository, and task endpoints for web and mobile clients that send files and text.
+
+Errors always have the shape `{"error": "...", "error_type": "..."}`. Responses that ran a batch
+carry `x-queue-time-ms`, `x-inference-time-ms` and `x-batch-size` headers.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.discover()
+        # Load in the background so that liveness answers at once and readiness reports progress.
+        loader = asyncio.create_task(registry.load_all(), name="load-models")
+        try:
+            yield
+        finally:
+            # Shutdown: the server has stopped taking requests; answer everything already queued.
+            if not loader.done():
+                loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            await registry.close(drain=True)
+            log.info("all model queues drained; shutting down")
+
+    app = FastAPI(
+        title="neuroserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    install_handlers(app)
+    app.add_middleware(
+        RequestGuard, max_body_bytes=settings.max_request_bytes, metrics=metrics, access_log=settings.access_log
+    )
+    for module in (health, v2, image_classification, metrics_routes):
+        app.include_router(module.router)
+    return app

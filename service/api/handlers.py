@@ -1,0 +1,60 @@
+"""One place that turns errors into the service's JSON error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    DeadlineExceeded,
+    InvalidJSON,
+    ModelNotReady,
+    Overloaded,
+    SchemaError,
+    ServiceError,
+)
+from service.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "request does not match the schema"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status_code >= 500 and not isinstance(exc, Overloaded | DeadlineExceeded | ModelNotReady):
+            log.error("request failed: %s", exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that is not JSON at all is a 400; JSON of the wrong shape is a 422.
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return error_response(InvalidJSON("request body is not valid JSON"))
+        return error_response(SchemaError(_describe_validation(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        err = ServiceError(str(exc.detail))
+        err.status_code, err.error_type = exc.status_code, error_type
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(ServiceError(f"internal error: {type(exc).__name__}"))

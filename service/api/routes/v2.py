@@ -1,0 +1,98 @@
+"""Open Inference Protocol (KServe v2) model endpoints, for every model in the repository."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service import protocol
+from service.api.deps import RegistryDep
+from service.api.disconnect import unless_disconnected
+from service.errors import ModelNotReady
+from service.registry import ModelState
+from service.responses import JSONResponse
+
+router = APIRouter(tags=["open inference protocol (v2)"])
+
+_INFER_EXAMPLE = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+_INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "inputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype", "data"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                    "datatype": {"type": "string", "example": "FP32"},
+                                    "data": {"type": "array", "items": {}},
+                                },
+                            },
+                        },
+                        "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {}}}},
+                    },
+                },
+                "example": _INFER_EXAMPLE,
+            }
+        },
+    }
+}
+
+
+@router.get("/v2/models", summary="Every model in the repository with its state")
+@router.post("/v2/repository/index", summary="Model repository index (Triton's extension)")
+async def repository_index(registry: RegistryDep) -> JSONResponse:
+    rows = []
+    for status in registry.models.values():
+        versions = sorted(status.versions) or [None]
+        for version in versions:
+            row = {"name": status.name, "task": status.task, "state": status.state.value}
+            if version is not None:
+                row["version"] = str(version)
+            if status.reason:
+                row["reason"] = status.reason
+            rows.append(row)
+    return JSONResponse(rows)
+
+
+@router.get("/v2/models/{model}", summary="Model metadata")
+@router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> JSONResponse:
+    return JSONResponse(registry.get(model, version).metadata())
+
+
+@router.get("/v2/models/{model}/ready", summary="Model readiness (503 while loading or failed)")
+@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> JSONResponse:
+    status = registry.status(model)
+    if status.state is not ModelState.READY:
+        err = ModelNotReady(
+            f"model {model!r} is {status.state.value}" + (f": {status.reason}" if status.reason else "")
+        )
+        return JSONResponse({**err.to_dict(), "name": model, "ready": False}, status_code=err.status_code)
+    served = registry.get(model, version)
+    return JSONResponse({"name": model, "version": str(served.version), "ready": True})
+
+
+@router.post("/v2/models/{model}/infer", summary="Run inference (JSON tensors)", openapi_extra=_INFER_DOC)
+@router.post(
+    "/v2/models/{model}/versions/{version}/infer", summary="Run inference on a version", openapi_extra=_INFER_DOC
+)
+async def infer(model: str, request: Request, registry: RegistryDep, version: str | None = None) -> JSONResponse:
+    served = registry.get(model, version)
+    payload = protocol.parse_json(await request.body())
+    feeds, wanted, request_id = protocol.parse_infer_request(
+        payload, served.spec.inputs, served.spec.outputs, served.batched
+    )
+    result = await unless_disconnected(request, served.infer(feeds))
+    datatypes = {t.name: t.datatype for t in served.spec.outputs}
+    body = protocol.infer_response(served.name, served.version, result.outputs, wanted, datatypes, request_id)
+    return JSONResponse(body, headers=result.timing_headers())

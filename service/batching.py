@@ -1,0 +1,333 @@
+"""Dynamic batching with Triton's semantics, knowing neither HTTP nor ONNX.
+
+A :class:`DynamicBatcher` wraps a blocking list-to-list callable (``rows -> outputs``, one output
+per row, same order) and lets many concurrent callers share it:
+
+* one queue and one scheduler task per batcher; a batch is formed only when an execution slot
+  is free (``instances`` slots, each a thread, since onnxruntime releases the GIL);
+* the queue is walked in arrival order, summing each request's own row count; a batch never
+  exceeds ``max_batch_size`` and never mixes requests with different ``key`` (e.g. input shapes);
+* dispatch at once when the batch is full, otherwise wait at most ``max_queue_delay_ms`` counted
+  from the *oldest* waiting request; with delay 0 batches form from what queued meanwhile;
+* a full queue rejects at once (:class:`Overloaded`); a request whose deadline passes while it is
+  queued is removed and fails with :class:`DeadlineExceeded`, never run; a caller that is
+  cancelled (client gone) is removed before inference;
+* an exception fails exactly the requests of its batch and the scheduler keeps going;
+* outputs are split back to their requests in order, after checking the row count;
+* a request larger than ``max_batch_size`` is cut into chunks that queue one after another, so
+  other requests interleave with it instead of waiting behind all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; the batcher calls them on the event loop."""
+
+    def on_queue_depth(self, depth: int) -> None: ...
+    def on_batch(self, size: int, compute_s: float) -> None: ...
+    def on_dequeue(self, queue_s: float) -> None: ...
+
+
+class _NullObserver:
+    def on_queue_depth(self, depth: int) -> None:
+        pass
+
+    def on_batch(self, size: int, compute_s: float) -> None:
+        pass
+
+    def on_dequeue(self, queue_s: float) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult(Generic[R]):
+    outputs: list[R]
+    queue_s: float  # time spent waiting in the queue
+    compute_s: float  # time of the batch (or batches) that carried the request
+    batch_size: int  # rows in the largest batch the request rode in
+
+
+class _State(enum.Enum):
+    QUEUED = 1
+    RUNNING = 2
+    DONE = 3  # expired, cancelled or answered
+
+
+class _Pending:
+    __slots__ = ("deadline", "enqueued", "future", "key", "queue_s", "rows", "state")
+
+    def __init__(self, rows: Sequence, key: Hashable, now: float, deadline: float, future: asyncio.Future) -> None:
+        self.rows = rows
+        self.key = key
+        self.enqueued = now
+        self.deadline = deadline
+        self.future = future
+        self.state = _State.QUEUED
+        self.queue_s = 0.0
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        infer: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float = 0.0,
+        max_queue_size: int = 256,
+        instances: int = 1,
+        name: str = "batcher",
+        observer: BatchObserver | None = None,
+        retry_after_s: int = 1,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.instances = instances
+        self.name = name
+        self._observer: BatchObserver = observer or _NullObserver()
+        self._retry_after = {"Retry-After": str(retry_after_s)}
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(instances)
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"infer-{name}")
+        self._running: set[asyncio.Task] = set()
+        self._scheduler: asyncio.Task | None = None
+        self._closing = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        if self._scheduler is None:
+            self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
+
+    async def submit(
+        self, rows: Sequence[T], *, key: Hashable = None, timeout_s: float | None = None
+    ) -> BatchResult[R]:
+        """Queue ``rows`` and wait for their outputs, in the same order.
+
+        ``timeout_s`` bounds the time until the request starts running (its queue time), as in
+        Triton; once running, a batch is always finished.
+        """
+        if not rows:
+            return BatchResult([], 0.0, 0.0, 0)
+        if self._closing:
+            raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
+        self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s if timeout_s is not None else float("inf")
+        size = self.max_batch_size
+        if len(rows) <= size:
+            return await self._submit_one(rows, key, deadline)
+        outputs: list[R] = []
+        queue_s = compute_s = 0.0
+        batch_size = 0
+        for start in range(0, len(rows), size):
+            part = await self._submit_one(rows[start : start + size], key, deadline)
+            outputs.extend(part.outputs)
+            queue_s += part.queue_s
+            compute_s += part.compute_s
+            batch_size = max(batch_size, part.batch_size)
+        return BatchResult(outputs, queue_s, compute_s, batch_size)
+
+    async def close(self, *, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop taking requests; with ``drain`` finish what is queued and running first."""
+        self._closing = True
+        self._wake.set()
+        if drain:
+            deadline = time.monotonic() + timeout_s
+            while (self._queue or self._running) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        for pending in self._queue:
+            self._fail(pending, ShuttingDown(f"model {self.name} shut down before the request ran"))
+        self._queue.clear()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    async def _submit_one(self, rows: Sequence[T], key: Hashable, deadline: float) -> BatchResult[R]:
+        if len(self._queue) >= self.max_queue_size:
+            raise Overloaded(
+                f"model {self.name} has {len(self._queue)} requests queued (limit {self.max_queue_size})",
+                headers=self._retry_after,
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline <= now:
+            raise DeadlineExceeded(f"request deadline passed before it reached model {self.name}")
+        pending = _Pending(rows, key, now, deadline, loop.create_future())
+        self._queue.append(pending)
+        self._observer.on_queue_depth(len(self._queue))
+        self._wake.set()
+        try:
+            if deadline == float("inf"):
+                return await asyncio.shield(pending.future)
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending.future), deadline - now)
+            except TimeoutError:
+                if pending.state is _State.QUEUED:
+                    self._remove(pending)
+                    raise DeadlineExceeded(
+                        f"request waited {deadline - now:.3f} s in model {self.name}'s queue without "
+                        "starting; try again later"
+                    ) from None
+                # Already running: a started batch is always finished, so wait for it.
+                return await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            # The caller is gone (client disconnected). Drop it if it has not started yet.
+            if pending.state is _State.QUEUED:
+                self._remove(pending)
+            pending.future.cancel()
+            raise
+
+    def _remove(self, pending: _Pending) -> None:
+        pending.state = _State.DONE
+        try:
+            self._queue.remove(pending)
+        except ValueError:
+            pass
+        self._observer.on_queue_depth(len(self._queue))
+
+    @staticmethod
+    def _fail(pending: _Pending, exc: BaseException) -> None:
+        pending.state = _State.DONE
+        if not pending.future.done():
+            pending.future.set_exception(exc)
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            self._expire(now)
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            head = self._queue[0]
+            if self._closing or self.max_queue_delay_s == 0 or self._rows_ready(head.key) >= self.max_batch_size:
+                return self._take(head.key, now)
+            wait_s = head.enqueued + self.max_queue_delay_s - now
+            if wait_s <= 0:
+                return self._take(head.key, now)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait_s)
+            except TimeoutError:
+                pass
+
+    def _expire(self, now: float) -> None:
+        expired = [p for p in self._queue if p.deadline <= now]
+        for pending in expired:
+            self._remove(pending)
+            self._fail(
+                pending, DeadlineExceeded(f"request's deadline passed while it waited in model {self.name}'s queue")
+            )
+
+    def _rows_ready(self, key: Hashable) -> int:
+        total = 0
+        for pending in self._queue:
+            if pending.key == key:
+                total += len(pending.rows)
+                if total >= self.max_batch_size:
+                    break
+        return total
+
+    def _take(self, key: Hashable, now: float) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rows = 0
+        for pending in self._queue:
+            if pending.key != key:
+                continue  # a different shape waits for a batch of its own
+            if rows + len(pending.rows) > self.max_batch_size:
+                break  # keep arrival order: do not let later, smaller requests jump ahead
+            batch.append(pending)
+            rows += len(pending.rows)
+        for pending in batch:
+            self._queue.remove(pending)
+            pending.state = _State.RUNNING
+            pending.queue_s = now - pending.enqueued
+            self._observer.on_dequeue(pending.queue_s)
+        self._observer.on_queue_depth(len(self._queue))
+        return batch
+
+    # -- executing ----------------------------------------------------------------------------
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            rows = [row for pending in batch for row in pending.rows]
+            started = loop.time()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._infer, rows)
+                if len(outputs) != len(rows):
+                    raise InferenceFailed(
+                        f"model {self.name} returned {len(outputs)} outputs for a batch of {len(rows)} rows"
+                    )
+            except Exception as exc:  # fail exactly this batch, keep the scheduler alive
+                if not isinstance(exc, ServiceError):
+                    log.exception("batch of %d rows failed in model %s", len(rows), self.name)
+                    exc = InferenceFailed(f"model {self.name} failed on a batch of {len(rows)}: {exc}")
+                for pending in batch:
+                    self._fail(pending, exc)
+                return
+            compute_s = loop.time() - started
+            self._observer.on_batch(len(rows), compute_s)
+            offset = 0
+            for pending in batch:
+                n = len(pending.rows)
+                pending.state = _State.DONE
+                if not pending.future.done():
+                    result = BatchResult(list(outputs[offset : offset + n]), pending.queue_s, compute_s, len(rows))
+                    pending.future.set_result(result)
+                offset += n
+        finally:
+            self._slots.release()

@@ -1,0 +1,63 @@
+"""Settings: the only module that reads the environment.
+
+Every setting can be given as ``NEUROSERVE_<NAME>`` (e.g. ``NEUROSERVE_MAX_BATCH_SIZE=1``) or in a
+``.env`` file. ``create_app(settings)`` takes an instance, so tests build their own and nothing is
+read at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEUROSERVE_", env_file=".env", extra="ignore")
+
+    # Where and how to listen.
+    repository: Path = Field(Path("models"), description="Model repository root.")
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
+    access_log: bool = Field(True, description="Log every request (errors are always logged).")
+
+    # onnxruntime.
+    providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="Execution providers in order of preference; those the installed onnxruntime lacks are skipped.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="Threads inside one operator (0: onnxruntime's default).")
+    inter_op_threads: int = Field(1, ge=0, description="Threads across operators (sequential execution).")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    model_instances: int = Field(1, ge=1, description="Batches one model may run at the same time.")
+
+    # Dynamic batching defaults; a model's model.json may override them.
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Force this max batch size on every model (1 turns batching off)."
+    )
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="Longest wait for a fuller batch, from the oldest request."
+    )
+    max_queue_size: int = Field(256, ge=1, description="Requests waiting per model before new ones get 503.")
+    request_timeout_ms: float = Field(10_000, gt=0, description="Deadline for a request to start running.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 overload answers.")
+
+    # Limits on what clients send.
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest single image file.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image in pixels (decompression bombs).")
+    max_images_per_request: int = Field(64, ge=1)
+    max_top_k: int = Field(100, ge=1)
+
+    require_all_models: bool = Field(
+        False,
+        description="Report not ready while any model failed to load (default: ready once every "
+        "model has been tried and at least one serves; failed ones show in their own status).",
+    )
+    warmup: bool = Field(True, description="Run dummy batches of every size before reporting ready.")

@@ -1,0 +1,115 @@
+"""Decoding client images safely, for every image task.
+
+Accepts PNG, JPEG, WebP, BMP and GIF (first frame) of any size and mode, applies EXIF orientation,
+and refuses what would hurt the server: a file over the byte limit or an image over the pixel
+limit is a 413 (checked from the header, before any pixel is decoded, so a decompression bomb never
+allocates), a file that is not an image is a 415, a truncated or corrupt one a 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def decode_base64(text: object, index: int) -> bytes:
+    """Base64 (standard or URL-safe, optionally a ``data:image/...;base64,`` URL) to bytes."""
+    if not isinstance(text, str):
+        raise InvalidImage(f"image {index}: expected a base64 string, got {type(text).__name__}")
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    text = "".join(text.split())
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage(f"image {index}: not valid base64") from None
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> Image.Image:
+    """Bytes to a fully loaded, upright PIL image (first frame for animations)."""
+    if not data:
+        raise InvalidImage(f"{name}: the file is empty")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"{name}: {len(data)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns, then raises, on large images; our own pixel limit below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{name}: image dimensions exceed the pixel limit") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImageFormat(
+            f"{name}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"{name}: corrupt image header ({exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.seek(0)
+            image.load()
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{name}: image dimensions exceed the pixel limit") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"{name}: corrupt or truncated {image.format} image ({exc})") from None
+    return upright(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag, as a phone's gallery would show the photo."""
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except (OSError, ValueError, TypeError, KeyError, SyntaxError):
+        return image  # a broken EXIF block must not cost the client its answer
+
+
+def to_gray(image: Image.Image, *, max_side: int | None = None) -> np.ndarray:
+    """A float32 grey image in [0, 1] from any mode.
+
+    16-bit images keep their range (scaled from 65535, not clipped at 255). Transparent pixels are
+    laid on a background that contrasts with the visible ink: a dark drawing on a transparent canvas
+    (what an HTML canvas exports) lands on white, a light one on black.
+    """
+    if max_side is not None and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        peak = float(values.max(initial=0.0))
+        if mode == "F":
+            top = max(peak, 1.0)
+        else:  # integer modes: 16-bit range unless the values fit in 8 bits
+            top = 65535.0 if peak > 255 else 255.0
+        return np.clip(values / top, 0.0, 1.0)
+    has_alpha = mode in _ALPHA_MODES or "transparency" in image.info
+    if not has_alpha:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    gray = np.asarray(rgba.convert("L"), dtype=np.float32) / 255.0
+    weight = alpha.sum()
+    if weight < 1e-6:
+        return np.zeros_like(gray)  # fully transparent: nothing drawn
+    ink = float((gray * alpha).sum() / weight)
+    background = 1.0 if ink < 0.5 else 0.0
+    return alpha * gray + (1.0 - alpha) * background

@@ -1,0 +1,316 @@
+"""Loaded models: each model version gets an onnxruntime session behind its own dynamic batcher.
+
+:class:`ModelRegistry` scans the repository, loads and warms every model off the event loop,
+tracks each one's state (a broken model is ``FAILED`` with its reason, the rest still serve), and
+answers lookups by name, version and task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.batching import BatchResult, DynamicBatcher
+from service.config import Settings
+from service.errors import InferenceFailed, InvalidTensor, ModelLoadError, ModelNotFound, ModelNotReady, ServiceError
+from service.metrics import Metrics, ModelObserver
+from service.repository import ModelEntry, ModelSpec, VersionEntry, check_graph, scan
+from service.runtime import OnnxModel, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+Row = tuple[np.ndarray, ...]
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class Inference:
+    outputs: dict[str, np.ndarray]
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+    def timing_headers(self) -> dict[str, str]:
+        return {
+            "x-queue-time-ms": f"{self.queue_ms:.3f}",
+            "x-inference-time-ms": f"{self.compute_ms:.3f}",
+            "x-batch-size": str(self.batch_size),
+        }
+
+
+class ServedModel:
+    """One model version that serves: session + batcher + its metrics."""
+
+    def __init__(
+        self, spec: ModelSpec, entry: VersionEntry, runtime: OnnxModel, settings: Settings, observer: ModelObserver
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.version = entry.version
+        self.entry = entry
+        self.runtime = runtime
+        self.observer = observer
+        self.input_names = [t.name for t in spec.inputs]
+        self.output_names = [t.name for t in spec.outputs]
+        batching = spec.dynamic_batching
+        self.batched = spec.max_batch_size > 0
+        self.max_batch_size = (settings.max_batch_size or spec.max_batch_size) if self.batched else 1
+        self.max_queue_delay_ms = (
+            batching.max_queue_delay_ms if batching.max_queue_delay_ms is not None else settings.max_queue_delay_ms
+        )
+        self.timeout_s = (batching.timeout_ms or settings.request_timeout_ms) / 1000.0
+        self.batcher: DynamicBatcher[Row, Row] = DynamicBatcher(
+            self._run_batch if self.batched else self._run_single,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_ms=self.max_queue_delay_ms,
+            max_queue_size=batching.max_queue_size or settings.max_queue_size,
+            instances=settings.model_instances,
+            name=spec.name,
+            observer=observer,
+            retry_after_s=settings.retry_after_s,
+        )
+
+    # Runs in the batcher's worker thread.
+    def _run_batch(self, rows: list[Row]) -> list[Row]:
+        feeds = {name: np.stack([row[i] for row in rows]) for i, name in enumerate(self.input_names)}
+        results = self.runtime.run(feeds)
+        arrays = [results[name] for name in self.output_names]
+        for name, array in zip(self.output_names, arrays, strict=True):
+            if array.ndim == 0 or array.shape[0] != len(rows):
+                raise InferenceFailed(
+                    f"model {self.name} output {name!r} has shape {array.shape} for a batch of {len(rows)}"
+                )
+        return list(zip(*arrays, strict=True))
+
+    def _run_single(self, rows: list[Row]) -> list[Row]:
+        feeds = dict(zip(self.input_names, rows[0], strict=True))
+        results = self.runtime.run(feeds)
+        return [tuple(results[name] for name in self.output_names)]
+
+    def warmup(self) -> None:
+        sizes = range(1, self.max_batch_size + 1) if self.batched else [1]
+        for size in sizes:
+            feeds = self.runtime.dummy_feeds(size)
+            if self.batched:
+                self._run_batch(list(zip(*(feeds[n] for n in self.input_names), strict=True)))
+            else:
+                self.runtime.run(feeds)
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "versions": [str(self.version)],
+            "platform": self.spec.platform,
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in self.spec.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in self.spec.outputs],
+            "parameters": {
+                "task": self.spec.task,
+                "description": self.spec.description,
+                "execution_provider": self.runtime.provider,
+                "execution_providers": self.runtime.providers,
+                "max_batch_size": self.max_batch_size,
+                "max_queue_delay_ms": self.max_queue_delay_ms,
+                "metrics": self.entry.metadata.get("metrics", {}),
+                "dataset": self.entry.metadata.get("dataset", {}),
+                "training_command": self.entry.metadata.get("training", {}).get("command"),
+                "sha256": self.entry.metadata.get("sha256"),
+            },
+        }
+
+    async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
+        """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            result = await self._submit(feeds)
+            if self.batched:
+                outputs = {
+                    name: np.stack([row[i] for row in result.outputs]) for i, name in enumerate(self.output_names)
+                }
+            else:
+                outputs = dict(zip(self.output_names, result.outputs[0], strict=True))
+            return Inference(outputs, result.queue_s * 1000, result.compute_s * 1000, result.batch_size)
+        except ServiceError as exc:
+            outcome = exc.error_type
+            raise
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
+            raise
+        finally:
+            self.observer.on_request(outcome, time.perf_counter() - started)
+
+    async def _submit(self, feeds: Mapping[str, np.ndarray]) -> BatchResult[Row]:
+        arrays = [feeds[name] for name in self.input_names]
+        if not self.batched:
+            return await self.batcher.submit([tuple(arrays)], timeout_s=self.timeout_s)
+        sizes = {a.shape[0] for a in arrays}
+        if len(sizes) != 1:
+            raise InvalidTensor(f"inputs of model {self.name} differ in batch size: {sorted(sizes)}")
+        key = tuple(a.shape[1:] for a in arrays)
+        rows = list(zip(*arrays, strict=True))
+        return await self.batcher.submit(rows, key=key, timeout_s=self.timeout_s)
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    task: str | None
+    state: ModelState
+    reason: str | None = None
+    versions: dict[int, ServedModel] = field(default_factory=dict)
+    entry: ModelEntry | None = None
+
+    @property
+    def latest(self) -> ServedModel | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, ModelStatus] = {}
+        self.error: str | None = None  # the repository itself could not be read
+        self.loading_done = asyncio.Event()
+        self.options = RuntimeOptions(
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            graph_optimization=settings.graph_optimization,
+        )
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def discover(self) -> None:
+        try:
+            entries = scan(self.settings.repository)
+        except ModelLoadError as exc:
+            self.error = exc.message
+            log.error("model repository cannot be read: %s", exc.message)
+            return
+        for entry in entries:
+            task = entry.spec.task if entry.spec else None
+            status = ModelStatus(entry.name, task, ModelState.LOADING, entry=entry)
+            if entry.error is not None:
+                status.state, status.reason = ModelState.FAILED, entry.error.message
+                log.error("model %s cannot be served: %s", entry.name, entry.error.message)
+            self.models[entry.name] = status
+
+    async def load_all(self) -> None:
+        """Load and warm every discovered model, one at a time, off the event loop."""
+        try:
+            for status in self.models.values():
+                if status.state is ModelState.LOADING:
+                    await self._load(status)
+        finally:
+            self.loading_done.set()
+
+    async def _load(self, status: ModelStatus) -> None:
+        entry = status.entry
+        assert entry is not None and entry.spec is not None
+        try:
+            for version in entry.versions:
+                started = time.perf_counter()
+                runtime = await asyncio.to_thread(self._open, entry.spec, version)
+                served = ServedModel(entry.spec, version, runtime, self.settings, self.metrics.observer(entry.name))
+                if self.settings.warmup:
+                    await asyncio.to_thread(served.warmup)
+                served.batcher.start()
+                status.versions[version.version] = served
+                self.metrics.model_ready.labels(entry.name, str(version.version)).set(1)
+                log.info(
+                    "model %s version %d ready on %s in %.2f s (max batch %d)",
+                    entry.name,
+                    version.version,
+                    runtime.provider,
+                    time.perf_counter() - started,
+                    served.max_batch_size,
+                )
+            status.state = ModelState.READY
+        except ModelLoadError as exc:
+            status.state, status.reason = ModelState.FAILED, exc.message
+            log.error("model %s cannot be served: %s", entry.name, exc.message)
+        except Exception as exc:  # a model must never take the server down with it
+            status.state, status.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+            log.exception("model %s failed to load", entry.name)
+        if status.state is ModelState.FAILED:
+            await self._close_versions(status)
+
+    def _open(self, spec: ModelSpec, version: VersionEntry) -> OnnxModel:
+        runtime = OnnxModel(version.onnx_path, self.options)
+        check_graph(spec, version.onnx_path, runtime.inputs, runtime.outputs)
+        return runtime
+
+    async def _close_versions(self, status: ModelStatus) -> None:
+        for served in status.versions.values():
+            await served.batcher.close(drain=False)
+            self.metrics.model_ready.labels(status.name, str(served.version)).set(0)
+        status.versions.clear()
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop every batcher; with ``drain`` the queued requests are answered first."""
+        await asyncio.gather(
+            *(s.batcher.close(drain=drain) for status in self.models.values() for s in status.versions.values())
+        )
+
+    # -- readiness and lookup ----------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        if not self.loading_done.is_set():
+            return False
+        states = [s.state for s in self.models.values()]
+        if self.settings.require_all_models and any(s is not ModelState.READY for s in states):
+            return False
+        return ModelState.READY in states
+
+    def status(self, name: str) -> ModelStatus:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}; available: {sorted(self.models)}") from None
+
+    def get(self, name: str, version: str | int | None = None) -> ServedModel:
+        status = self.status(name)
+        if status.state is not ModelState.READY:
+            detail = f": {status.reason}" if status.reason else ""
+            raise ModelNotReady(
+                f"model {name!r} is {status.state.value}{detail}",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        if version is None or version == "":
+            served = status.latest
+            assert served is not None
+            return served
+        try:
+            return status.versions[int(version)]
+        except (KeyError, ValueError):
+            raise ModelNotFound(
+                f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
+            ) from None
+
+    def for_task(self, task: str, name: str | None = None) -> ServedModel:
+        """The model a task endpoint uses: the one named, or the first of that task by name."""
+        if name is not None:
+            served = self.get(name)
+            if served.spec.task != task:
+                raise ModelNotFound(f"model {name!r} serves {served.spec.task!r}, not {task!r}")
+            return served
+        candidates = sorted(s.name for s in self.models.values() if s.task == task)
+        if not candidates:
+            raise ModelNotFound(f"no model for task {task!r} in the repository")
+        for candidate in candidates:
+            if self.models[candidate].state is ModelState.READY:
+                return self.get(candidate)
+        return self.get(candidates[0])  # raises ModelNotReady with its reason

@@ -1,0 +1,127 @@
+"""onnxruntime sessions: one :class:`OnnxModel` per loaded model version."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# KServe v2 datatypes <-> numpy <-> onnxruntime type strings.
+V2_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+ORT_TO_V2 = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str  # KServe v2 name, e.g. FP32
+    shape: tuple[int, ...]  # -1 for dynamic axes
+
+    @property
+    def dtype(self) -> np.dtype:
+        return V2_TO_NUMPY[self.datatype]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    providers: Sequence[str]
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+
+
+def select_providers(preferred: Sequence[str]) -> list[str]:
+    """The preferred providers that this onnxruntime build offers, in order; CPU always last."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in preferred if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _tensor_infos(args: Sequence[ort.NodeArg], path: Path) -> list[TensorInfo]:
+    infos = []
+    for arg in args:
+        if arg.type not in ORT_TO_V2:
+            raise ModelLoadError(path, f"tensor {arg.name!r} has unsupported type {arg.type}")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+        infos.append(TensorInfo(arg.name, ORT_TO_V2[arg.type], shape))
+    return infos
+
+
+class OnnxModel:
+    """One onnxruntime session. ``run`` is thread-safe (onnxruntime allows concurrent Run calls)."""
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        self.path = path
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
+        so.log_severity_level = 3
+        providers = select_providers(options.providers)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(path, f"onnxruntime cannot load the graph: {exc}") from exc
+        self.providers = self.session.get_providers()
+        self.inputs = _tensor_infos(self.session.get_inputs(), path)
+        self.outputs = _tensor_infos(self.session.get_outputs(), path)
+        self._output_names = [o.name for o in self.outputs]
+        log.info("loaded %s with providers %s", path, self.providers)
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the graph (the first one the session accepted)."""
+        return self.providers[0]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, results, strict=True))
+
+    def dummy_feeds(self, batch_size: int, dynamic_dim: int = 1) -> dict[str, np.ndarray]:
+        """Zeros of every input at ``batch_size`` (other dynamic axes set to ``dynamic_dim``)."""
+        feeds = {}
+        for info in self.inputs:
+            shape = [batch_size] + [d if d > 0 else dynamic_dim for d in info.shape[1:]]
+            feeds[info.name] = np.zeros(shape, dtype=info.dtype)
+        return feeds
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        for size in batch_sizes:
+            self.run(self.dummy_feeds(size))

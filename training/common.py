@@ -1,0 +1,140 @@
+"""Pieces every training script shares: seeding, ONNX export with a parity check, and writing
+the model repository layout (``models/<name>/model.json`` + ``models/<name>/<version>/``).
+
+Kept free of task knowledge so that each ``training/<task>.py`` stays a short, readable script.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import random
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def command_line() -> str:
+    """The command that produced an artefact, as a user would retype it."""
+    return " ".join(shlex.quote(a) for a in ["python", "-m", _module_name(), *sys.argv[1:]])
+
+
+def _module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name
+    return Path(sys.argv[0]).with_suffix("").as_posix().replace("/", ".")
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int = 17,
+) -> None:
+    """Export with the TorchScript exporter: it gives stable, small graphs with named dynamic axes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    torch.onnx.export(
+        model,
+        example_inputs,
+        str(path),
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def check_parity(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    inputs: dict[str, torch.Tensor],
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> float:
+    """Run the same batch (batch > 1) through torch and onnxruntime; raise if they disagree.
+
+    Returns the largest absolute difference seen, which goes into the metadata.
+    """
+    first = next(iter(inputs.values()))
+    if first.shape[0] < 2:
+        raise ValueError("parity must be checked at batch > 1 to exercise the dynamic batch axis")
+    model.eval()
+    with torch.no_grad():
+        expected = model(*[t.cpu() for t in inputs.values()])
+    if isinstance(expected, torch.Tensor):
+        expected = (expected,)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.cpu().numpy() for k, v in inputs.items()})
+    worst = 0.0
+    for want, have in zip(expected, got, strict=True):
+        want_np = want.numpy()
+        if want_np.shape != have.shape:
+            raise AssertionError(f"onnx output shape {have.shape} != torch {want_np.shape}")
+        worst = max(worst, float(np.max(np.abs(want_np - have))))
+        if not np.allclose(want_np, have, atol=atol, rtol=rtol):
+            raise AssertionError(f"onnxruntime disagrees with torch: max |diff| = {worst:.3g}")
+    return worst
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def environment() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_version_metadata(
+    version_dir: Path, *, metrics: dict[str, Any], dataset: dict[str, Any], training: dict[str, Any]
+) -> dict[str, Any]:
+    """``metadata.json`` beside ``model.onnx``: what the artefact is, how well it does, how it was made."""
+    onnx_path = version_dir / "model.onnx"
+    meta = {
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "sha256": sha256_file(onnx_path),
+        "metrics": metrics,
+        "dataset": dataset,
+        "training": {**training, "command": command_line(), "environment": environment()},
+    }
+    write_json(version_dir / "metadata.json", meta)
+    return meta
