@@ -63,6 +63,7 @@ class ServedModel:
         self.observer = observer
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
+        self.warmed_batch_sizes: list[int] = []
         batching = spec.dynamic_batching
         self.batched = spec.max_batch_size > 0
         self.max_batch_size = (settings.max_batch_size or spec.max_batch_size) if self.batched else 1
@@ -101,6 +102,7 @@ class ServedModel:
     def warmup(self) -> None:
         sizes = range(1, self.max_batch_size + 1) if self.batched else [1]
         for size in sizes:
+            self.warmed_batch_sizes.append(size)
             feeds = self.runtime.dummy_feeds(size)
             if self.batched:
                 self._run_batch(list(zip(*(feeds[n] for n in self.input_names), strict=True)))

@@ -76,7 +76,8 @@ class Net(nn.Module):
 
 def read_idx(path: Path) -> np.ndarray:
     """Read a gzip-compressed IDX file (MNIST's format: big-endian header, then uint8 data)."""
-    raw = gzip.open(path).read()
+    with gzip.open(path) as fh:
+        raw = fh.read()
     magic = int.from_bytes(raw[:4], "big")
     if magic == 2051:
         count, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
