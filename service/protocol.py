@@ -51,14 +51,15 @@ def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool) -> np.
     if batched and shape[0] == 0:
         raise InvalidTensor(f"input {name!r}: batch of size 0")
     try:
-        array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are caught below
+            array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
     except (ValueError, TypeError, OverflowError):
         raise InvalidTensor(f"input {name!r}: data must be {datatype} numbers in a flat or nested list") from None
     expected = math.prod(shape)
     if array.size != expected:
         raise InvalidTensor(f"input {name!r}: {array.size} values for shape {shape} ({expected} expected)")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidTensor(f"input {name!r}: data contains NaN or infinity")
+        raise InvalidTensor(f"input {name!r}: data contains NaN or infinity (or values out of {datatype} range)")
     return array.reshape(shape)
 
 

@@ -13,11 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 from service.repository import sha256_file
 
 
-def scale_model(path: Path, width: int = 4, factor: float = 2.0, input_name: str = "x",
-                elem_type: int = TensorProto.FLOAT) -> None:
+def scale_model(
+    path: Path, width: int = 4, factor: float = 2.0, input_name: str = "x", elem_type: int = TensorProto.FLOAT
+) -> None:
     """y = x * factor, input [batch, width]."""
-    const = numpy_helper.from_array(np.array(factor, dtype=np.float32 if elem_type == TensorProto.FLOAT
-                                             else np.float64), "factor")
+    const = numpy_helper.from_array(
+        np.array(factor, dtype=np.float32 if elem_type == TensorProto.FLOAT else np.float64), "factor"
+    )
     graph = helper.make_graph(
         [helper.make_node("Mul", [input_name, "factor"], ["y"])],
         "scale",
@@ -45,7 +47,8 @@ def slow_model(path: Path, width: int = 256, layers: int = 40) -> None:
         nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
         current = out
     graph = helper.make_graph(
-        nodes, "slow",
+        nodes,
+        "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=inits,
@@ -68,8 +71,17 @@ def model_json(name: str, width: int = 4, **extra) -> dict:
     return spec
 
 
-def write_model(root: Path, name: str, *, version: int = 1, spec: dict | None = None, width: int = 4,
-                factor: float = 2.0, slow: bool = False, with_sha: bool = True) -> Path:
+def write_model(
+    root: Path,
+    name: str,
+    *,
+    version: int = 1,
+    spec: dict | None = None,
+    width: int = 4,
+    factor: float = 2.0,
+    slow: bool = False,
+    with_sha: bool = True,
+) -> Path:
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model.json").write_text(json.dumps(spec if spec is not None else model_json(name, width)))

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.anyio
 class Recorder:
     """A list-to-list callable that transforms each row and records every batch it ran."""
 
-    def __init__(self, *, gate: threading.Event | None = None, fail_on: float | None = None,
-                 drop_one: bool = False) -> None:
+    def __init__(
+        self, *, gate: threading.Event | None = None, fail_on: float | None = None, drop_one: bool = False
+    ) -> None:
         self.batches: list[list[np.ndarray]] = []
         self.threads: set[int] = set()
         self.gate = gate

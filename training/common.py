@@ -12,7 +12,7 @@ import json
 import platform
 import random
 import shlex
-import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def command_line() -> str:
+def command_line(module: str, argv: list[str]) -> str:
     """The command that produced an artefact, as a user would retype it."""
-    return " ".join(shlex.quote(a) for a in ["python", "-m", _module_name(), *sys.argv[1:]])
-
-
-def _module_name() -> str:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:
-        return spec.name
-    return Path(sys.argv[0]).with_suffix("").as_posix().replace("/", ".")
+    return " ".join(shlex.quote(a) for a in ["python", "-m", module, *argv])
 
 
 def export_onnx(
@@ -58,16 +50,19 @@ def export_onnx(
     """Export with the TorchScript exporter: it gives stable, small graphs with named dynamic axes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    torch.onnx.export(
-        model,
-        example_inputs,
-        str(path),
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_axes=dynamic_axes,
-        opset_version=opset,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # torch >= 2.9 warns that this exporter is the legacy one; it is chosen on purpose (above).
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        torch.onnx.export(
+            model,
+            example_inputs,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def check_parity(
@@ -125,7 +120,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_version_metadata(
-    version_dir: Path, *, metrics: dict[str, Any], dataset: dict[str, Any], training: dict[str, Any]
+    version_dir: Path, *, metrics: dict[str, Any], dataset: dict[str, Any], training: dict[str, Any], command: str
 ) -> dict[str, Any]:
     """``metadata.json`` beside ``model.onnx``: what the artefact is, how well it does, how it was made."""
     onnx_path = version_dir / "model.onnx"
@@ -134,7 +129,7 @@ def write_version_metadata(
         "sha256": sha256_file(onnx_path),
         "metrics": metrics,
         "dataset": dataset,
-        "training": {**training, "command": command_line(), "environment": environment()},
+        "training": {**training, "command": command, "environment": environment()},
     }
     write_json(version_dir / "metadata.json", meta)
     return meta

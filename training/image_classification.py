@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import gzip
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def model_config(cfg: Config) -> dict:
     }
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, command: str = "") -> dict:
     common.seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -228,6 +229,7 @@ def train(cfg: Config) -> dict:
             "device": str(device),
             "seconds": round(train_seconds, 1),
         },
+        command=command,
     )
     print(f"wrote {onnx_path}: test accuracy {accuracy:.4%} (onnxruntime), parity {parity:.2e}")
     return meta
@@ -255,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return train(parse_args(argv), command=common.command_line("training.image_classification", argv))
 
 
 if __name__ == "__main__":

@@ -53,18 +53,21 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[tu
         form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
     except HTTPException as exc:  # Starlette's multipart errors (too many files, malformed body)
         raise InvalidInput(f"multipart body rejected: {exc.detail}") from None
-    uploads = [f for key in ("files", "file") for f in form.getlist(key)]
-    if not uploads:
-        raise SchemaError("multipart body has no 'files' part")
-    if len(uploads) > settings.max_images_per_request:
-        raise TooManyItems(f"{len(uploads)} images; at most {settings.max_images_per_request} per request")
-    blobs = []
-    for i, upload in enumerate(uploads):
-        if not isinstance(upload, UploadFile):
-            raise SchemaError(f"files[{i}] must be a file part, not a text field")
-        data = await upload.read(settings.max_image_bytes + 1)
-        blobs.append((f"files[{i}] ({upload.filename})", data))
-    return blobs, form.get("top_k"), form.get("model")
+    try:
+        uploads = [f for key in ("files", "file") for f in form.getlist(key)]
+        if not uploads:
+            raise SchemaError("multipart body has no 'files' part")
+        if len(uploads) > settings.max_images_per_request:
+            raise TooManyItems(f"{len(uploads)} images; at most {settings.max_images_per_request} per request")
+        blobs = []
+        for i, upload in enumerate(uploads):
+            if not isinstance(upload, UploadFile):
+                raise SchemaError(f"files[{i}] must be a file part, not a text field")
+            data = await upload.read(settings.max_image_bytes + 1)
+            blobs.append((f"files[{i}] ({upload.filename})", data))
+        return blobs, form.get("top_k"), form.get("model")
+    finally:
+        await form.close()  # spooled temporary files
 
 
 def _read_json(body: bytes, settings: Settings) -> tuple[list[tuple[str, bytes]], Any, Any]:

@@ -1,0 +1,48 @@
+# neuroserve: `make serve` installs and serves the committed models; `make test` installs and tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= $(abspath ../shared/data)
+URL    ?= http://127.0.0.1:8000
+
+.PHONY: serve test lint format train-image-classification bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Serving needs only the base dependencies (no torch).
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Tests also train (a smoke run), so they need the `train` extra: torch 2.13.0, the CPU build.
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $@ $(VENV)/.serve
+
+serve: $(VENV)/.serve
+	$(BIN)/neuroserve serve
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	NEUROSERVE_TEST_DATA=$(DATA) $(BIN)/pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+train-image-classification: $(VENV)/.dev
+	$(BIN)/python -m training.image_classification --data-dir $(DATA)/image_classification/mnist --output-dir models --version 1
+
+# Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
