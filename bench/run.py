@@ -124,7 +124,7 @@ def run_wrk(port: int, path: str, body_file: Path, content_type: str, concurrenc
         "wrk",
         f"-t{min(2, concurrency)}",
         f"-c{concurrency}",
-        f"-d{seconds}s",
+        f"-d{max(1, round(seconds))}s",
         "--timeout",
         "10s",
         "-s",

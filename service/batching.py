@@ -194,26 +194,30 @@ class DynamicBatcher(Generic[T, R]):
         self._queue.append(pending)
         self._observer.on_queue_depth(len(self._queue))
         self._wake.set()
+        # A timer rather than wait_for(shield(...)): one handle per request instead of two tasks.
+        timer = loop.call_at(deadline, self._deadline_passed, pending) if deadline != float("inf") else None
         try:
-            if deadline == float("inf"):
-                return await asyncio.shield(pending.future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(pending.future), deadline - now)
-            except TimeoutError:
-                if pending.state is _State.QUEUED:
-                    self._remove(pending)
-                    raise DeadlineExceeded(
-                        f"request waited {deadline - now:.3f} s in model {self.name}'s queue without "
-                        "starting; try again later"
-                    ) from None
-                # Already running: a started batch is always finished, so wait for it.
-                return await asyncio.shield(pending.future)
+            return await pending.future
         except asyncio.CancelledError:
             # The caller is gone (client disconnected). Drop it if it has not started yet.
             if pending.state is _State.QUEUED:
                 self._remove(pending)
-            pending.future.cancel()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _deadline_passed(self, pending: _Pending) -> None:
+        # Only a queued request expires; a started batch is always finished and answered.
+        if pending.state is _State.QUEUED:
+            self._remove(pending)
+            self._fail(
+                pending,
+                DeadlineExceeded(
+                    f"request waited {pending.deadline - pending.enqueued:.3f} s in model {self.name}'s queue "
+                    "without starting; try again later"
+                ),
+            )
 
     def _remove(self, pending: _Pending) -> None:
         pending.state = _State.DONE

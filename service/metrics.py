@@ -75,6 +75,7 @@ class ModelObserver:
         self._queue = metrics.queue_time.labels(model)
         self._latency = metrics.request_latency.labels(model)
         self._requests = metrics.requests
+        self._by_outcome: dict[str, Counter] = {}
         self._model = model
 
     def on_queue_depth(self, depth: int) -> None:
@@ -88,5 +89,8 @@ class ModelObserver:
         self._queue.observe(queue_s)
 
     def on_request(self, outcome: str, latency_s: float) -> None:
-        self._requests.labels(self._model, outcome).inc()
+        counter = self._by_outcome.get(outcome)
+        if counter is None:
+            counter = self._by_outcome[outcome] = self._requests.labels(self._model, outcome)
+        counter.inc()
         self._latency.observe(latency_s)

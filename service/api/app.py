@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestGuard, max_body_bytes=settings.max_request_bytes, metrics=metrics, access_log=settings.access_log
     )
+    app.router.routes.extend(v2.fast_routes)
     for module in (health, v2, image_classification, metrics_routes):
         app.include_router(module.router)
     return app

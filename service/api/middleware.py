@@ -25,6 +25,7 @@ class RequestGuard:
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self._series: dict[tuple[str, str, int], tuple] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,8 +70,15 @@ class RequestGuard:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
-        self.metrics.http_requests.labels(method, template, str(status)).inc()
-        self.metrics.http_latency.labels(method, template).observe(elapsed)
+        key = (method, template, status)
+        series = self._series.get(key)
+        if series is None:  # labels() takes a lock and builds a tuple: do it once per series
+            series = self._series[key] = (
+                self.metrics.http_requests.labels(method, template, str(status)),
+                self.metrics.http_latency.labels(method, template),
+            )
+        series[0].inc()
+        series[1].observe(elapsed)
         if status >= 400 or (self.access_log and scope["path"] not in _QUIET_PATHS):
             log.info(
                 "%s %s %d",
