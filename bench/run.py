@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         plain.stop()
     for label, env in (
         ("neuroserve, batching off", {"NEUROSERVE_MAX_BATCH_SIZE": "1"}),
-        ("neuroserve, batching on", {}),
+        ("neuroserve, batching on, delay 0", {"NEUROSERVE_MAX_QUEUE_DELAY_MS": "0"}),
+        ("neuroserve, batching on, delay 2 ms", {"NEUROSERVE_MAX_QUEUE_DELAY_MS": "2"}),
     ):
         server = neuroserve(label, free_port(), args.repository, NEUROSERVE_INTRA_OP_THREADS=threads, **env)
         try:

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         None, ge=1, description="Force this max batch size on every model (1 turns batching off)."
     )
-    max_queue_delay_ms: float = Field(
-        2.0, ge=0, description="Longest wait for a fuller batch, from the oldest request."
+    max_queue_delay_ms: float | None = Field(
+        None, ge=0, description="Force this queue delay on every model (default: each model.json's, else 0)."
     )
     max_queue_size: int = Field(256, ge=1, description="Requests waiting per model before new ones get 503.")
     request_timeout_ms: float = Field(10_000, gt=0, description="Deadline for a request to start running.")

@@ -26,6 +26,9 @@ from service.runtime import OnnxModel, RuntimeOptions
 log = logging.getLogger(__name__)
 
 Row = tuple[np.ndarray, ...]
+# Triton's default too; on a small CPU machine batches form well from what queues while a batch
+# runs, and any fixed wait only adds latency (bench/run.py compares 0 and 2 ms).
+DEFAULT_QUEUE_DELAY_MS = 0.0
 
 
 class ModelState(enum.StrEnum):
@@ -67,9 +70,8 @@ class ServedModel:
         batching = spec.dynamic_batching
         self.batched = spec.max_batch_size > 0
         self.max_batch_size = (settings.max_batch_size or spec.max_batch_size) if self.batched else 1
-        self.max_queue_delay_ms = (
-            batching.max_queue_delay_ms if batching.max_queue_delay_ms is not None else settings.max_queue_delay_ms
-        )
+        delays = (settings.max_queue_delay_ms, batching.max_queue_delay_ms, DEFAULT_QUEUE_DELAY_MS)
+        self.max_queue_delay_ms = next(d for d in delays if d is not None)
         self.timeout_s = (batching.timeout_ms or settings.request_timeout_ms) / 1000.0
         self.batcher: DynamicBatcher[Row, Row] = DynamicBatcher(
             self._run_batch if self.batched else self._run_single,

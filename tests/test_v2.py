@@ -172,3 +172,13 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
     assert body["application/json"]["schema"]["examples"][0]["images"]
     assert paths["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]["application/json"]["example"]
     assert client.get("/docs").status_code == 200
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from service.config import Settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`NEUROSERVE_{name.upper()}`" in readme, name
