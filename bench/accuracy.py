@@ -10,7 +10,6 @@ sends). Files go in multipart requests of 64, the most one request may carry by 
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import os
@@ -21,14 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-def load_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    folder = data_dir / "image_classification" / "mnist"
-    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as fh:
-        images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as fh:
-        labels = np.frombuffer(fh.read(), np.uint8, offset=8)
-    return images, labels
+from training.idx import load_mnist
 
 
 def as_png(digit: np.ndarray, _: np.random.Generator) -> tuple[bytes, str]:
@@ -78,7 +70,7 @@ def main(argv: list[str] | None = None) -> float:
         default=Path(os.environ.get("NEUROSERVE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")),
     )
     args = p.parse_args(argv)
-    images, labels = load_test(args.data_dir)
+    images, labels = load_mnist(args.data_dir / "image_classification" / "mnist", "test")
     images, labels = images[: args.limit], labels[: args.limit]
     encode = as_png if args.style == "png" else as_photo
     rng = np.random.default_rng(0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gzip
 import io
 import json
 import os
@@ -37,6 +36,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from training.idx import load_mnist
+
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "bench" / "post.lua"
 
@@ -45,11 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def load_digits(data_dir: Path, n: int = 1) -> np.ndarray:
-    with gzip.open(data_dir / "image_classification" / "mnist" / "t10k-images-idx3-ubyte.gz") as fh:
-        return np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
 
 
 def raw_ceiling(model: Path, threads: int, seconds: float = 1.0) -> list[dict]:
@@ -229,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
 
     onnx_path = args.repository / args.model / "1" / "model.onnx"
-    digit = load_digits(args.data_dir)[0]
+    digit = load_mnist(args.data_dir / "image_classification" / "mnist", "test")[0][0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     x = (digit.astype(np.float32) / 255.0).reshape(1, 1, 28, 28)
     v2_body = tmp / "v2.json"

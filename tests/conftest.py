@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import gzip
 import os
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.config import Settings
+from training.idx import load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,12 +33,7 @@ def data_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    folder = data_dir / "image_classification" / "mnist"
-    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as fh:
-        images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as fh:
-        labels = np.frombuffer(fh.read(), np.uint8, offset=8)
-    return images, labels
+    return load_mnist(data_dir / "image_classification" / "mnist", "test")
 
 
 @pytest.fixture
@@ -49,10 +44,10 @@ def anyio_backend() -> str:
 def wait_ready(client: TestClient, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        response = client.get("/v2/health/ready")
-        if response.status_code == 200:
+        finished = client.app.state.registry.loading_done.is_set()  # read before asking, or it races
+        if client.get("/v2/health/ready").status_code == 200:
             return
-        if client.app.state.registry.loading_done.is_set():
+        if finished:
             break
         time.sleep(0.05)
     raise AssertionError(f"server not ready: {client.get('/v2/health/ready').json()}")

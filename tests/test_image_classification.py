@@ -222,6 +222,11 @@ def test_image_over_pixel_and_byte_limits_is_413() -> None:
         assert (response.status_code, response.json()["error_type"]) == (413, "too_many_items")
         response = c.post(URL, content=b"x" * 300_000, headers={"content-type": "application/json"})
         assert (response.status_code, response.json()["error_type"]) == (413, "payload_too_large")
+        # A chunked body has no Content-Length: the limit is enforced as the bytes arrive.
+        for content_type in ("application/json", "multipart/form-data; boundary=abc"):
+            chunks = (b"x" * 100_000 for _ in range(5))
+            response = c.post(URL, content=chunks, headers={"content-type": content_type})
+            assert (response.status_code, response.json()["error_type"]) == (413, "payload_too_large")
 
 
 @pytest.mark.parametrize(

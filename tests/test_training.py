@@ -52,7 +52,8 @@ def test_image_classification_smoke_training_exports_a_servable_model(data_dir: 
 def test_training_reads_idx_files_and_rejects_other_files(tmp_path: Path, data_dir: Path) -> None:
     import gzip
 
-    from training.image_classification import load_split, read_idx
+    from training.idx import read_idx
+    from training.image_classification import load_split
 
     x, y = load_split(data_dir / "image_classification" / "mnist", "test")
     assert tuple(x.shape) == (10000, 1, 28, 28) and tuple(y.shape) == (10000,)

@@ -7,7 +7,6 @@ Kept free of task knowledge so that each ``training/<task>.py`` stays a short, r
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import platform
 import random
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from service.repository import sha256_file
 
 
 def seed_everything(seed: int) -> None:
@@ -95,14 +96,6 @@ def check_parity(
         if not np.allclose(want_np, have, atol=atol, rtol=rtol):
             raise AssertionError(f"onnxruntime disagrees with torch: max |diff| = {worst:.3g}")
     return worst
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def environment() -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training import common
+from training.idx import load_mnist
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 LABELS = [str(d) for d in range(10)]
@@ -75,25 +75,8 @@ class Net(nn.Module):
         return torch.softmax(self.logits(x), dim=1)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read a gzip-compressed IDX file (MNIST's format: big-endian header, then uint8 data)."""
-    with gzip.open(path) as fh:
-        raw = fh.read()
-    magic = int.from_bytes(raw[:4], "big")
-    if magic == 2051:
-        count, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-        return np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows, cols)
-    if magic == 2049:
-        return np.frombuffer(raw, np.uint8, offset=8)
-    raise ValueError(f"{path}: not an IDX image or label file (magic {magic})")
-
-
 def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz")
-    if len(images) != len(labels):
-        raise ValueError(f"{data_dir}: {len(images)} images but {len(labels)} labels for {split}")
+    images, labels = load_mnist(data_dir, split)
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
 
