@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image in pixels (decompression bombs).")
     max_images_per_request: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)
+    max_texts_per_request: int = Field(64, ge=1)
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Hard limit per text (413 beyond); longer than the model takes is truncated."
+    )
+    max_pairs_per_request: int = Field(1000, ge=1, description="Pairs per /v1/rating request.")
+    max_recommendations: int = Field(100, ge=1, description="Largest k for /v1/recommendations.")
 
     require_all_models: bool = Field(
         False,

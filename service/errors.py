@@ -68,6 +68,14 @@ class TooManyItems(PayloadTooLarge):
     error_type = "too_many_items"
 
 
+class TextTooLong(PayloadTooLarge):
+    error_type = "text_too_long"
+
+
+class InvalidId(InvalidInput):
+    error_type = "invalid_id"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     error_type = "unsupported_media_type"

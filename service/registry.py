@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from service.errors import InferenceFailed, InvalidTensor, ModelLoadError, Model
 from service.metrics import Metrics, ModelObserver
 from service.repository import ModelEntry, ModelSpec, VersionEntry, check_graph, scan
 from service.runtime import OnnxModel, RuntimeOptions
+from service.tasks import load_assets
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,16 @@ class ServedModel:
     """One model version that serves: session + batcher + its metrics."""
 
     def __init__(
-        self, spec: ModelSpec, entry: VersionEntry, runtime: OnnxModel, settings: Settings, observer: ModelObserver
+        self,
+        spec: ModelSpec,
+        entry: VersionEntry,
+        runtime: OnnxModel,
+        settings: Settings,
+        observer: ModelObserver,
+        assets: Any = None,
     ) -> None:
         self.spec = spec
+        self.assets = assets  # the task's files (tokenizer, id maps), loaded with the model
         self.name = spec.name
         self.version = entry.version
         self.entry = entry
@@ -226,8 +235,9 @@ class ModelRegistry:
         try:
             for version in entry.versions:
                 started = time.perf_counter()
-                runtime = await asyncio.to_thread(self._open, entry.spec, version)
-                served = ServedModel(entry.spec, version, runtime, self.settings, self.metrics.observer(entry.name))
+                runtime, assets = await asyncio.to_thread(self._open, entry.spec, version)
+                observer = self.metrics.observer(entry.name)
+                served = ServedModel(entry.spec, version, runtime, self.settings, observer, assets)
                 if self.settings.warmup:
                     await asyncio.to_thread(served.warmup)
                 served.batcher.start()
@@ -251,10 +261,10 @@ class ModelRegistry:
         if status.state is ModelState.FAILED:
             await self._close_versions(status)
 
-    def _open(self, spec: ModelSpec, version: VersionEntry) -> OnnxModel:
+    def _open(self, spec: ModelSpec, version: VersionEntry) -> tuple[OnnxModel, Any]:
         runtime = OnnxModel(version.onnx_path, self.options)
         check_graph(spec, version.onnx_path, runtime.inputs, runtime.outputs)
-        return runtime
+        return runtime, load_assets(spec, version.path)
 
     async def _close_versions(self, status: ModelStatus) -> None:
         for served in status.versions.values():
@@ -304,16 +314,25 @@ class ModelRegistry:
                 f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
             ) from None
 
-    def for_task(self, task: str, name: str | None = None) -> ServedModel:
-        """The model a task endpoint uses: the one named, or the first of that task by name."""
+    def for_task(self, task: str, name: str | None = None, **parameters: Any) -> ServedModel:
+        """The model a task endpoint uses: the one named, else the first by name of that task whose
+        ``model.json`` parameters match (e.g. ``language="zh"``)."""
         if name is not None:
             served = self.get(name)
             if served.spec.task != task:
                 raise ModelNotFound(f"model {name!r} serves {served.spec.task!r}, not {task!r}")
             return served
-        candidates = sorted(s.name for s in self.models.values() if s.task == task)
+        candidates = sorted(
+            s.name
+            for s in self.models.values()
+            if s.task == task
+            and s.entry is not None
+            and s.entry.spec is not None
+            and all(s.entry.spec.parameters.get(k) == v for k, v in parameters.items())
+        )
         if not candidates:
-            raise ModelNotFound(f"no model for task {task!r} in the repository")
+            wanted = f" with {parameters}" if parameters else ""
+            raise ModelNotFound(f"no model for task {task!r}{wanted} in the repository")
         for candidate in candidates:
             if self.models[candidate].state is ModelState.READY:
                 return self.get(candidate)

@@ -63,3 +63,60 @@ def test_training_reads_idx_files_and_rejects_other_files(tmp_path: Path, data_d
         fh.write(b"\x00\x00\x00\x07" + b"\x00" * 12)
     with pytest.raises(ValueError, match="not an IDX"):
         read_idx(bogus)
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_sentiment_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path: Path, lang: str) -> None:
+    from training import sentiment
+
+    meta = sentiment.main(
+        ["--smoke", "--lang", lang, "--data-dir", str(data_dir / "sentiment"), "--output-dir", str(tmp_path)]
+    )
+    name = "sentiment" if lang == "en" else "sentiment-zh"
+    assert (tmp_path / name / "1" / "tokenizer.json").is_file()
+    assert meta["metrics"]["onnx_vs_torch_max_abs_diff"] < 1e-4
+    key = "dev_accuracy" if lang == "en" else "test_accuracy"
+    assert 0.0 <= meta["metrics"][key] <= 1.0
+    with make_client(repository=tmp_path) as client:
+        wait_ready(client)
+        text = "a fine film" if lang == "en" else "房间很干净"
+        response = client.post("/v1/sentiment", json={"texts": [text, text + text]})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == name
+
+
+def test_rating_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path: Path) -> None:
+    from training import rating
+
+    meta = rating.main(
+        ["--smoke", "--data-dir", str(data_dir / "rating" / "ml-latest-small"), "--output-dir", str(tmp_path)]
+    )
+    metrics = meta["metrics"]
+    assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-4
+    assert metrics["validation_rmse"] > 0 and metrics["baseline_validation_rmse"] > 0
+    assets = json.loads((tmp_path / "rating" / "1" / "recommender.json").read_text())
+    user = assets["users"][0]
+    with make_client(repository=tmp_path) as client:
+        wait_ready(client)
+        response = client.post("/v1/recommendations", json={"user_id": user, "k": 3})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["items"]) == 3
+
+
+def test_temporal_split_holds_out_each_users_latest_ratings() -> None:
+    import numpy as np
+
+    from training.rating import Ratings, temporal_split
+
+    data = Ratings(
+        users=np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3]),
+        items=np.arange(13),
+        ratings=np.ones(13, np.float32),
+        timestamps=np.array([5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 20, 10, 1]),
+    )
+    train, val = temporal_split(data, 0.2)
+    # User 1: the two latest (timestamps 9 and 10); user 2: the later one; user 3 has one rating: kept for training.
+    assert sorted(data.timestamps[val & (data.users == 1)].tolist()) == [9, 10]
+    assert data.timestamps[val & (data.users == 2)].tolist() == [20]
+    assert not val[data.users == 3].any()
+    assert (train ^ val).all()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from service.errors import SchemaError
+from service.protocol import parse_json
 
 # A 28x28 PNG of a handwritten 7 (from the MNIST test set), for the docs' "try it out".
 SEVEN_PNG_BASE64 = (
@@ -36,9 +41,115 @@ class ImageClassificationResponse(BaseModel):
     predictions: list[list[LabelScore]] = Field(description="One ranked list per image, in request order.")
 
 
+class SentimentRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["A gorgeous, witty, seductive movie.", "The plot is a mess and the jokes fall flat."]},
+                {"texts": ["房间干净，服务热情，下次还会再来。"], "language": "zh"},
+            ]
+        },
+    )
+    texts: list[StrictStr] = Field(min_length=1, description="One prediction per text, in order.")
+    model: str | None = Field(None, description="A sentiment model by name, e.g. sentiment-zh.")
+    language: Literal["auto", "en", "zh"] = Field(
+        "auto", description="Picks the model of that language when 'model' is not given; 'auto' detects Chinese."
+    )
+
+
+class SentimentPrediction(BaseModel):
+    label: str
+    score: float = Field(description="Probability of the label.")
+    scores: dict[str, float]
+    tokens: int = Field(description="Tokens in the text before truncation.")
+    truncated: bool = Field(description="True when the text was longer than the model takes and was cut.")
+
+
+class SentimentResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[SentimentPrediction]
+
+
+Id = StrictStr | StrictInt
+
+
+class RatingPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id
+    item_id: Id
+
+
+class RatingRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"pairs": [{"user_id": "1", "item_id": "1"}, {"user_id": "1", "item_id": "2"}]}]
+        },
+    )
+    pairs: list[RatingPair] = Field(min_length=1, description="The dataset's own ids (MovieLens userId, movieId).")
+    model: str | None = None
+
+
+class RatingRow(BaseModel):
+    user_id: str
+    item_id: str
+    rating: float
+    fallback: bool = Field(description="True when the user or item is unknown to the model: bias baseline used.")
+    unknown: list[str] = Field(description="Which of 'user', 'item' the model has not seen.")
+
+
+class RatingResponse(BaseModel):
+    model: str
+    version: str
+    ratings: list[RatingRow]
+
+
+class RecommendationRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"user_id": "1", "k": 10, "exclude_seen": True}]}
+    )
+    user_id: Id
+    k: int = Field(10, ge=1, description="How many items to return.")
+    exclude_seen: bool = Field(True, description="Leave out what the user has already rated.")
+    model: str | None = None
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    title: str | None
+    genres: list[str]
+    score: float = Field(description="Predicted rating.")
+
+
+class RecommendationResponse(BaseModel):
+    model: str
+    version: str
+    user_id: str
+    cold_start: bool = Field(description="Unknown user: popular, well-rated items instead of personal ones.")
+    items: list[RecommendedItem]
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="What went wrong, in a sentence.")
     error_type: str = Field(description="Stable machine-readable kind, e.g. invalid_image.")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(body: bytes, model: type[M]) -> M:
+    """A JSON request body into ``model``: 400 when it is not JSON, 422 when its shape is wrong."""
+    try:
+        return model.model_validate(parse_json(body))
+    except ValidationError as exc:
+        raise SchemaError(validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one sentence a client can act on."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
 
 
 ERROR_RESPONSES = {

@@ -6,15 +6,19 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service import imaging, protocol
+from service import imaging
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, ImageClassificationRequest, ImageClassificationResponse
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    ImageClassificationRequest,
+    ImageClassificationResponse,
+    parse_body,
+)
 from service.config import Settings
 from service.errors import InvalidInput, SchemaError, TooManyItems, UnsupportedMediaType
 from service.responses import JSONResponse
@@ -44,10 +48,6 @@ _DOC: dict[str, Any] = {
 }
 
 
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-
-
 async def _read_multipart(request: Request, settings: Settings) -> tuple[list[tuple[str, bytes]], Any, Any]:
     try:
         form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
@@ -71,11 +71,7 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[tu
 
 
 def _read_json(body: bytes, settings: Settings) -> tuple[list[tuple[str, bytes]], Any, Any]:
-    payload = protocol.parse_json(body)
-    try:
-        request = ImageClassificationRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise SchemaError(_validation_message(exc)) from None
+    request = parse_body(body, ImageClassificationRequest)
     if len(request.images) > settings.max_images_per_request:
         raise TooManyItems(f"{len(request.images)} images; at most {settings.max_images_per_request} per request")
     blobs = [(f"images[{i}]", imaging.decode_base64(text, i)) for i, text in enumerate(request.images)]

@@ -1,0 +1,117 @@
+"""/v1/sentiment with the committed English and Chinese models: accuracy through HTTP matches the
+offline figures, language routing, truncation, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import ROOT
+
+URL = "/v1/sentiment"
+
+
+def metadata(name: str) -> dict:
+    return json.loads((ROOT / "models" / name / "1" / "metadata.json").read_text())
+
+
+def http_accuracy(client: TestClient, texts: list[str], labels: list[int], **extra) -> float:
+    correct = 0
+    for start in range(0, len(texts), 64):
+        response = client.post(URL, json={"texts": texts[start : start + 64], **extra})
+        assert response.status_code == 200, response.text
+        predicted = [p["label"] for p in response.json()["predictions"]]
+        truth = ["positive" if y else "negative" for y in labels[start : start + 64]]
+        correct += sum(p == t for p, t in zip(predicted, truth, strict=True))
+    return correct / len(texts)
+
+
+def test_sentiment_english_dev_accuracy_through_http_matches_offline(client: TestClient, data_dir: Path) -> None:
+    from training.sentiment import read_sst2
+
+    texts, labels = read_sst2(data_dir / "sentiment" / "sst2" / "dev.tsv")
+    accuracy = http_accuracy(client, texts, labels)
+    offline = metadata("sentiment")["metrics"]["dev_accuracy"]
+    print(f"\nSST-2 dev.tsv through HTTP: {accuracy:.2%} (offline {offline:.2%})")
+    assert offline >= 0.83
+    assert abs(accuracy - offline) <= 0.01
+
+
+def test_sentiment_chinese_heldout_accuracy_through_http_matches_offline(client: TestClient, data_dir: Path) -> None:
+    from training.sentiment import read_chnsenticorp, stratified_split
+
+    texts, labels = read_chnsenticorp(data_dir / "sentiment" / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
+    meta = metadata("sentiment-zh")
+    seed = int(meta["training"]["config"]["seed"])
+    _, _, test_idx = stratified_split(labels, seed)
+    accuracy = http_accuracy(client, [texts[i] for i in test_idx], [labels[i] for i in test_idx])
+    offline = meta["metrics"]["test_accuracy"]
+    print(f"\nChnSentiCorp held-out split through HTTP: {accuracy:.2%} (offline {offline:.2%})")
+    assert offline >= 0.88
+    assert abs(accuracy - offline) <= 0.01
+
+
+def test_sentiment_everyday_english_including_contractions(client: TestClient) -> None:
+    texts = [
+        "I absolutely loved this film, the acting was wonderful.",
+        "This was a boring, predictable waste of two hours.",
+        "I didn't like it at all.",
+        "It’s a charming and often affecting journey.",
+    ]
+    body = client.post(URL, json={"texts": texts}).json()
+    assert body["model"] == "sentiment" and body["version"] == "1"
+    assert [p["label"] for p in body["predictions"]] == ["positive", "negative", "negative", "positive"]
+    for p in body["predictions"]:
+        assert set(p["scores"]) == {"negative", "positive"}
+        assert abs(sum(p["scores"].values()) - 1) < 1e-4 and p["score"] == max(p["scores"].values())
+        assert p["truncated"] is False and p["tokens"] > 0
+
+
+def test_sentiment_routes_chinese_by_detection_language_or_name(client: TestClient) -> None:
+    zh = ["房间很干净，服务也很热情，下次还会再来。", "设施陈旧，卫生很差，非常失望。"]
+    auto = client.post(URL, json={"texts": zh}).json()
+    assert auto["model"] == "sentiment-zh"
+    assert [p["label"] for p in auto["predictions"]] == ["positive", "negative"]
+    assert client.post(URL, json={"texts": zh, "language": "zh"}).json()["model"] == "sentiment-zh"
+    assert client.post(URL, json={"texts": zh, "model": "sentiment-zh"}).json()["model"] == "sentiment-zh"
+    forced = client.post(URL, json={"texts": ["great hotel"], "language": "en"}).json()
+    assert forced["model"] == "sentiment"
+
+
+def test_sentiment_long_text_is_truncated_with_a_flag(client: TestClient) -> None:
+    long_text = " ".join(["a wonderful , moving film"] * 200)  # about 1,000 tokens; the model takes 256
+    response = client.post(URL, json={"texts": ["fine", long_text]})
+    assert response.status_code == 200
+    short, long = response.json()["predictions"]
+    assert short["truncated"] is False
+    assert long["truncated"] is True and long["tokens"] > 256 and long["label"] == "positive"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "error_type"),
+    [
+        ({"json": {"texts": [""]}}, 400, "invalid_input"),
+        ({"json": {"texts": ["fine", "   \n"]}}, 400, "invalid_input"),
+        ({"json": {"texts": ["fine", 3]}}, 422, "schema_error"),
+        ({"json": {"texts": [None]}}, 422, "schema_error"),
+        ({"json": {"texts": "just a string"}}, 422, "schema_error"),
+        ({"json": {"texts": []}}, 422, "schema_error"),
+        ({"json": {"text": ["x"]}}, 422, "schema_error"),
+        ({"json": {"texts": ["x"], "language": "fr"}}, 422, "schema_error"),
+        ({"json": {"texts": ["x"] * 65}}, 413, "too_many_items"),
+        ({"json": {"texts": ["x" * 20_001]}}, 413, "text_too_long"),
+        ({"json": {"texts": ["x"], "model": "nope"}}, 404, "model_not_found"),
+        ({"json": {"texts": ["x"], "model": "mnist"}}, 404, "model_not_found"),
+        ({"content": b'{"texts": ["caf\xe9"]}', "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+        ({"content": b'{"texts": ["\\ud800"]}', "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+        ({"content": b"not json", "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+    ],
+)
+def test_sentiment_bad_requests_get_clear_4xx(client: TestClient, kwargs: dict, status: int, error_type: str) -> None:
+    response = client.post(URL, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type
+    assert response.json()["error"]
