@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test lint format train-image-classification bench clean
+.PHONY: serve test lint format train-image-classification train-sentiment train-rating bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ format: $(VENV)/.dev
 
 train-image-classification: $(VENV)/.dev
 	$(BIN)/python -m training.image_classification --data-dir $(DATA)/image_classification/mnist --output-dir models --version 1
+
+train-sentiment: $(VENV)/.dev
+	$(BIN)/python -m training.sentiment --lang en --data-dir $(DATA)/sentiment --output-dir models --version 1
+	$(BIN)/python -m training.sentiment --lang zh --data-dir $(DATA)/sentiment --output-dir models --version 1 --epochs 15 --embed-dim 192 --dropout 0.3
+
+train-rating: $(VENV)/.dev
+	$(BIN)/python -m training.rating --data-dir $(DATA)/rating/ml-latest-small --output-dir models --version 1
 
 # Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
 bench: $(VENV)/.dev
