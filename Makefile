@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test lint format train-image-classification train-sentiment train-rating bench clean
+.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating bench clean
+DURATION ?= 60s
+USERS    ?= 32
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +20,7 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 
 # Tests also train (a smoke run), so they need the `train` extra: torch 2.13.0, the CPU build.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,train]'
+	$(BIN)/pip install -q -e '.[dev,train,load]'
 	touch $@ $(VENV)/.serve
 
 serve: $(VENV)/.serve
@@ -28,6 +30,16 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	NEUROSERVE_TEST_DATA=$(DATA) $(BIN)/pytest -q
+
+# The deployment for real (needs a Docker engine; ../shared/docker/with-docker.sh provides one):
+# build the images, compose stack up healthy, every endpoint through nginx, locust with a replica restart.
+stack: $(VENV)/.dev
+	../shared/docker/with-docker.sh deploy/ci-stack.sh $(abspath $(BIN))/python
+
+# Locust, headless, against URL; writes loadtest_stats.csv (and friends) and loadtest.html.
+loadtest: $(VENV)/.dev
+	NEUROSERVE_TEST_DATA=$(DATA) $(BIN)/locust -f locustfile.py --headless -u $(USERS) -r 8 -t $(DURATION) \
+		--host $(URL) --csv loadtest --html loadtest.html
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -1,0 +1,95 @@
+"""Real requests through the load balancer to every endpoint, each answer checked.
+
+python deploy/smoke.py http://127.0.0.1:8080
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from PIL import Image, ImageDraw
+
+
+def call(base: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def seven_png() -> str:
+    image = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(image).line([(40, 40), (160, 40), (90, 170)], fill=0, width=16)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def main(base: str) -> None:
+    checks = [
+        ("GET /v2/health/ready", call(base, "/v2/health/ready"), lambda b: b["ready"] is True),
+        (
+            "GET /v2/models",
+            call(base, "/v2/models"),
+            lambda b: {r["name"] for r in b} >= {"mnist", "sentiment", "sentiment-zh", "rating"},
+        ),
+        (
+            "POST /v2/models/mnist/infer",
+            call(
+                base,
+                "/v2/models/mnist/infer",
+                {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]},
+            ),
+            lambda b: b["outputs"][0]["shape"] == [1, 10],
+        ),
+        (
+            "POST /v1/image-classification",
+            call(base, "/v1/image-classification", {"images": [seven_png()]}),
+            lambda b: b["predictions"][0][0]["label"] == "7",
+        ),
+        (
+            "POST /v1/sentiment",
+            call(base, "/v1/sentiment", {"texts": ["a wonderful, moving film", "dull and lifeless"]}),
+            lambda b: [p["label"] for p in b["predictions"]] == ["positive", "negative"],
+        ),
+        (
+            "POST /v1/sentiment (zh)",
+            call(base, "/v1/sentiment", {"texts": ["房间干净，服务热情。"]}),
+            lambda b: b["model"] == "sentiment-zh",
+        ),
+        (
+            "POST /v1/rating",
+            call(base, "/v1/rating", {"pairs": [{"user_id": "1", "item_id": "1"}]}),
+            lambda b: 0.5 <= b["ratings"][0]["rating"] <= 5.0,
+        ),
+        (
+            "POST /v1/recommendations",
+            call(base, "/v1/recommendations", {"user_id": "1", "k": 5}),
+            lambda b: len(b["items"]) == 5 and b["cold_start"] is False,
+        ),
+        (
+            "bad input is a 4xx",
+            call(base, "/v1/sentiment", {"texts": [""]}),
+            lambda b: b["error_type"] == "invalid_input",
+        ),
+    ]
+    failed = 0
+    for name, (status, body), ok in checks:
+        expected = 400 if name.startswith("bad input") else 200
+        good = status == expected and ok(body)
+        failed += not good
+        print(f"{'ok  ' if good else 'FAIL'} {name}: {status}" + ("" if good else f" {json.dumps(body)[:300]}"))
+    if failed:
+        sys.exit(f"{failed} endpoint checks failed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080")
