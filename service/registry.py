@@ -76,6 +76,7 @@ class ServedModel:
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
         self.warmed_batch_sizes: list[int] = []
+        self.warmed_lengths: list[int] = []
         batching = spec.dynamic_batching
         self.batched = spec.max_batch_size > 0
         self.max_batch_size = (settings.max_batch_size or spec.max_batch_size) if self.batched else 1
@@ -111,14 +112,20 @@ class ServedModel:
         return [tuple(results[name] for name in self.output_names)]
 
     def warmup(self) -> None:
+        """A dummy batch at every batch size it will run, and, for inputs with dynamic non-batch axes
+        (token sequences), at every length of ``parameters.length_buckets`` (else length 1)."""
         sizes = range(1, self.max_batch_size + 1) if self.batched else [1]
-        for size in sizes:
-            self.warmed_batch_sizes.append(size)
-            feeds = self.runtime.dummy_feeds(size)
-            if self.batched:
-                self._run_batch(list(zip(*(feeds[n] for n in self.input_names), strict=True)))
-            else:
-                self.runtime.run(feeds)
+        dynamic = any(d == -1 for t in self.spec.inputs for d in t.shape[1:])
+        lengths = [int(n) for n in self.spec.parameters.get("length_buckets", [1])] if dynamic else [1]
+        for length in lengths:
+            for size in sizes:
+                feeds = self.runtime.dummy_feeds(size, dynamic_dim=length)
+                if self.batched:
+                    self._run_batch(list(zip(*(feeds[n] for n in self.input_names), strict=True)))
+                else:
+                    self.runtime.run(feeds)
+            self.warmed_lengths.append(length)
+        self.warmed_batch_sizes = list(sizes)
 
     def metadata(self) -> dict:
         return {

@@ -121,7 +121,3 @@ class OnnxModel:
             shape = [batch_size] + [d if d > 0 else dynamic_dim for d in info.shape[1:]]
             feeds[info.name] = np.zeros(shape, dtype=info.dtype)
         return feeds
-
-    def warmup(self, batch_sizes: Sequence[int]) -> None:
-        for size in batch_sizes:
-            self.run(self.dummy_feeds(size))

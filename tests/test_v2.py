@@ -182,3 +182,10 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`NEUROSERVE_{name.upper()}`" in readme, name
+
+
+def test_text_models_are_warmed_at_every_length_bucket(client: TestClient) -> None:
+    served = client.app.state.registry.get("sentiment")
+    assert served.warmed_lengths == served.spec.parameters["length_buckets"] == [16, 32, 64, 128, 256]
+    assert served.warmed_batch_sizes == list(range(1, 65))
+    assert client.app.state.registry.get("mnist").warmed_lengths == [1]  # no dynamic axis but the batch
