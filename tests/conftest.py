@@ -58,9 +58,9 @@ def make_client(**overrides) -> TestClient:
     return TestClient(create_app(settings))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client() -> TestClient:
-    """The committed model repository, served in-process."""
+    """The committed model repository, served in-process (loaded and warmed once per run)."""
     with make_client() as c:
         wait_ready(c)
         yield c

@@ -204,7 +204,11 @@ def test_image_classification_bad_files_get_clear_4xx(client: TestClient, blob, 
 
 def test_image_over_pixel_and_byte_limits_is_413() -> None:
     with make_client(
-        max_image_pixels=250_000, max_image_bytes=20_000, max_images_per_request=3, max_request_bytes=200_000
+        max_image_pixels=250_000,
+        max_image_bytes=20_000,
+        max_images_per_request=3,
+        max_request_bytes=200_000,
+        warmup=False,  # limits are under test here, not warm-up
     ) as c:
         wait_ready(c)
         big = encode(Image.new("L", (600, 600), 255))
