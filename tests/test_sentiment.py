@@ -115,3 +115,17 @@ def test_sentiment_bad_requests_get_clear_4xx(client: TestClient, kwargs: dict, 
     assert response.status_code == status, response.text
     assert response.json()["error_type"] == error_type
     assert response.json()["error"]
+
+
+def test_sentiment_mixed_language_request_routes_each_text_to_its_model(client: TestClient) -> None:
+    texts = ["a wonderful, moving film", "房间很干净，服务也很热情。", "dull and lifeless", "卫生很差，非常失望。"]
+    response = client.post(URL, json={"texts": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "sentiment"
+    assert [p["model"] for p in body["predictions"]] == ["sentiment", "sentiment-zh", "sentiment", "sentiment-zh"]
+    assert [p["label"] for p in body["predictions"]] == ["positive", "positive", "negative", "negative"]
+    # Each text gets the same answer as when sent on its own.
+    for text, prediction in zip(texts, body["predictions"], strict=True):
+        alone = client.post(URL, json={"texts": [text]}).json()["predictions"][0]
+        assert alone["scores"] == pytest.approx(prediction["scores"], abs=1e-5)

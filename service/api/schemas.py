@@ -54,11 +54,14 @@ class SentimentRequest(BaseModel):
     texts: list[StrictStr] = Field(min_length=1, description="One prediction per text, in order.")
     model: str | None = Field(None, description="A sentiment model by name, e.g. sentiment-zh.")
     language: Literal["auto", "en", "zh"] = Field(
-        "auto", description="Picks the model of that language when 'model' is not given; 'auto' detects Chinese."
+        "auto",
+        description="Picks the model of that language when 'model' is not given; 'auto' detects Chinese "
+        "text by text, so a request may mix languages.",
     )
 
 
 class SentimentPrediction(BaseModel):
+    model: str = Field(description="The model that classified this text (texts of a request may differ).")
     label: str
     score: float = Field(description="Probability of the label.")
     scores: dict[str, float]
@@ -67,7 +70,7 @@ class SentimentPrediction(BaseModel):
 
 
 class SentimentResponse(BaseModel):
-    model: str
+    model: str = Field(description="The model of the first text; each prediction names its own.")
     version: str
     predictions: list[SentimentPrediction]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -9,6 +11,7 @@ from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.schemas import ERROR_RESPONSES, SentimentRequest, SentimentResponse, parse_body
 from service.errors import InvalidInput, TextTooLong, TooManyItems
+from service.registry import Inference, ServedModel
 from service.responses import JSONResponse
 from service.tasks import sentiment as task
 
@@ -38,19 +41,38 @@ async def classify_sentiment(request: Request, registry: RegistryDep, settings: 
             raise InvalidInput(f"texts[{i}] is empty")
         if len(text) > settings.max_text_chars:
             raise TextTooLong(f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}")
+    # One model per text: the one named, else the one of the text's language (given or detected), so
+    # a request that mixes English and Chinese gets each text classified by the right model.
     if body.model:
-        served = registry.for_task(TASK, body.model)
+        chosen = [registry.for_task(TASK, body.model)] * len(texts)
     else:
-        language = task.detect_language(texts) if body.language == "auto" else body.language
-        served = registry.for_task(TASK, language=language)
+        languages = [task.detect_language([t]) if body.language == "auto" else body.language for t in texts]
+        by_language = {lang: registry.for_task(TASK, language=lang) for lang in dict.fromkeys(languages)}
+        chosen = [by_language[lang] for lang in languages]
+    groups: dict[str, list[int]] = {}
+    for i, served in enumerate(chosen):
+        groups.setdefault(served.name, []).append(i)
+    results = await asyncio.gather(
+        *(_classify(request, chosen[idx[0]], [texts[i] for i in idx]) for idx in groups.values())
+    )
+    predictions: list[dict] = [{}] * len(texts)
+    inferences = []
+    for idx, (group_predictions, inference) in zip(groups.values(), results, strict=True):
+        inferences.append(inference)
+        for i, prediction in zip(idx, group_predictions, strict=True):
+            predictions[i] = prediction
+    first = chosen[0]
+    body_out = {"model": first.name, "version": str(first.version), "predictions": predictions}
+    return JSONResponse(body_out, headers=inferences[0].timing_headers())
+
+
+async def _classify(request: Request, served: ServedModel, texts: list[str]) -> tuple[list[dict], Inference]:
     encoded = await run_in_threadpool(task.encode, served.assets, texts)
     result = await unless_disconnected(
         request, served.infer({"input_ids": encoded.ids, "attention_mask": encoded.mask})
     )
     probabilities = result.outputs[served.spec.outputs[0].name]
-    body_out = {
-        "model": served.name,
-        "version": str(served.version),
-        "predictions": task.predictions(probabilities, served.spec.labels or ["0", "1"], encoded),
-    }
-    return JSONResponse(body_out, headers=result.timing_headers())
+    predictions = task.predictions(probabilities, served.spec.labels or ["0", "1"], encoded)
+    for prediction in predictions:
+        prediction["model"] = served.name
+    return predictions, result
