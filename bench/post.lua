@@ -4,6 +4,10 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
+local header_length = os.getenv("HEADER_LENGTH")  -- the v2 binary tensor extension
+if header_length and header_length ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = header_length
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

@@ -115,7 +115,9 @@ def scrape(port: int, model: str) -> dict[str, float]:
     return values
 
 
-def run_wrk(port: int, path: str, body_file: Path, content_type: str, concurrency: int, seconds: float) -> dict:
+def run_wrk(
+    port: int, path: str, body_file: Path, content_type: str, concurrency: int, seconds: float, header_length: str = ""
+) -> dict:
     cmd = [
         "wrk",
         f"-t{min(2, concurrency)}",
@@ -127,7 +129,7 @@ def run_wrk(port: int, path: str, body_file: Path, content_type: str, concurrenc
         str(LUA),
         f"http://127.0.0.1:{port}{path}",
     ]
-    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type}
+    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type, "HEADER_LENGTH": header_length}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRK_JSON "))
     raw = json.loads(line[len("WRK_JSON ") :])
@@ -144,13 +146,21 @@ def run_wrk(port: int, path: str, body_file: Path, content_type: str, concurrenc
 
 
 def measure(
-    server: Server, path: str, body: Path, ctype: str, levels: list[int], seconds: float, model: str | None
+    server: Server,
+    path: str,
+    body: Path,
+    ctype: str,
+    levels: list[int],
+    seconds: float,
+    model: str | None,
+    header_length: str = "",
+    label: str | None = None,
 ) -> list[dict]:
-    run_wrk(server.port, path, body, ctype, max(levels), min(2.0, seconds))  # warm the connections and JIT paths
+    run_wrk(server.port, path, body, ctype, max(levels), min(2.0, seconds), header_length)  # warm up
     rows = []
     for c in levels:
         before = scrape(server.port, model) if model else None
-        result = run_wrk(server.port, path, body, ctype, c, seconds)
+        result = run_wrk(server.port, path, body, ctype, c, seconds, header_length)
         if model:
             after = scrape(server.port, model)
             d = {k: after[k] - before[k] for k in after}
@@ -159,9 +169,10 @@ def measure(
                 1000 * d["compute_duration_seconds_sum"] / max(d["compute_duration_seconds_count"], 1)
             )
             result["mean_batch"] = d["batch_size_sum"] / max(d["batch_size_count"], 1)
-        rows.append({"server": server.label, "concurrency": c, **result})
+        name = label or server.label
+        rows.append({"server": name, "concurrency": c, **result})
         print(
-            f"  {server.label:<34} c={c:<3} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:7.1f} ms  "
+            f"  {name:<34} c={c:<3} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:7.1f} ms  "
             f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}",
             flush=True,
         )
@@ -245,6 +256,21 @@ def main(argv: list[str] | None = None) -> dict:
         + png.getvalue()
         + f"\r\n--{boundary}--\r\n".encode()
     )
+    # The same request with the tensor as raw bytes after the JSON header (binary tensor extension).
+    binary_header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 1, 28, 28],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    v2_binary = tmp / "v2.bin"
+    v2_binary.write_bytes(binary_header + x.astype("<f4").tobytes())
     image_body = tmp / "image.multipart"
     image_body.write_bytes(multipart)
     image_ctype = f"multipart/form-data; boundary={boundary}"
@@ -299,6 +325,18 @@ def main(argv: list[str] | None = None) -> dict:
             results["v2_json"] += measure(
                 server, v2_path, v2_body, json_ctype, args.concurrency, args.duration, args.model
             )
+            if "delay 0" in label:
+                results["v2_json"] += measure(
+                    server,
+                    v2_path,
+                    v2_binary,
+                    "application/octet-stream",
+                    args.concurrency,
+                    args.duration,
+                    args.model,
+                    header_length=str(len(binary_header)),
+                    label=label + ", binary tensors",
+                )
             if not args.skip_image:
                 results["image_multipart"] += measure(
                     server,

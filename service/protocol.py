@@ -7,6 +7,7 @@ numbers and validating it element by element in Python would cost more than the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,42 @@ def parse_json(body: bytes) -> Any:
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
 
 
-def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool) -> np.ndarray:
+class _BinaryReader:
+    """Consumes the bytes after the JSON header, tensor by tensor, in the order of ``inputs``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.offset = 0
+
+    def take(self, size: Any, name: str) -> memoryview:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise SchemaError(f"input {name!r}: parameters.binary_data_size must be a non-negative integer")
+        if self.offset + size > len(self.data):
+            raise InvalidTensor(f"input {name!r}: binary_data_size {size} runs past the end of the request body")
+        chunk = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return chunk
+
+    def finish(self) -> None:
+        if self.offset != len(self.data):
+            raise InvalidTensor(f"{len(self.data) - self.offset} bytes after the last binary tensor belong to no input")
+
+
+def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """Triton's binary tensor extension: the first ``Inference-Header-Content-Length`` bytes are the
+    JSON header, the rest are the tensors' raw little-endian bytes."""
+    if header_length is None:
+        return body, b""
+    try:
+        size = int(header_length)
+    except ValueError:
+        raise InvalidJSON(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+    if not 0 < size <= len(body):
+        raise InvalidJSON(f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes")
+    return body[:size], body[size:]
+
+
+def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool, binary: _BinaryReader) -> np.ndarray:
     if not isinstance(raw, dict):
         raise SchemaError(f"inputs[{index}] must be an object with name, shape, datatype and data")
     name = raw.get("name")
@@ -39,8 +75,12 @@ def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool) -> np.
         raise SchemaError(f"input {name!r}: datatype {datatype!r} is not one of {sorted(V2_TO_NUMPY)}")
     if datatype != spec.datatype:
         raise InvalidTensor(f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}")
-    if data is None:
-        raise SchemaError(f"input {name!r}: 'data' is missing (binary tensors are not supported)")
+    parameters = raw.get("parameters") or {}
+    binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if data is None and binary_size is None:
+        raise SchemaError(f"input {name!r}: 'data' is missing (or parameters.binary_data_size for binary data)")
+    if data is not None and binary_size is not None:
+        raise SchemaError(f"input {name!r}: give either 'data' or parameters.binary_data_size, not both")
     if len(shape) != len(spec.shape):
         raise InvalidTensor(
             f"input {name!r}: shape {shape} has rank {len(shape)}, the model expects {len(spec.shape)} ({spec.shape})"
@@ -50,12 +90,22 @@ def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool) -> np.
             raise InvalidTensor(f"input {name!r}: axis {axis} is {got}, the model expects {want} ({spec.shape})")
     if batched and shape[0] == 0:
         raise InvalidTensor(f"input {name!r}: batch of size 0")
-    try:
-        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are caught below
-            array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidTensor(f"input {name!r}: data must be {datatype} numbers in a flat or nested list") from None
     expected = math.prod(shape)
+    dtype = V2_TO_NUMPY[datatype]
+    if binary_size is not None:
+        chunk = binary.take(binary_size, name)
+        if len(chunk) != expected * dtype.itemsize:
+            raise InvalidTensor(
+                f"input {name!r}: {len(chunk)} bytes for shape {shape} of {datatype} "
+                f"({expected * dtype.itemsize} expected)"
+            )
+        array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype)  # a copy, native order
+    else:
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are caught below
+                array = np.asarray(data, dtype=dtype)
+        except (ValueError, TypeError, OverflowError):
+            raise InvalidTensor(f"input {name!r}: data must be {datatype} numbers in a flat or nested list") from None
     if array.size != expected:
         raise InvalidTensor(f"input {name!r}: {array.size} values for shape {shape} ({expected} expected)")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
@@ -63,16 +113,31 @@ def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool) -> np.
     return array.reshape(shape)
 
 
+@dataclass(frozen=True)
+class InferRequest:
+    feeds: dict[str, np.ndarray]
+    outputs: list[str]  # requested output names, in order
+    binary_outputs: frozenset[str]  # outputs to return as raw bytes after the JSON header
+    id: Any = None
+
+
+def _wants_binary(parameters: Any, default: bool) -> bool:
+    if isinstance(parameters, dict) and "binary_data" in parameters:
+        return bool(parameters["binary_data"])
+    return default
+
+
 def parse_infer_request(
-    payload: Any, inputs: list[TensorSpec], outputs: list[TensorSpec], batched: bool
-) -> tuple[dict[str, np.ndarray], list[str], Any]:
-    """Validate a v2 request against the model: returns (feeds, requested output names, id)."""
+    payload: Any, inputs: list[TensorSpec], outputs: list[TensorSpec], batched: bool, binary: bytes = b""
+) -> InferRequest:
+    """Validate a v2 request (JSON tensors, or binary ones after the JSON header) against the model."""
     if not isinstance(payload, dict):
         raise SchemaError("request body must be a JSON object with an 'inputs' list")
     raw_inputs = payload.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise SchemaError("'inputs' must be a non-empty list of tensors")
     by_name = {t.name: t for t in inputs}
+    reader = _BinaryReader(binary)
     feeds: dict[str, np.ndarray] = {}
     for index, raw in enumerate(raw_inputs):
         name = raw.get("name") if isinstance(raw, dict) else None
@@ -80,11 +145,15 @@ def parse_infer_request(
             raise SchemaError(f"inputs[{index}] must be an object with a string 'name'")
         if name in feeds:
             raise InvalidTensor(f"input {name!r} is given twice")
-        feeds[name] = _tensor(raw, index, by_name.get(name), batched)
+        feeds[name] = _tensor(raw, index, by_name.get(name), batched, reader)
+    reader.finish()
     missing = sorted(set(by_name) - set(feeds))
     if missing:
         raise InvalidTensor(f"missing inputs {missing}; the model takes {sorted(by_name)}")
+    parameters = payload.get("parameters")
+    binary_default = isinstance(parameters, dict) and bool(parameters.get("binary_data_output", False))
     wanted = [t.name for t in outputs]
+    binary_outputs = set(wanted) if binary_default else set()
     raw_outputs = payload.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list) or not all(isinstance(o, dict) for o in raw_outputs):
@@ -94,27 +163,27 @@ def parse_infer_request(
         if unknown:
             raise InvalidTensor(f"unknown outputs {unknown}; the model gives {wanted}")
         wanted = names
-    return feeds, wanted, payload.get("id")
+        binary_outputs = {o["name"] for o in raw_outputs if _wants_binary(o.get("parameters"), binary_default)}
+    return InferRequest(feeds, wanted, frozenset(binary_outputs), payload.get("id"))
 
 
 def infer_response(
-    model: str,
-    version: int,
-    outputs: dict[str, np.ndarray],
-    wanted: list[str],
-    datatypes: dict[str, str],
-    request_id: Any = None,
-) -> dict[str, Any]:
+    model: str, version: int, outputs: dict[str, np.ndarray], request: InferRequest, datatypes: dict[str, str]
+) -> tuple[dict[str, Any], list[bytes]]:
+    """The v2 response body and, for outputs asked for as binary, their raw little-endian bytes in order."""
     body: dict[str, Any] = {"model_name": model, "model_version": str(version)}
-    if request_id is not None:
-        body["id"] = request_id
-    body["outputs"] = [
-        {
-            "name": name,
-            "datatype": datatypes[name],
-            "shape": list(outputs[name].shape),
-            "data": np.ascontiguousarray(outputs[name]).ravel(),
-        }
-        for name in wanted
-    ]
-    return body
+    if request.id is not None:
+        body["id"] = request.id
+    tensors, blobs = [], []
+    for name in request.outputs:
+        array = np.ascontiguousarray(outputs[name])
+        tensor: dict[str, Any] = {"name": name, "datatype": datatypes[name], "shape": list(array.shape)}
+        if name in request.binary_outputs:
+            blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.ravel()
+        tensors.append(tensor)
+    body["outputs"] = tensors
+    return body, blobs

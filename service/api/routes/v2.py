@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from starlette.routing import Match, Route
 
 from service import protocol
@@ -83,20 +85,26 @@ async def model_ready(model: str, registry: RegistryDep, version: str | None = N
     return JSONResponse({"name": model, "version": str(served.version), "ready": True})
 
 
-async def infer_endpoint(request: Request) -> JSONResponse:
+async def infer_endpoint(request: Request) -> Response:
     """The hot path, as a plain Starlette endpoint: FastAPI's dependency resolution and validation
     cost more event-loop time per request than a small model's whole inference, and the event loop
     is what limits throughput on a small CPU machine."""
     params = request.path_params
     served = request.app.state.registry.get(params["model"], params.get("version"))
-    payload = protocol.parse_json(await request.body())
-    feeds, wanted, request_id = protocol.parse_infer_request(
-        payload, served.spec.inputs, served.spec.outputs, served.batched
+    header, binary = protocol.split_binary(await request.body(), request.headers.get("inference-header-content-length"))
+    parsed = protocol.parse_infer_request(
+        protocol.parse_json(header), served.spec.inputs, served.spec.outputs, served.batched, binary
     )
-    result = await unless_disconnected(request, served.infer(feeds))
+    result = await unless_disconnected(request, served.infer(parsed.feeds))
     datatypes = {t.name: t.datatype for t in served.spec.outputs}
-    body = protocol.infer_response(served.name, served.version, result.outputs, wanted, datatypes, request_id)
-    return JSONResponse(body, headers=result.timing_headers())
+    body, blobs = protocol.infer_response(served.name, served.version, result.outputs, parsed, datatypes)
+    headers = result.timing_headers()
+    if not blobs:
+        return JSONResponse(body, headers=headers)
+    # Binary tensor extension: the JSON header, then the raw output bytes.
+    json_header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    headers["inference-header-content-length"] = str(len(json_header))
+    return Response(json_header + b"".join(blobs), media_type="application/octet-stream", headers=headers)
 
 
 class _FastRoute(Route):
@@ -116,5 +124,5 @@ fast_routes = [_FastRoute(path, infer_endpoint, methods=["POST"]) for path in IN
 
 @router.post(INFER_PATHS[0], summary="Run inference (JSON tensors)", openapi_extra=_INFER_DOC)
 @router.post(INFER_PATHS[1], summary="Run inference on a version", openapi_extra=_INFER_DOC)
-async def infer(model: str, request: Request, version: str | None = None) -> JSONResponse:
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
     return await infer_endpoint(request)
