@@ -44,9 +44,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float | None = Field(
         None, ge=0, description="Force this queue delay on every model (default: each model.json's, else 0)."
     )
-    max_queue_size: int = Field(256, ge=1, description="Requests waiting per model before new ones get 503.")
+    max_queue_size: int = Field(256, ge=1, description="Requests waiting per model before new ones get 429.")
     request_timeout_ms: float = Field(10_000, gt=0, description="Deadline for a request to start running.")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 overload answers.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503 answers.")
 
     # Limits on what clients send.
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body.")

@@ -91,11 +91,15 @@ class SchemaError(ServiceError):
 
 
 class Overloaded(ServiceError):
-    status_code = 503
+    # 429, not 503: a load balancer retries 503s on another replica (right for a replica that is
+    # loading or shutting down), which under real overload would multiply the load and eject a busy
+    # replica. A 429 goes back to the client with Retry-After.
+    status_code = 429
     error_type = "overloaded"
 
 
 class ShuttingDown(Overloaded):
+    status_code = 503  # this replica is going away: another one should take the request
     error_type = "shutting_down"
 
 

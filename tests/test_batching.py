@@ -161,7 +161,7 @@ async def test_batcher_rejects_at_once_when_queue_is_full() -> None:
     with pytest.raises(Overloaded) as info:
         await batcher.submit(rows(rng, 1))
     assert time.monotonic() - started < 0.1
-    assert info.value.status_code == 503
+    assert info.value.status_code == 429
     assert info.value.headers["Retry-After"] == "3"
     gate.set()
     await asyncio.gather(running, *queued)  # nothing accepted is lost
