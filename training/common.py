@@ -98,6 +98,11 @@ def check_parity(
     return worst
 
 
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights on the CPU, to keep the best checkpoint while training goes on."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def environment() -> dict[str, str]:
     return {
         "python": platform.python_version(),

@@ -410,7 +410,7 @@ def train(cfg: Config, command: str = "") -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
     # Epoch 0 (baseline + drift, nothing learnt yet) is a candidate too: training must beat it.
     best_rmse, best_epoch = validation_rmse(), 0
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best_state = common.snapshot(model)
     tqdm.write(f"epoch 0: validation RMSE {best_rmse:.4f} (baseline {baseline_rmse:.4f})")
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -427,7 +427,7 @@ def train(cfg: Config, command: str = "") -> dict:
         tqdm.write(f"epoch {epoch}: validation RMSE {score:.4f} (baseline {baseline_rmse:.4f})")
         if score < best_rmse:
             best_rmse, best_epoch = score, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = common.snapshot(model)
     train_seconds = time.perf_counter() - started
     model = model.cpu()
     model.load_state_dict(best_state)

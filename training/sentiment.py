@@ -254,7 +254,7 @@ def train(cfg: Config, command: str = "") -> dict:
         tqdm.write(f"epoch {epoch}: dev accuracy {acc:.4%}")
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = common.snapshot(model)
     train_seconds = time.perf_counter() - started
     model = model.cpu()
     model.load_state_dict(best_state)

@@ -150,6 +150,11 @@ def parse_body(body: bytes, model: type[M]) -> M:
         raise SchemaError(validation_message(exc)) from None
 
 
+def json_body_doc(model: type[BaseModel]) -> dict:
+    """OpenAPI for a route that parses its JSON body itself (with ``parse_body``)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def validation_message(exc: ValidationError) -> str:
     """A pydantic error as one sentence a client can act on."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])

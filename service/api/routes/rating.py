@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
@@ -14,6 +13,7 @@ from service.api.schemas import (
     RatingResponse,
     RecommendationRequest,
     RecommendationResponse,
+    json_body_doc,
     parse_body,
 )
 from service.errors import SchemaError, TooManyItems
@@ -24,16 +24,12 @@ router = APIRouter(tags=["tasks"])
 TASK = "rating"
 
 
-def _doc(model: type[BaseModel]) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
 @router.post(
     "/v1/rating",
     summary="Predict ratings for (user, item) pairs",
     response_model=RatingResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra=_doc(RatingRequest),
+    openapi_extra=json_body_doc(RatingRequest),
 )
 async def predict_ratings(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     body = parse_body(await request.body(), RatingRequest)
@@ -78,7 +74,7 @@ async def predict_ratings(request: Request, registry: RegistryDep, settings: Set
     summary="Top-k items for a user",
     response_model=RecommendationResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra=_doc(RecommendationRequest),
+    openapi_extra=json_body_doc(RecommendationRequest),
 )
 async def recommend(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     body = parse_body(await request.body(), RecommendationRequest)

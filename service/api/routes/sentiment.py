@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, SentimentRequest, SentimentResponse, parse_body
+from service.api.schemas import ERROR_RESPONSES, SentimentRequest, SentimentResponse, json_body_doc, parse_body
 from service.errors import InvalidInput, TextTooLong, TooManyItems
 from service.registry import Inference, ServedModel
 from service.responses import JSONResponse
@@ -24,12 +24,7 @@ TASK = "sentiment"
     summary="Sentiment of texts (English by default; Chinese detected or chosen)",
     response_model=SentimentResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": SentimentRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_body_doc(SentimentRequest),
 )
 async def classify_sentiment(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     body = parse_body(await request.body(), SentimentRequest)
