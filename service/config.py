@@ -61,6 +61,21 @@ class Settings(BaseSettings):
     max_pairs_per_request: int = Field(1000, ge=1, description="Pairs per /v1/rating request.")
     max_recommendations: int = Field(100, ge=1, description="Largest k for /v1/recommendations.")
 
+    # Step-level decoding (translation).
+    decode_batching: Literal["step", "request"] = Field(
+        "step",
+        description="step: sequences join and leave the decode batch at every step; request: a batch "
+        "decodes to its last sequence before others join (request-level batching, for comparison).",
+    )
+    decode_max_rows: int = Field(64, ge=1, description="Decoder rows per step (a beam of 4 is 4 rows).")
+    decode_max_tokens: int = Field(
+        4096, ge=16, description="Tokens (source + generated, per row) a decode batch may hold when it admits."
+    )
+    decode_timeout_ms: float = Field(
+        30_000, gt=0, description="Deadline for a whole translation (waiting and decoding): 504 beyond."
+    )
+    max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
+
     require_all_models: bool = Field(
         False,
         description="Report not ready while any model failed to load (default: ready once every "

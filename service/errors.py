@@ -40,6 +40,10 @@ class InvalidImage(InvalidInput):
     error_type = "invalid_image"
 
 
+class UnsupportedText(InvalidInput):
+    error_type = "unsupported_text"
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     error_type = "model_not_found"

@@ -88,6 +88,10 @@ class ModelObserver:
     def on_dequeue(self, queue_s: float) -> None:
         self._queue.observe(queue_s)
 
+    def on_step(self, rows: int, sequences: int, seconds: float) -> None:
+        """A step-level decoder step: its rows are the model's batch, like a batcher's batch."""
+        self.on_batch(rows, seconds)
+
     def on_request(self, outcome: str, latency_s: float) -> None:
         counter = self._by_outcome.get(outcome)
         if counter is None:

@@ -23,7 +23,7 @@ from service.errors import InferenceFailed, InvalidTensor, ModelLoadError, Model
 from service.metrics import Metrics, ModelObserver
 from service.repository import ModelEntry, ModelSpec, VersionEntry, check_graph, scan
 from service.runtime import OnnxModel, RuntimeOptions
-from service.tasks import load_assets
+from service.tasks import load_assets, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ServedModel:
     ) -> None:
         self.spec = spec
         self.assets = assets  # the task's files (tokenizer, id maps), loaded with the model
+        self.engine: Any = None  # a task's own scheduler (translation's step-level decoder), if any
         self.name = spec.name
         self.version = entry.version
         self.entry = entry
@@ -126,6 +127,11 @@ class ServedModel:
                     self.runtime.run(feeds)
             self.warmed_lengths.append(length)
         self.warmed_batch_sizes = list(sizes)
+
+    async def close(self, *, drain: bool = True) -> None:
+        if self.engine is not None:
+            await self.engine.close(drain=drain)
+        await self.batcher.close(drain=drain)
 
     def metadata(self) -> dict:
         return {
@@ -248,6 +254,9 @@ class ModelRegistry:
                 if self.settings.warmup:
                     await asyncio.to_thread(served.warmup)
                 served.batcher.start()
+                served.engine = make_engine(served, self.settings)
+                if served.engine is not None:
+                    served.engine.start()
                 status.versions[version.version] = served
                 self.metrics.model_ready.labels(entry.name, str(version.version)).set(1)
                 log.info(
@@ -271,18 +280,18 @@ class ModelRegistry:
     def _open(self, spec: ModelSpec, version: VersionEntry) -> tuple[OnnxModel, Any]:
         runtime = OnnxModel(version.onnx_path, self.options)
         check_graph(spec, version.onnx_path, runtime.inputs, runtime.outputs)
-        return runtime, load_assets(spec, version.path)
+        return runtime, load_assets(spec, version.path, self.options)
 
     async def _close_versions(self, status: ModelStatus) -> None:
         for served in status.versions.values():
-            await served.batcher.close(drain=False)
+            await served.close(drain=False)
             self.metrics.model_ready.labels(status.name, str(served.version)).set(0)
         status.versions.clear()
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher; with ``drain`` the queued requests are answered first."""
         await asyncio.gather(
-            *(s.batcher.close(drain=drain) for status in self.models.values() for s in status.versions.values())
+            *(s.close(drain=drain) for status in self.models.values() for s in status.versions.values())
         )
 
     # -- readiness and lookup ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from service.errors import SchemaError
+from service.errors import InvalidInput, SchemaError, TextTooLong, TooManyItems
 from service.protocol import parse_json
 
 # A 28x28 PNG of a handwritten 7 (from the MNIST test set), for the docs' "try it out".
@@ -134,6 +134,42 @@ class RecommendationResponse(BaseModel):
     items: list[RecommendedItem]
 
 
+class TranslationRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["I'm hungry.", "Where is the train station?"], "beam_size": 1, "max_new_tokens": 64},
+                {"texts": ["Do you want to come with us tomorrow?"], "beam_size": 4},
+            ]
+        },
+    )
+    texts: list[StrictStr] = Field(min_length=1, description="English texts; one translation per text, in order.")
+    beam_size: int = Field(1, ge=1, description="1: greedy decoding; more: beam search (up to the server's limit).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate per text (default and ceiling: the model's)."
+    )
+    stream: bool = Field(
+        False, description="Server-sent events: a 'token' event per new token of each text, then 'done' (greedy only)."
+    )
+    model: str | None = Field(None, description="A translation model by name; default: the first by name.")
+
+
+class Translation(BaseModel):
+    text: str = Field(description="The translation, detokenised.")
+    source_tokens: int = Field(description="Tokens in the source text before truncation.")
+    generated_tokens: int
+    truncated: bool = Field(description="True when the source was longer than the model takes and was cut.")
+    unknown_characters: list[str] = Field(description="Characters of the source the model's vocabulary lacks.")
+    finished: bool = Field(description="False when max_new_tokens cut the translation short.")
+
+
+class TranslationResponse(BaseModel):
+    model: str
+    version: str
+    translations: list[Translation]
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="What went wrong, in a sentence.")
     error_type: str = Field(description="Stable machine-readable kind, e.g. invalid_image.")
@@ -148,6 +184,17 @@ def parse_body(body: bytes, model: type[M]) -> M:
         return model.model_validate(parse_json(body))
     except ValidationError as exc:
         raise SchemaError(validation_message(exc)) from None
+
+
+def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
+    """The limits every text endpoint applies: how many texts, none empty, none too long."""
+    if len(texts) > max_texts:
+        raise TooManyItems(f"{len(texts)} texts; at most {max_texts} per request")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidInput(f"texts[{i}] is empty")
+        if len(text) > max_chars:
+            raise TextTooLong(f"texts[{i}] has {len(text)} characters; the limit is {max_chars}")
 
 
 def json_body_doc(model: type[BaseModel]) -> dict:

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from service.errors import ModelLoadError
 from service.repository import ModelSpec
-from service.tasks import find_asset
+from service.tasks import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,7 @@ class Encoded:
 
 def load_assets(spec: ModelSpec, version_dir: Path) -> TextAssets:
     params = spec.parameters
-    path = find_asset(params.get("tokenizer", "tokenizer.json"), version_dir)
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise ModelLoadError(path, f"not a Hugging Face tokenizers file: {exc}") from None
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    tokenizer = load_tokenizer(params.get("tokenizer", "tokenizer.json"), version_dir)
     max_length = int(params.get("max_length", 256))
     buckets = tuple(sorted(int(b) for b in params.get("length_buckets", [max_length])))
     if buckets[-1] < max_length:

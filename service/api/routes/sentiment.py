@@ -9,8 +9,14 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, SentimentRequest, SentimentResponse, json_body_doc, parse_body
-from service.errors import InvalidInput, TextTooLong, TooManyItems
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    SentimentRequest,
+    SentimentResponse,
+    check_texts,
+    json_body_doc,
+    parse_body,
+)
 from service.registry import Inference, ServedModel
 from service.responses import JSONResponse
 from service.tasks import sentiment as task
@@ -29,13 +35,7 @@ TASK = "sentiment"
 async def classify_sentiment(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     body = parse_body(await request.body(), SentimentRequest)
     texts = body.texts
-    if len(texts) > settings.max_texts_per_request:
-        raise TooManyItems(f"{len(texts)} texts; at most {settings.max_texts_per_request} per request")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidInput(f"texts[{i}] is empty")
-        if len(text) > settings.max_text_chars:
-            raise TextTooLong(f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}")
+    check_texts(texts, settings.max_texts_per_request, settings.max_text_chars)
     # One model per text: the one named, else the one of the text's language (given or detected), so
     # a request that mixes English and Chinese gets each text classified by the right model.
     if body.model:

@@ -1,0 +1,150 @@
+"""``POST /v1/translation``: English texts in, French out, decoded with step-level batching.
+
+Each text is its own sequence in the model's decode loop (so the texts of one request, and of
+every other request, share decoder steps); the answer comes when the last of them ends. With
+``"stream": true`` the answer is a stream of server-sent events, a ``token`` event per new token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RegistryDep, SettingsDep
+from service.api.disconnect import unless_disconnected
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    TranslationRequest,
+    TranslationResponse,
+    check_texts,
+    json_body_doc,
+    parse_body,
+)
+from service.errors import SchemaError, ServiceError, UnsupportedText
+from service.responses import JSONResponse
+from service.tasks import translation as task
+
+router = APIRouter(tags=["tasks"])
+TASK = "translation"
+
+
+@router.post(
+    "/v1/translation",
+    summary="Translate English texts into French",
+    response_model=TranslationResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=json_body_doc(TranslationRequest),
+)
+async def translate(request: Request, registry: RegistryDep, settings: SettingsDep):
+    body = parse_body(await request.body(), TranslationRequest)
+    check_texts(body.texts, settings.max_texts_per_request, settings.max_text_chars)
+    if body.beam_size > settings.max_beam_size:
+        raise SchemaError(f"beam_size: at most {settings.max_beam_size} on this server, got {body.beam_size}")
+    if body.stream and body.beam_size > 1:
+        raise SchemaError("stream: token streaming needs greedy decoding (beam_size 1); a beam's best changes")
+    served = registry.for_task(TASK, body.model)
+    engine: task.TranslationEngine = served.engine
+    assets: task.TranslationAssets = served.assets
+    max_new = body.max_new_tokens or assets.max_new_tokens
+    if max_new > assets.max_new_tokens:
+        raise SchemaError(f"max_new_tokens: at most {assets.max_new_tokens} for model {served.name}, got {max_new}")
+    sources = await run_in_threadpool(task.encode_sources, assets, body.texts)
+    for i, source in enumerate(sources):
+        if len(source.unknown) and len(source.ids) == sum(1 for t in source.ids if t == assets.unk):
+            raise UnsupportedText(
+                f"texts[{i}]: none of its characters are in the model's vocabulary "
+                f"({''.join(source.unknown)[:40]!r}); model {served.name} translates English"
+            )
+        if not source.ids:
+            raise UnsupportedText(f"texts[{i}] has no characters the model can read")
+    head = {"model": served.name, "version": str(served.version)}
+    if body.stream:
+        return StreamingResponse(
+            _stream(engine, sources, max_new, head),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    jobs = [engine.translate(s, beam_size=body.beam_size, max_new_tokens=max_new) for s in sources]
+    results = await unless_disconnected(request, task.gather_all(jobs))
+    translations = [_translation(engine, job) for job, _ in results]
+    stats = [s for _, s in results]
+    headers = {
+        "x-queue-time-ms": f"{max(s.queue_s for s in stats) * 1000:.3f}",
+        "x-inference-time-ms": f"{max(s.decode_s for s in stats) * 1000:.3f}",
+        "x-batch-size": str(max(s.max_rows for s in stats)),
+        "x-decode-steps": str(max(s.steps for s in stats)),
+    }
+    return JSONResponse({**head, "translations": translations}, headers=headers)
+
+
+def _translation(engine: task.TranslationEngine, job: task.TranslationJob) -> dict:
+    ids = job.result()
+    return {
+        "text": engine.detokenize(ids),
+        "source_tokens": job.source.tokens,
+        "generated_tokens": len(ids),
+        "truncated": job.source.truncated,
+        "unknown_characters": job.source.unknown,
+        "finished": len(ids) < job.max_new_tokens or bool(job.finished) or job.beams[0][-1] == job.eos,
+    }
+
+
+def _event(name: str, data: dict) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _stream(
+    engine: task.TranslationEngine, sources: list[task.Source], max_new: int, head: dict
+) -> AsyncIterator[bytes]:
+    """``token`` events as the decode loop produces them, then ``done`` with the whole answer
+    (or ``error`` with the usual error body). Leaving early (client gone) cancels the decoding."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    texts: list[list[int]] = [[] for _ in sources]
+
+    def listener(index: int):
+        # Called in the decode thread after each step.
+        return lambda token: loop.call_soon_threadsafe(queue.put_nowait, (index, token))
+
+    work = asyncio.ensure_future(
+        task.gather_all(
+            [
+                engine.translate(s, beam_size=1, max_new_tokens=max_new, on_token=listener(i))
+                for i, s in enumerate(sources)
+            ]
+        )
+    )
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait((getter, work), return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                while not queue.empty():  # tokens of the last step, queued before the work ended
+                    yield _token_event(engine, texts, *queue.get_nowait())
+                break
+            yield _token_event(engine, texts, *getter.result())
+        try:
+            results = work.result()
+        except ServiceError as exc:
+            yield _event("error", exc.to_dict())
+            return
+        yield _event("done", {**head, "translations": [_translation(engine, job) for job, _ in results]})
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+
+
+def _token_event(engine: task.TranslationEngine, texts: list[list[int]], index: int, token: int) -> bytes:
+    if token == engine.assets.eos:
+        return _event(
+            "token", {"index": index, "token_id": token, "text": engine.detokenize(texts[index]), "end": True}
+        )
+    texts[index].append(token)
+    return _event("token", {"index": index, "token_id": token, "text": engine.detokenize(texts[index]), "end": False})

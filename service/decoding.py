@@ -1,0 +1,286 @@
+"""Step-level (iteration-level) batching for autoregressive decoding, knowing neither HTTP nor ONNX.
+
+A dynamic batcher runs a whole request per batch; for a decode loop that means a batch of short
+and long sentences runs until the longest one ends, and a request that arrives meanwhile waits
+for all of it. :class:`StepScheduler` batches *steps* instead (Orca's iteration-level scheduling,
+as in vLLM), for any model that offers two blocking calls on a list of sequences:
+
+* ``prefill(new)``: the one-off work of newly admitted sequences (an encoder pass);
+* ``step(active)``: one decoding step for every row of every active sequence, each sequence
+  updating itself (appending a token, re-ranking its beams) and setting ``done`` when it ends.
+
+One loop per model. Each iteration:
+
+1. drops sequences whose caller is gone, and fails with :class:`DeadlineExceeded` those whose
+   deadline passed, whether still waiting or in the middle of decoding (they leave the batch);
+2. admits waiting sequences in arrival order while the batch stays within ``max_rows`` (decoder
+   rows: a beam of 4 is 4 rows) and ``max_tokens`` (tokens held by the batch, source and target,
+   as they are at admission), running ``prefill`` on them; they join this very step;
+3. runs ``step`` on the whole batch in a worker thread (the event loop never blocks);
+4. answers every sequence that finished, at once: it leaves the batch and its place goes to the
+   next waiting one.
+
+An exception in ``prefill`` or ``step`` fails exactly the sequences of that call, and the loop goes
+on. The waiting line is bounded (:class:`Overloaded` beyond ``max_queue_size``).
+
+``mode="request"`` keeps the same machinery but admits only into an empty batch: a static batch
+decodes until its last sequence ends, which is request-level batching, kept for benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
+
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+class Sequence(Protocol):
+    """What the scheduler needs to know of a sequence being decoded."""
+
+    @property
+    def rows(self) -> int: ...  # rows it may put in a step batch (its beam width), reserved at admission
+    @property
+    def tokens(self) -> int: ...  # tokens per row it holds now (source + generated)
+    @property
+    def done(self) -> bool: ...
+
+
+S = TypeVar("S", bound=Sequence)
+
+
+class StepObserver(Protocol):
+    def on_queue_depth(self, depth: int) -> None: ...
+    def on_step(self, rows: int, sequences: int, seconds: float) -> None: ...
+
+
+class _NullObserver:
+    def on_queue_depth(self, depth: int) -> None:
+        pass
+
+    def on_step(self, rows: int, sequences: int, seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeStats:
+    queue_s: float  # from submission to admission into the batch
+    decode_s: float  # from admission to the answer
+    steps: int  # decoder steps the sequence took part in
+    max_rows: int  # the largest step batch (rows) it rode in
+
+
+class _Entry(Generic[S]):
+    __slots__ = ("admitted", "deadline", "future", "max_rows", "seq", "steps", "submitted")
+
+    def __init__(self, seq: S, submitted: float, deadline: float, future: asyncio.Future) -> None:
+        self.seq = seq
+        self.submitted = submitted
+        self.deadline = deadline
+        self.future = future
+        self.admitted = 0.0
+        self.steps = 0
+        self.max_rows = 0
+
+
+class StepScheduler(Generic[S]):
+    def __init__(
+        self,
+        prefill: Callable[[list[S]], None],
+        step: Callable[[list[S]], None],
+        *,
+        max_rows: int,
+        max_tokens: int,
+        max_queue_size: int = 256,
+        mode: Literal["step", "request"] = "step",
+        name: str = "decoder",
+        observer: StepObserver | None = None,
+        retry_after_s: int = 1,
+    ) -> None:
+        if max_rows < 1 or max_tokens < 1:
+            raise ValueError("max_rows and max_tokens must be >= 1")
+        if mode not in ("step", "request"):
+            raise ValueError(f"mode must be 'step' or 'request', not {mode!r}")
+        self._prefill, self._step = prefill, step
+        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.max_queue_size = max_queue_size
+        self.mode = mode
+        self.name = name
+        self._observer: StepObserver = observer or _NullObserver()
+        self._retry_after = {"Retry-After": str(retry_after_s)}
+        self._waiting: deque[_Entry[S]] = deque()
+        self._active: list[_Entry[S]] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{name}")
+        self._loop_task: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"decoder-{self.name}")
+
+    async def submit(self, seq: S, *, timeout_s: float | None = None) -> DecodeStats:
+        """Decode ``seq`` to its end (it is updated in place) and say how it went.
+
+        ``timeout_s`` bounds the whole decode, waiting included: past it the sequence leaves the
+        batch and this raises :class:`DeadlineExceeded`.
+        """
+        if self._closing:
+            raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
+        if seq.rows > self.max_rows or seq.rows * seq.tokens > self.max_tokens:
+            raise InferenceFailed(  # callers check their limits first; this guards the bounds
+                f"sequence of {seq.rows} rows and {seq.tokens} tokens exceeds the batch bounds of model {self.name}"
+            )
+        if len(self._waiting) >= self.max_queue_size:
+            raise Overloaded(
+                f"model {self.name} has {len(self._waiting)} sequences waiting (limit {self.max_queue_size})",
+                headers=self._retry_after,
+            )
+        self.start()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + timeout_s if timeout_s is not None else float("inf")
+        entry = _Entry(seq, now, deadline, loop.create_future())
+        self._waiting.append(entry)
+        self._observer.on_queue_depth(len(self._waiting))
+        self._wake.set()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # Caller gone: leave the line or the batch now (the loop also checks, between steps).
+            self._discard(entry)
+            raise
+
+    async def close(self, *, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop taking sequences; with ``drain`` finish those waiting and decoding first."""
+        self._closing = True
+        self._wake.set()
+        if drain:
+            deadline = time.monotonic() + timeout_s
+            while (self._waiting or self._active) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for entry in [*self._waiting, *self._active]:
+            self._fail(entry, ShuttingDown(f"model {self.name} shut down before the translation finished"))
+        self._waiting.clear()
+        self._active.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._prune(loop.time())
+            if not self._waiting and not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            new = self._admit(loop.time())
+            batch = [*self._active, *new]
+            if not batch:  # the head of the line waits for room
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._active = batch
+            started = loop.time()
+            try:
+                await loop.run_in_executor(self._executor, self._iterate, [e.seq for e in new], [e.seq for e in batch])
+            except Exception as exc:  # fail exactly the sequences of this call; the loop goes on
+                if not isinstance(exc, ServiceError):
+                    log.exception("decode step of %d sequences failed in model %s", len(batch), self.name)
+                    exc = InferenceFailed(f"model {self.name} failed while decoding: {exc}")
+                for entry in batch:
+                    self._fail(entry, exc)
+                self._active = [e for e in self._active if e not in batch]
+                continue
+            seconds = loop.time() - started
+            rows = sum(e.seq.rows for e in batch)
+            self._observer.on_step(rows, len(batch), seconds)
+            now = loop.time()
+            still = []
+            for entry in self._active:
+                entry.steps += 1
+                entry.max_rows = max(entry.max_rows, rows)
+                if entry.seq.done:
+                    if not entry.future.done():
+                        stats = DecodeStats(
+                            entry.admitted - entry.submitted, now - entry.admitted, entry.steps, entry.max_rows
+                        )
+                        entry.future.set_result(stats)
+                else:
+                    still.append(entry)
+            self._active = still
+
+    def _iterate(self, new: list[S], batch: list[S]) -> None:
+        if new:
+            self._prefill(new)
+        self._step(batch)
+
+    def _admit(self, now: float) -> list[_Entry[S]]:
+        if self.mode == "request" and self._active:
+            return []  # a static batch runs to its end
+        rows = sum(e.seq.rows for e in self._active)
+        tokens = sum(e.seq.tokens * e.seq.rows for e in self._active)
+        new: list[_Entry[S]] = []
+        while self._waiting:
+            head = self._waiting[0]
+            need_rows, need_tokens = head.seq.rows, head.seq.tokens * head.seq.rows
+            if rows + need_rows > self.max_rows or tokens + need_tokens > self.max_tokens:
+                break  # arrival order: nobody jumps the line
+            self._waiting.popleft()
+            head.admitted = now
+            rows += need_rows
+            tokens += need_tokens
+            new.append(head)
+        if new:
+            self._observer.on_queue_depth(len(self._waiting))
+        return new
+
+    def _prune(self, now: float) -> None:
+        for entry in [*self._waiting, *self._active]:
+            if entry.future.done():  # cancelled by its caller
+                self._discard(entry)
+            elif entry.deadline <= now:
+                where = "while decoding" if entry in self._active else "before decoding started"
+                self._discard(entry)
+                self._fail(
+                    entry,
+                    DeadlineExceeded(
+                        f"request deadline passed {where} in model {self.name} "
+                        f"({entry.deadline - entry.submitted:.3f} s); try a shorter text or fewer new tokens"
+                    ),
+                )
+
+    def _discard(self, entry: _Entry[S]) -> None:
+        if entry in self._active:
+            self._active.remove(entry)
+        else:
+            try:
+                self._waiting.remove(entry)
+            except ValueError:
+                return
+            self._observer.on_queue_depth(len(self._waiting))
+
+    @staticmethod
+    def _fail(entry: _Entry, exc: BaseException) -> None:
+        if not entry.future.done():
+            entry.future.set_exception(exc)

@@ -1,0 +1,265 @@
+"""Translation: texts in, translated texts out, decoded with step-level batching.
+
+The model is two graphs: ``encoder.onnx`` (an asset of the model version, loaded here) and the
+decoder step (the version's ``model.onnx``, the model the repository serves). A text becomes a
+:class:`TranslationJob`; a :class:`TranslationEngine` per model owns a
+:class:`~service.decoding.StepScheduler` and gives it the two blocking calls it needs: ``prefill``
+(encode the new jobs' sources together) and ``step`` (one decoder call on every row of every job,
+rows padded to the batch's longest, each job then choosing its next token or re-ranking its beams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.config import Settings
+from service.decoding import DecodeStats, StepObserver, StepScheduler
+from service.errors import ModelLoadError
+from service.repository import ModelSpec
+from service.runtime import OnnxModel, RuntimeOptions
+from service.tasks import find_asset, load_tokenizer
+
+
+@dataclass(frozen=True)
+class TranslationAssets:
+    tokenizer: Tokenizer
+    encoder: OnnxModel
+    pad: int
+    bos: int
+    eos: int
+    unk: int
+    max_source_tokens: int
+    max_new_tokens: int
+
+
+def load_assets(spec: ModelSpec, version_dir: Path, options: RuntimeOptions) -> TranslationAssets:
+    params = spec.parameters
+    tokenizer = load_tokenizer(params.get("tokenizer", "tokenizer.json"), version_dir)
+    encoder = OnnxModel(find_asset(params.get("encoder", "encoder.onnx"), version_dir), options)
+    if [i.name for i in encoder.inputs] != ["src_ids"] or [o.name for o in encoder.outputs] != ["memory"]:
+        raise ModelLoadError(encoder.path, "the encoder graph must take 'src_ids' and return 'memory'")
+    specials = params.get("special_tokens", {})
+    try:
+        ids = {k: int(specials[k]) for k in ("pad", "bos", "eos", "unk")}
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(
+            version_dir.parent / "model.json", "parameters.special_tokens needs pad, bos, eos, unk"
+        ) from None
+    return TranslationAssets(
+        tokenizer,
+        encoder,
+        max_source_tokens=int(params.get("max_source_tokens", 64)),
+        max_new_tokens=int(params.get("max_new_tokens", 64)),
+        **ids,
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    ids: list[int]  # at most max_source_tokens, then EOS-free (the model was trained without one)
+    tokens: int  # before truncation
+    truncated: bool
+    unknown: list[str]  # characters the vocabulary cannot spell
+
+
+def encode_sources(assets: TranslationAssets, texts: Sequence[str]) -> list[Source]:
+    out = []
+    for text, enc in zip(texts, assets.tokenizer.encode_batch(list(texts)), strict=True):
+        unknown = [text[a:b] for tok, (a, b) in zip(enc.ids, enc.offsets, strict=True) if tok == assets.unk]
+        ids = enc.ids[: assets.max_source_tokens]
+        out.append(Source(ids, len(enc.ids), len(enc.ids) > assets.max_source_tokens, list(dict.fromkeys(unknown))))
+    return out
+
+
+class TranslationJob:
+    """One text being decoded: greedy (``beam_size`` 1) or beam search, with its encoder output.
+
+    ``advance`` takes the log-probabilities of the next token for each of its rows.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        beam_size: int,
+        max_new_tokens: int,
+        eos: int,
+        bos: int,
+        length_penalty: float = 1.0,
+        on_token: Callable[[int], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.src = np.asarray(source.ids, dtype=np.int64)
+        self.memory: np.ndarray | None = None  # [S, D], set by prefill
+        self.beam_size = beam_size
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.length_penalty = length_penalty
+        self.on_token = on_token  # streaming (greedy only): called with each new token id
+        self.beams: list[list[int]] = [[bos]]
+        self.scores = np.zeros(1, dtype=np.float64)
+        self.finished: list[tuple[float, list[int]]] = []
+        self.done = False
+
+    @property
+    def rows(self) -> int:
+        return self.beam_size
+
+    @property
+    def tokens(self) -> int:
+        return len(self.src) + self.generated + 1
+
+    @property
+    def generated(self) -> int:
+        return len(self.beams[0]) - 1 if self.beams else self.max_new_tokens
+
+    def _normalised(self, score: float, length: int) -> float:
+        return score / (max(length, 1) ** self.length_penalty)
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        """``log_probs`` [len(self.beams), V]: pick the next token(s)."""
+        if self.beam_size == 1:
+            token = int(log_probs[0].argmax())
+            self.beams[0].append(token)
+            self.scores[0] += float(log_probs[0, token])
+            if self.on_token is not None:
+                self.on_token(token)
+            self.done = token == self.eos or self.generated >= self.max_new_tokens
+            return
+        k = self.beam_size
+        total = (self.scores[:, None] + log_probs).ravel()
+        vocab = log_probs.shape[1]
+        beams, scores = [], []
+        for flat in np.argsort(-total)[: 2 * k]:  # 2k candidates: up to k may end here
+            row, token = divmod(int(flat), vocab)
+            seq = [*self.beams[row], token]
+            if token == self.eos:
+                self.finished.append((self._normalised(float(total[flat]), len(seq) - 1), seq))
+            else:
+                beams.append(seq)
+                scores.append(float(total[flat]))
+            if len(beams) == k:
+                break
+        self.beams, self.scores = beams, np.asarray(scores)
+        if self.generated >= self.max_new_tokens or not self.beams:
+            self.finished.extend(
+                (self._normalised(s, len(b) - 1), b) for b, s in zip(self.beams, self.scores, strict=True)
+            )
+            self.done = True
+        elif len(self.finished) >= k:
+            # Done once the best finished hypothesis beats what any live beam can still reach
+            # (scores only fall as tokens are added, so a live beam's best case is its current score).
+            best_done = max(s for s, _ in self.finished)
+            best_alive = max(self._normalised(float(s), self.max_new_tokens) for s in self.scores)
+            self.done = best_done >= best_alive
+
+    def result(self) -> list[int]:
+        """The chosen translation's token ids (without BOS and EOS)."""
+        if self.beam_size == 1:
+            seq = self.beams[0]
+        else:
+            seq = max(self.finished, key=lambda f: f[0])[1] if self.finished else self.beams[0]
+        return [t for t in seq[1:] if t != self.eos]
+
+
+class TranslationEngine:
+    """The scheduler and the two blocking calls it runs for one translation model."""
+
+    def __init__(
+        self,
+        decoder: OnnxModel,
+        assets: TranslationAssets,
+        settings: Settings,
+        *,
+        name: str,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.decoder = decoder
+        self.assets = assets
+        self.timeout_s = settings.decode_timeout_ms / 1000.0
+        self.scheduler: StepScheduler[TranslationJob] = StepScheduler(
+            self.prefill,
+            self.step,
+            max_rows=settings.decode_max_rows,
+            max_tokens=settings.decode_max_tokens,
+            max_queue_size=settings.max_queue_size,
+            mode=settings.decode_batching,
+            name=name,
+            observer=observer,
+            retry_after_s=settings.retry_after_s,
+        )
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def close(self, *, drain: bool = True) -> None:
+        await self.scheduler.close(drain=drain)
+
+    # Both run in the scheduler's worker thread.
+    def prefill(self, jobs: list[TranslationJob]) -> None:
+        src = _pad([j.src for j in jobs], self.assets.pad)
+        memory = self.encode(src)
+        for job, row, n in zip(jobs, memory, (len(j.src) for j in jobs), strict=True):
+            job.memory = row[:n]
+
+    def encode(self, src: np.ndarray) -> np.ndarray:
+        return self.assets.encoder.run({"src_ids": src})["memory"]
+
+    def step(self, jobs: list[TranslationJob]) -> None:
+        rows = [(job, beam) for job in jobs for beam in job.beams]
+        tgt = _pad([np.asarray(beam, dtype=np.int64) for _, beam in rows], self.assets.pad)
+        width = max(len(job.src) for job in jobs)
+        dim = jobs[0].memory.shape[1]
+        memory = np.zeros((len(rows), width, dim), dtype=np.float32)
+        src = np.full((len(rows), width), self.assets.pad, dtype=np.int64)
+        for i, (job, _) in enumerate(rows):
+            memory[i, : len(job.src)] = job.memory
+            src[i, : len(job.src)] = job.src
+        log_probs = self.decoder.run({"tgt_ids": tgt, "memory": memory, "src_ids": src})["log_probs"]
+        offset = 0
+        for job in jobs:
+            n = len(job.beams)
+            job.advance(log_probs[offset : offset + n])
+            offset += n
+
+    async def translate(
+        self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
+    ) -> tuple[TranslationJob, DecodeStats]:
+        job = TranslationJob(
+            source,
+            beam_size=beam_size,
+            max_new_tokens=max_new_tokens,
+            eos=self.assets.eos,
+            bos=self.assets.bos,
+            on_token=on_token,
+        )
+        stats = await self.scheduler.submit(job, timeout_s=self.timeout_s)
+        return job, stats
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.assets.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _pad(rows: Sequence[np.ndarray], pad: int) -> np.ndarray:
+    out = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+async def gather_all(coros: Sequence) -> list:
+    """Run every job; if one fails, cancel the rest (their rows leave the batch) and raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,270 @@
+"""StepScheduler unit tests with a fake model: sequences that emit a fixed number of tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.decoding import StepScheduler
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from service.tasks.translation import Source, TranslationJob
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeSeq:
+    def __init__(self, name: str, length: int, *, src: int = 4, rows: int = 1, poison: bool = False) -> None:
+        self.name, self.length, self.src, self._rows, self.poison = name, length, src, rows, poison
+        self.out: list[str] = []
+        self.prefilled = 0
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def tokens(self) -> int:
+        return self.src + len(self.out)
+
+    @property
+    def done(self) -> bool:
+        return len(self.out) >= self.length
+
+
+class FakeModel:
+    """Records each step's sequences; a step takes ``delay_s``; a poisoned sequence fails its step."""
+
+    def __init__(self, delay_s: float = 0.002, gate: threading.Event | None = None) -> None:
+        self.delay_s = delay_s
+        self.gate = gate
+        self.steps: list[list[str]] = []
+        self.prefills: list[list[str]] = []
+
+    def prefill(self, seqs: list[FakeSeq]) -> None:
+        self.prefills.append([s.name for s in seqs])
+        for s in seqs:
+            s.prefilled += 1
+
+    def step(self, seqs: list[FakeSeq]) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        time.sleep(self.delay_s)
+        self.steps.append([s.name for s in seqs])
+        if any(s.poison for s in seqs):
+            raise RuntimeError("poisoned sequence")
+        for s in seqs:
+            assert s.prefilled == 1, "a sequence stepped before (or without) its prefill"
+            s.out.append(f"{s.name}{len(s.out)}")
+
+    def scheduler(self, **kw) -> StepScheduler[FakeSeq]:
+        kw.setdefault("max_rows", 64)
+        kw.setdefault("max_tokens", 10_000)
+        return StepScheduler(self.prefill, self.step, **kw)
+
+    def steps_with(self, name: str) -> list[int]:
+        return [i for i, names in enumerate(self.steps) if name in names]
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+async def test_each_sequence_gets_its_own_tokens() -> None:
+    model = FakeModel(delay_s=0)
+    sched = model.scheduler()
+    rng = np.random.default_rng(3)
+    seqs = [FakeSeq(f"s{i}-", int(n)) for i, n in enumerate(rng.integers(1, 20, size=40))]
+    stats = await asyncio.gather(*(sched.submit(s) for s in seqs))
+    for s, st in zip(seqs, stats, strict=True):
+        assert s.out == [f"{s.name}{k}" for k in range(s.length)]
+        assert st.steps == s.length  # it took part in exactly the steps it needed
+    await sched.close()
+
+
+async def test_short_sequence_joins_a_running_batch_and_leaves_before_the_long_one() -> None:
+    model = FakeModel(delay_s=0.003)
+    sched = model.scheduler()
+    long = FakeSeq("long", 40)
+    long_task = asyncio.ensure_future(sched.submit(long))
+    await wait_until(lambda: len(long.out) >= 5)
+    short = FakeSeq("short", 3)
+    short_stats = await sched.submit(short)
+    assert not long.done, "the short sequence had to wait for the long one"
+    joined = model.steps_with("short")
+    assert len(joined) == 3 and joined == list(range(joined[0], joined[0] + 3))
+    assert all("long" in model.steps[i] for i in joined)  # it shared the long one's steps
+    assert short_stats.max_rows == 2
+    await long_task
+    assert model.steps[joined[-1] + 1] == ["long"]  # it left the batch as soon as it ended
+    # The short one was encoded on its own, when it joined: the long one's prefill is not redone.
+    assert model.prefills == [["long"], ["short"]]
+    await sched.close()
+
+
+async def test_request_mode_runs_a_static_batch_to_its_end_before_admitting() -> None:
+    model = FakeModel(delay_s=0.002)
+    sched = model.scheduler(mode="request")
+    long = FakeSeq("long", 20)
+    long_task = asyncio.ensure_future(sched.submit(long))
+    await wait_until(lambda: len(long.out) >= 3)
+    short_stats = await sched.submit(FakeSeq("short", 3))
+    assert long.done, "request-level batching admitted a sequence into a running batch"
+    assert max(model.steps_with("long")) < min(model.steps_with("short"))
+    assert short_stats.queue_s > 0
+    await long_task
+    await sched.close()
+
+
+async def test_rows_bound_admits_in_arrival_order_as_sequences_leave() -> None:
+    model = FakeModel(delay_s=0.001)
+    sched = model.scheduler(max_rows=4)
+    seqs = [FakeSeq("a", 6, rows=2), FakeSeq("b", 2, rows=2), FakeSeq("c", 3, rows=1), FakeSeq("d", 2, rows=3)]
+    await asyncio.gather(*(sched.submit(s) for s in seqs))
+    rows = {s.name: s.rows for s in seqs}
+    assert all(sum(rows[n] for n in names) <= 4 for names in model.steps)
+    # c must not jump ahead of nothing: a and b fill the batch, c joins when b leaves.
+    assert model.steps_with("c")[0] == model.steps_with("b")[-1] + 1
+    # d (3 rows) waits for room, and nobody behind it would have been let past.
+    assert model.steps_with("d")[0] > model.steps_with("c")[0]
+
+
+async def test_tokens_bound_limits_the_batch() -> None:
+    model = FakeModel(delay_s=0.001)
+    sched = model.scheduler(max_tokens=20)
+    seqs = [FakeSeq(f"s{i}", 3, src=8) for i in range(5)]  # 9 tokens each at admission
+    await asyncio.gather(*(sched.submit(s) for s in seqs))
+    assert max(len(names) for names in model.steps) == 2
+    with pytest.raises(InferenceFailed):  # a sequence that can never fit is refused, not queued forever
+        await sched.submit(FakeSeq("huge", 1, src=30))
+    await sched.close()
+
+
+async def test_deadline_mid_decode_removes_the_sequence_and_spares_the_others() -> None:
+    model = FakeModel(delay_s=0.005)
+    sched = model.scheduler()
+    slow = FakeSeq("slow", 1000)
+    fine = FakeSeq("fine", 30)
+    results = await asyncio.gather(sched.submit(slow, timeout_s=0.1), sched.submit(fine), return_exceptions=True)
+    assert isinstance(results[0], DeadlineExceeded) and "while decoding" in str(results[0])
+    assert fine.done and not isinstance(results[1], Exception)
+    assert 0 < len(slow.out) < 1000
+    last_slow = model.steps_with("slow")[-1]
+    assert model.steps_with("fine")[-1] > last_slow  # the batch went on without it
+    await sched.close()
+
+
+async def test_deadline_while_waiting() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    sched = model.scheduler(max_rows=1)
+    first = asyncio.ensure_future(sched.submit(FakeSeq("first", 2)))
+    await wait_until(lambda: sched.active == 1)
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.gather(sched.submit(FakeSeq("late", 2), timeout_s=0.05), _open_after(gate, 0.2))
+    await first
+    assert model.steps_with("late") == []
+    await sched.close()
+
+
+async def _open_after(gate: threading.Event, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    gate.set()
+
+
+async def test_failed_step_fails_exactly_its_sequences() -> None:
+    model = FakeModel(delay_s=0.002)
+    sched = model.scheduler(max_rows=2)
+    batch1 = [FakeSeq("ok1", 3), FakeSeq("bad", 3, poison=True)]
+    later = FakeSeq("later", 2)
+    results = await asyncio.gather(*(sched.submit(s) for s in [*batch1, later]), return_exceptions=True)
+    assert isinstance(results[0], InferenceFailed) and isinstance(results[1], InferenceFailed)
+    assert not isinstance(results[2], Exception) and later.done  # the loop went on
+    await sched.close()
+
+
+async def test_cancelled_caller_leaves_the_batch() -> None:
+    model = FakeModel(delay_s=0.003)
+    sched = model.scheduler()
+    gone = FakeSeq("gone", 1000)
+    stay = FakeSeq("stay", 40)
+    gone_task = asyncio.ensure_future(sched.submit(gone))
+    stay_task = asyncio.ensure_future(sched.submit(stay))
+    await wait_until(lambda: len(gone.out) >= 3)
+    gone_task.cancel()
+    await stay_task
+    assert len(gone.out) < 15  # left within a step or so, not after 1000
+    assert sched.active == 0
+    await sched.close()
+
+
+async def test_waiting_line_is_bounded() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    sched = model.scheduler(max_rows=1, max_queue_size=2)
+    tasks = [asyncio.ensure_future(sched.submit(FakeSeq("running", 1)))]
+    await wait_until(lambda: sched.active == 1)
+    tasks += [asyncio.ensure_future(sched.submit(FakeSeq(f"s{i}", 1))) for i in range(2)]
+    await wait_until(lambda: sched.waiting == 2)
+    with pytest.raises(Overloaded):
+        await sched.submit(FakeSeq("extra", 1))
+    gate.set()
+    await asyncio.gather(*tasks)
+    await sched.close()
+
+
+async def test_close_drains_then_refuses() -> None:
+    model = FakeModel(delay_s=0.001)
+    sched = model.scheduler(max_rows=2)
+    seqs = [FakeSeq(f"s{i}", 5) for i in range(5)]
+    tasks = [asyncio.ensure_future(sched.submit(s)) for s in seqs]
+    await wait_until(lambda: sched.active > 0)
+    await sched.close(drain=True)
+    await asyncio.gather(*tasks)
+    assert all(s.done for s in seqs)
+    with pytest.raises(ShuttingDown):
+        await sched.submit(FakeSeq("after", 1))
+
+
+def _job(beam: int, max_new: int = 5) -> TranslationJob:
+    return TranslationJob(Source([5, 6], 2, False, []), beam_size=beam, max_new_tokens=max_new, eos=2, bos=1)
+
+
+def _lp(rows: list[dict[int, float]], vocab: int = 8) -> np.ndarray:
+    out = np.full((len(rows), vocab), np.log(1e-6))
+    for i, row in enumerate(rows):
+        for tok, p in row.items():
+            out[i, tok] = np.log(p)
+    return out
+
+
+def test_beam_search_finds_what_greedy_misses() -> None:
+    # Step 1: token 4 (0.6) beats 5 (0.4). After 4 the best is 0.3; after 5 it is EOS at 0.9:
+    # greedy says 4 ..., beam 2 finds [5] (0.36) over [4, x] (at most 0.18).
+    greedy, beam = _job(1), _job(2)
+    greedy.advance(_lp([{4: 0.6, 5: 0.4}]))
+    beam.advance(_lp([{4: 0.6, 5: 0.4}]))
+    assert greedy.result() == [4] and sorted(b[-1] for b in beam.beams) == [4, 5]
+    rows = {4: {6: 0.3, 7: 0.3, 2: 0.1}, 5: {2: 0.9, 6: 0.05}}
+    beam.advance(_lp([rows[b[-1]] for b in beam.beams]))
+    while not beam.done:
+        beam.advance(_lp([{2: 0.5, 6: 0.5} for _ in beam.beams]))
+    assert beam.result() == [5]
+
+
+def test_jobs_stop_at_max_new_tokens_and_at_eos() -> None:
+    job = _job(1, max_new=3)
+    for _ in range(3):
+        assert not job.done
+        job.advance(_lp([{6: 0.9}]))
+    assert job.done and job.result() == [6, 6, 6]
+    ended = _job(1)
+    ended.advance(_lp([{2: 0.9}]))
+    assert ended.done and ended.result() == []
