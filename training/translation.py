@@ -379,6 +379,7 @@ def train(cfg: Config, command: str = "") -> dict:
     if cfg.smoke:
         pairs = pairs[:: max(1, len(pairs) // 3000)]  # every length, few pairs
         n_validation, epochs = 100, 1
+        cfg = dataclasses.replace(cfg, d_model=64, ff=128, encoder_layers=1, decoder_layers=1, eval_sentences=50)
     train_pairs, validation = split_by_english(pairs, n_validation, cfg.seed)
     tokenizer = build_tokenizer([t for p in train_pairs for t in p], cfg.vocab_size)
     vocab = tokenizer.get_vocab_size()
@@ -583,7 +584,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--smoke", action="store_true", help="about 3,000 pairs, one epoch: checks the pipeline")
+    p.add_argument("--smoke", action="store_true", help="3,000 pairs, tiny model, one epoch: checks the pipeline")
     return Config(**vars(p.parse_args(argv)))
 
 

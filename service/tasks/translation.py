@@ -36,6 +36,8 @@ class TranslationAssets:
     unk: int
     max_source_tokens: int
     max_new_tokens: int
+    source_language: str
+    target_language: str
 
 
 def load_assets(spec: ModelSpec, version_dir: Path, options: RuntimeOptions) -> TranslationAssets:
@@ -56,6 +58,8 @@ def load_assets(spec: ModelSpec, version_dir: Path, options: RuntimeOptions) -> 
         encoder,
         max_source_tokens=int(params.get("max_source_tokens", 64)),
         max_new_tokens=int(params.get("max_new_tokens", 64)),
+        source_language=str(params.get("source_language", "?")),
+        target_language=str(params.get("target_language", "?")),
         **ids,
     )
 
@@ -66,14 +70,17 @@ class Source:
     tokens: int  # before truncation
     truncated: bool
     unknown: list[str]  # characters the vocabulary cannot spell
+    readable: bool  # at least one token is a known piece of text (not unknown, not a bare space)
 
 
 def encode_sources(assets: TranslationAssets, texts: Sequence[str]) -> list[Source]:
     out = []
     for text, enc in zip(texts, assets.tokenizer.encode_batch(list(texts)), strict=True):
         unknown = [text[a:b] for tok, (a, b) in zip(enc.ids, enc.offsets, strict=True) if tok == assets.unk]
+        readable = any(tok != assets.unk and piece.strip("▁") for tok, piece in zip(enc.ids, enc.tokens, strict=True))
         ids = enc.ids[: assets.max_source_tokens]
-        out.append(Source(ids, len(enc.ids), len(enc.ids) > assets.max_source_tokens, list(dict.fromkeys(unknown))))
+        truncated = len(enc.ids) > assets.max_source_tokens
+        out.append(Source(ids, len(enc.ids), truncated, list(dict.fromkeys(unknown)), readable))
     return out
 
 
@@ -159,13 +166,19 @@ class TranslationJob:
             best_alive = max(self._normalised(float(s), self.max_new_tokens) for s in self.scores)
             self.done = best_done >= best_alive
 
+    def _best(self) -> list[int]:
+        if self.beam_size == 1 or not self.finished:
+            return self.beams[0]
+        return max(self.finished, key=lambda f: f[0])[1]
+
     def result(self) -> list[int]:
         """The chosen translation's token ids (without BOS and EOS)."""
-        if self.beam_size == 1:
-            seq = self.beams[0]
-        else:
-            seq = max(self.finished, key=lambda f: f[0])[1] if self.finished else self.beams[0]
-        return [t for t in seq[1:] if t != self.eos]
+        return [t for t in self._best()[1:] if t != self.eos]
+
+    @property
+    def ended(self) -> bool:
+        """True when the chosen translation ended by itself (EOS), not at ``max_new_tokens``."""
+        return self._best()[-1] == self.eos
 
 
 class TranslationEngine:
@@ -183,6 +196,7 @@ class TranslationEngine:
         self.decoder = decoder
         self.assets = assets
         self.timeout_s = settings.decode_timeout_ms / 1000.0
+        self.never = [assets.pad, assets.bos, assets.unk]
         self.scheduler: StepScheduler[TranslationJob] = StepScheduler(
             self.prefill,
             self.step,
@@ -222,6 +236,7 @@ class TranslationEngine:
             memory[i, : len(job.src)] = job.memory
             src[i, : len(job.src)] = job.src
         log_probs = self.decoder.run({"tgt_ids": tgt, "memory": memory, "src_ids": src})["log_probs"]
+        log_probs[:, self.never] = -np.inf  # padding, BOS and unknown are never generated
         offset = 0
         for job in jobs:
             n = len(job.beams)

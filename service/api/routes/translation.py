@@ -55,13 +55,12 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
         raise SchemaError(f"max_new_tokens: at most {assets.max_new_tokens} for model {served.name}, got {max_new}")
     sources = await run_in_threadpool(task.encode_sources, assets, body.texts)
     for i, source in enumerate(sources):
-        if len(source.unknown) and len(source.ids) == sum(1 for t in source.ids if t == assets.unk):
+        if not source.readable:
+            unknown = "".join(source.unknown)[:40]
             raise UnsupportedText(
-                f"texts[{i}]: none of its characters are in the model's vocabulary "
-                f"({''.join(source.unknown)[:40]!r}); model {served.name} translates English"
+                f"texts[{i}]: none of its characters are in the model's vocabulary ({unknown!r}); "
+                f"model {served.name} translates {assets.source_language} to {assets.target_language}"
             )
-        if not source.ids:
-            raise UnsupportedText(f"texts[{i}] has no characters the model can read")
     head = {"model": served.name, "version": str(served.version)}
     if body.stream:
         return StreamingResponse(
@@ -90,7 +89,7 @@ def _translation(engine: task.TranslationEngine, job: task.TranslationJob) -> di
         "generated_tokens": len(ids),
         "truncated": job.source.truncated,
         "unknown_characters": job.source.unknown,
-        "finished": len(ids) < job.max_new_tokens or bool(job.finished) or job.beams[0][-1] == job.eos,
+        "finished": job.ended,
     }
 
 
