@@ -120,3 +120,32 @@ def test_temporal_split_holds_out_each_users_latest_ratings() -> None:
     assert data.timestamps[val & (data.users == 2)].tolist() == [20]
     assert not val[data.users == 3].any()
     assert (train ^ val).all()
+
+
+def test_translation_smoke_training_exports_two_graphs_that_serve(data_dir: Path, tmp_path: Path) -> None:
+    from training import translation
+
+    meta = translation.main(
+        ["--smoke", "--data-dir", str(data_dir / "translation"), "--output-dir", str(tmp_path), "--seed", "3"]
+    )
+    version_dir = tmp_path / "translation-en-fr" / "1"
+    for name in ("model.onnx", "encoder.onnx", "tokenizer.json", "metadata.json"):
+        assert (version_dir / name).is_file(), name
+    metrics = meta["metrics"]
+    assert metrics["validation_sentences"] == 100 and 0.0 <= metrics["validation_bleu"] <= 100.0
+    assert max(metrics["onnx_vs_torch_max_abs_diff"].values()) < 1e-3
+    with make_client(repository=tmp_path, warmup=False) as client:
+        wait_ready(client)
+        response = client.post("/v1/translation", json={"texts": ["Hello.", "How are you?"], "max_new_tokens": 5})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["translations"]) == 2
+
+
+def test_translation_split_keeps_every_translation_of_a_sentence_on_one_side() -> None:
+    from training.translation import split_by_english
+
+    pairs = [(f"e{i % 50}", f"f{i}") for i in range(200)]  # 4 translations per English sentence
+    train, held = split_by_english(pairs, 10, seed=5)
+    assert len(held) == 10 and all(len(refs) == 4 for refs in held.values())
+    assert not {en for en, _ in train} & set(held)
+    assert len(train) == 160
