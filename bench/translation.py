@@ -1,0 +1,190 @@
+"""Translation serving benchmark: request-level against step-level batching, in one run.
+
+Every configuration serves the same committed model (only it, warmed up) in its own server
+process, and is driven by the same closed-loop load: ``c`` clients, each posting one English
+sentence at a time to ``/v1/translation`` (greedy) as soon as its previous answer arrives. The
+sentences are drawn (seeded) from the Tatoeba data with mixed lengths: equal shares of 1-4, 5-8,
+9-14 and 15+ words. Configurations:
+
+1. ``one at a time``: one sequence per decoder step (``NEUROSERVE_DECODE_MAX_ROWS=1``);
+2. ``request-level``: static batches: the sequences waiting when the decoder is free form a batch
+   that decodes until its last sequence ends; later arrivals wait (``NEUROSERVE_DECODE_BATCHING=request``);
+3. ``step-level``: sequences join at the next step and leave as soon as they end (the default).
+
+Also the raw onnxruntime decoder-step time by batch size (the ceiling a step can reach).
+
+    python -m bench.translation [--duration 10] [--concurrency 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bench.run import ROOT, free_port, neuroserve, scrape
+from training.translation import read_pairs
+
+MODEL = "translation-en-fr"
+BUCKETS = ((1, 4), (5, 8), (9, 14), (15, 60))
+
+
+def mixed_sentences(data_dir: Path, n: int, seed: int = 0) -> list[str]:
+    english = sorted({en for en, _ in read_pairs(data_dir)})
+    rng = random.Random(seed)
+    out = []
+    for low, high in BUCKETS:
+        pool = [s for s in english if low <= len(s.split()) <= high]
+        out += rng.sample(pool, n // len(BUCKETS))
+    rng.shuffle(out)
+    return out
+
+
+def step_ceiling(version_dir: Path, threads: int) -> list[dict]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    encoder = ort.InferenceSession(str(version_dir / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    vocab = decoder.get_outputs()[0].shape[1]
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (1, 4, 16, 64):
+        src = rng.integers(4, vocab, size=(batch, 12), dtype=np.int64)
+        memory = encoder.run(None, {"src_ids": src})[0]
+        tgt = rng.integers(4, vocab, size=(batch, 10), dtype=np.int64)
+        feeds = {"tgt_ids": tgt, "memory": memory, "src_ids": src}
+        for _ in range(3):
+            decoder.run(None, feeds)
+        runs, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < 1.0 or runs < 10:
+            decoder.run(None, feeds)
+            runs += 1
+        ms = 1000 * elapsed / runs
+        rows.append({"rows": batch, "ms_per_step": ms, "tokens_per_s": batch * runs / elapsed})
+    return rows
+
+
+def drive(port: int, sentences: list[str], concurrency: int, seconds: float) -> dict:
+    """Closed loop: ``concurrency`` clients, each with one keep-alive connection."""
+    latencies: list[float] = []
+    tokens = errors = 0
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        nonlocal tokens, errors
+        rng = random.Random(index)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while time.monotonic() < stop_at:
+            body = json.dumps({"texts": [rng.choice(sentences)]})
+            started = time.perf_counter()
+            conn.request("POST", "/v1/translation", body, {"content-type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+            elapsed = time.perf_counter() - started
+            with lock:
+                if response.status == 200:
+                    latencies.append(elapsed)
+                    tokens += json.loads(data)["translations"][0]["generated_tokens"]
+                else:
+                    errors += 1
+        conn.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    lat = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / wall,
+        "tokens_per_s": tokens / wall,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| batching | concurrency | req/s | tokens/s | p50 ms | p99 ms | mean rows/step | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['server']} | {r['concurrency']} | {r['rps']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} "
+            f"| {r['p99_ms']:.0f} | {r['mean_rows']:.1f} | {r['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per configuration and concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--repository", type=Path, default=ROOT / "models")
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "translation")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+
+    sentences = mixed_sentences(args.data_dir, 400)
+    repo = Path(tempfile.mkdtemp(prefix="bench-translation-"))
+    (repo / MODEL).symlink_to((args.repository / MODEL).resolve())
+    ceiling = step_ceiling(args.repository / MODEL / "1", args.threads)
+    print("raw onnxruntime decoder step (target length 10, source 12):")
+    for r in ceiling:
+        print(f"  {r['rows']:>3} rows: {r['ms_per_step']:6.2f} ms/step  {r['tokens_per_s']:7.0f} tokens/s")
+    configs = [
+        ("one at a time", {"NEUROSERVE_DECODE_MAX_ROWS": "1"}),
+        ("request-level", {"NEUROSERVE_DECODE_BATCHING": "request"}),
+        ("step-level", {"NEUROSERVE_DECODE_BATCHING": "step"}),
+    ]
+    rows = []
+    for label, env in configs:
+        port = free_port()
+        server = neuroserve(label, port, repo, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
+        try:
+            drive(port, sentences, max(args.concurrency), min(2.0, args.duration))  # warm up
+            for c in args.concurrency:
+                before = scrape(port, MODEL)
+                result = drive(port, sentences, c, args.duration)
+                after = scrape(port, MODEL)
+                steps = after["batch_size_count"] - before["batch_size_count"]
+                result["mean_rows"] = (after["batch_size_sum"] - before["batch_size_sum"]) / max(steps, 1)
+                rows.append({"server": label, "concurrency": c, **result})
+                print(
+                    f"  {label:<14} c={c:<3} {result['rps']:6.1f} req/s {result['tokens_per_s']:7.0f} tokens/s  "
+                    f"p50 {result['p50_ms']:6.0f} ms  p99 {result['p99_ms']:6.0f} ms  "
+                    f"rows/step {result['mean_rows']:5.1f}  errors {result['errors']}",
+                    flush=True,
+                )
+        finally:
+            server.stop()
+    table = format_table(rows)
+    print("\n" + table)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"translation-{stamp}.json"
+    result = {"sentences": len(sentences), "step_ceiling": ceiling, "rows": rows, "duration_s": args.duration}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
