@@ -1,5 +1,6 @@
 """Load test with realistic payloads drawn from the data: real MNIST test digits as PNG files, SST-2
-dev sentences of mixed length, Chinese hotel reviews, real MovieLens user ids.
+dev sentences of mixed length, Chinese hotel reviews, real MovieLens user ids, Tatoeba English
+sentences to translate.
 
     make loadtest URL=http://127.0.0.1:8080 DURATION=60s USERS=32
     locust -f locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8080 \
@@ -16,6 +17,7 @@ import io
 import json
 import os
 import random
+import zipfile
 from pathlib import Path
 
 from locust import HttpUser, between, task
@@ -59,10 +61,18 @@ def _users_and_items() -> tuple[list[str], list[str]]:
     return sorted(users), sorted(items)
 
 
+def _english(n: int = 300) -> list[str]:
+    with zipfile.ZipFile(DATA / "translation" / "fra-eng.zip") as archive:
+        lines = archive.read("fra.txt").decode("utf-8").splitlines()
+    english = sorted({line.split("\t")[0].strip() for line in lines if "\t" in line})
+    return RNG.sample([e for e in english if len(e.split()) <= 20], n)
+
+
 DIGITS = _digits()
 SENTENCES = _sentences()
 REVIEWS = _reviews()
 USERS, ITEMS = _users_and_items()
+ENGLISH = _english()
 
 
 def _check(response, keys: tuple[str, ...]) -> dict | None:
@@ -160,3 +170,22 @@ class RecommenderClient(HttpUser):
             body = _check(response, ("ratings",))
             if body is not None and not all(0.5 <= r["rating"] <= 5.0 for r in body["ratings"]):
                 response.failure("rating outside the scale")
+
+
+class TranslationClient(HttpUser):
+    """A chat app translating short English messages into French, one to three at a time."""
+
+    weight = 1
+    wait_time = between(0.2, 1.0)
+
+    @task
+    def translate(self) -> None:
+        texts = RNG.sample(ENGLISH, RNG.randint(1, 3))
+        with self.client.post(
+            "/v1/translation", json={"texts": texts}, catch_response=True, name="/v1/translation"
+        ) as response:
+            body = _check(response, ("translations",))
+            if body is not None and (
+                len(body["translations"]) != len(texts) or not all(t["text"] for t in body["translations"])
+            ):
+                response.failure("missing or empty translations")

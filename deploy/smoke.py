@@ -39,7 +39,7 @@ def main(base: str) -> None:
         (
             "GET /v2/models",
             call(base, "/v2/models"),
-            lambda b: {r["name"] for r in b} >= {"mnist", "sentiment", "sentiment-zh", "rating"},
+            lambda b: {r["name"] for r in b} >= {"mnist", "sentiment", "sentiment-zh", "rating", "translation-en-fr"},
         ),
         (
             "POST /v2/models/mnist/infer",
@@ -74,6 +74,11 @@ def main(base: str) -> None:
             "POST /v1/recommendations",
             call(base, "/v1/recommendations", {"user_id": "1", "k": 5}),
             lambda b: len(b["items"]) == 5 and b["cold_start"] is False,
+        ),
+        (
+            "POST /v1/translation",
+            call(base, "/v1/translation", {"texts": ["I'm hungry."]}),
+            lambda b: "faim" in b["translations"][0]["text"],
         ),
         (
             "bad input is a 4xx",
