@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating bench clean
+.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation bench bench-translation clean
 DURATION ?= 60s
 USERS    ?= 32
 
@@ -59,9 +59,16 @@ train-sentiment: $(VENV)/.dev
 train-rating: $(VENV)/.dev
 	$(BIN)/python -m training.rating --data-dir $(DATA)/rating/ml-latest-small --output-dir models --version 1
 
+train-translation: $(VENV)/.dev
+	$(BIN)/python -m training.translation --data-dir $(DATA)/translation --output-dir models --version 1 --epochs 6
+
 # Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
+
+# Translation: one-at-a-time vs request-level vs step-level decoding (no wrk needed).
+bench-translation: $(VENV)/.dev
+	$(BIN)/python -m bench.translation
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
