@@ -60,7 +60,7 @@ train-rating: $(VENV)/.dev
 	$(BIN)/python -m training.rating --data-dir $(DATA)/rating/ml-latest-small --output-dir models --version 1
 
 train-translation: $(VENV)/.dev
-	$(BIN)/python -m training.translation --data-dir $(DATA)/translation --output-dir models --version 1 --epochs 6
+	$(BIN)/python -m training.translation --data-dir $(DATA)/translation --output-dir models --version 1
 
 # Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
 bench: $(VENV)/.dev

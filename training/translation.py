@@ -66,10 +66,10 @@ class Config:
     decoder_layers: int = 3
     dropout: float = 0.1
     label_smoothing: float = 0.1
-    epochs: int = 10
-    batch_tokens: int = 6000  # target tokens per batch
-    lr: float = 1e-3
-    warmup_steps: int = 800
+    epochs: int = 6
+    batch_tokens: int = 4000  # target tokens per batch
+    lr: float = 1.5e-3
+    warmup_steps: int = 300
     weight_decay: float = 0.01
     eval_sentences: int = 600  # validation sentences decoded after each epoch to pick the checkpoint
     seed: int = 1

@@ -11,6 +11,7 @@ rows padded to the batch's longest, each job then choosing its next token or re-
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.config import Settings
-from service.decoding import DecodeStats, StepObserver, StepScheduler
-from service.errors import ModelLoadError
+from service.decoding import DecodeStats, StepScheduler
+from service.errors import ModelLoadError, ServiceError
+from service.metrics import ModelObserver
 from service.repository import ModelSpec
 from service.runtime import OnnxModel, RuntimeOptions
 from service.tasks import find_asset, load_tokenizer
@@ -191,9 +193,10 @@ class TranslationEngine:
         settings: Settings,
         *,
         name: str,
-        observer: StepObserver | None = None,
+        observer: ModelObserver | None = None,
     ) -> None:
         self.decoder = decoder
+        self.observer = observer
         self.assets = assets
         self.timeout_s = settings.decode_timeout_ms / 1000.0
         self.never = [assets.pad, assets.bos, assets.unk]
@@ -254,7 +257,21 @@ class TranslationEngine:
             bos=self.assets.bos,
             on_token=on_token,
         )
-        stats = await self.scheduler.submit(job, timeout_s=self.timeout_s)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            stats = await self.scheduler.submit(job, timeout_s=self.timeout_s)
+        except ServiceError as exc:
+            outcome = exc.error_type
+            raise
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer.on_request(outcome, time.perf_counter() - started)
+        if self.observer is not None:
+            self.observer.on_tokens(len(job.result()))
         return job, stats
 
     def detokenize(self, ids: list[int]) -> str:
