@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ServiceError, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,9 @@ class StepScheduler(Generic[S]):
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
         if seq.rows > self.max_rows or seq.rows * seq.tokens > self.max_tokens:
-            raise InferenceFailed(  # callers check their limits first; this guards the bounds
-                f"sequence of {seq.rows} rows and {seq.tokens} tokens exceeds the batch bounds of model {self.name}"
+            raise PayloadTooLarge(  # it could never be admitted: refuse it rather than queue it forever
+                f"a sequence of {seq.rows} rows x {seq.tokens} tokens exceeds model {self.name}'s decode batch "
+                f"({self.max_rows} rows, {self.max_tokens} tokens)"
             )
         if len(self._waiting) >= self.max_queue_size:
             raise Overloaded(

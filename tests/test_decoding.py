@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.decoding import StepScheduler
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ShuttingDown
 from service.tasks.translation import Source, TranslationJob
 
 pytestmark = pytest.mark.anyio
@@ -142,7 +142,7 @@ async def test_tokens_bound_limits_the_batch() -> None:
     seqs = [FakeSeq(f"s{i}", 3, src=8) for i in range(5)]  # 9 tokens each at admission
     await asyncio.gather(*(sched.submit(s) for s in seqs))
     assert max(len(names) for names in model.steps) == 2
-    with pytest.raises(InferenceFailed):  # a sequence that can never fit is refused, not queued forever
+    with pytest.raises(PayloadTooLarge):  # a sequence that can never fit is refused, not queued forever
         await sched.submit(FakeSeq("huge", 1, src=30))
     await sched.close()
 
@@ -234,7 +234,7 @@ async def test_close_drains_then_refuses() -> None:
 
 
 def _job(beam: int, max_new: int = 5) -> TranslationJob:
-    return TranslationJob(Source([5, 6], 2, False, []), beam_size=beam, max_new_tokens=max_new, eos=2, bos=1)
+    return TranslationJob(Source([5, 6], 2, False, [], True), beam_size=beam, max_new_tokens=max_new, eos=2, bos=1)
 
 
 def _lp(rows: list[dict[int, float]], vocab: int = 8) -> np.ndarray:

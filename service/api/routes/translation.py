@@ -43,8 +43,9 @@ TASK = "translation"
 async def translate(request: Request, registry: RegistryDep, settings: SettingsDep):
     body = parse_body(await request.body(), TranslationRequest)
     check_texts(body.texts, settings.max_texts_per_request, settings.max_text_chars)
-    if body.beam_size > settings.max_beam_size:
-        raise SchemaError(f"beam_size: at most {settings.max_beam_size} on this server, got {body.beam_size}")
+    max_beam = min(settings.max_beam_size, settings.decode_max_rows)
+    if body.beam_size > max_beam:
+        raise SchemaError(f"beam_size: at most {max_beam} on this server, got {body.beam_size}")
     if body.stream and body.beam_size > 1:
         raise SchemaError("stream: token streaming needs greedy decoding (beam_size 1); a beam's best changes")
     served = registry.for_task(TASK, body.model)
