@@ -15,7 +15,8 @@ One loop per model. Each iteration:
    deadline passed, whether still waiting or in the middle of decoding (they leave the batch);
 2. admits waiting sequences in arrival order while the batch stays within ``max_rows`` (decoder
    rows: a beam of 4 is 4 rows) and ``max_tokens`` (tokens held by the batch, source and target,
-   as they are at admission), running ``prefill`` on them; they join this very step;
+   as they are at admission), running ``prefill`` on them (a failure there fails only them); they
+   join this very step;
 3. runs ``step`` on the whole batch in a worker thread (the event loop never blocks);
 4. answers every sequence that finished, at once: it leaves the batch and its place goes to the
    next waiting one.
@@ -196,22 +197,14 @@ class StepScheduler(Generic[S]):
                 await self._wake.wait()
                 continue
             new = self._admit(loop.time())
+            if new and not await self._run_call(self._prefill, new):
+                new = []  # their prefill failed: they were answered; the others step on
             batch = [*self._active, *new]
-            if not batch:  # the head of the line waits for room
-                self._wake.clear()
-                await self._wake.wait()
+            if not batch:
                 continue
             self._active = batch
             started = loop.time()
-            try:
-                await loop.run_in_executor(self._executor, self._iterate, [e.seq for e in new], [e.seq for e in batch])
-            except Exception as exc:  # fail exactly the sequences of this call; the loop goes on
-                if not isinstance(exc, ServiceError):
-                    log.exception("decode step of %d sequences failed in model %s", len(batch), self.name)
-                    exc = InferenceFailed(f"model {self.name} failed while decoding: {exc}")
-                for entry in batch:
-                    self._fail(entry, exc)
-                self._active = [e for e in self._active if e not in batch]
+            if not await self._run_call(self._step, batch):
                 continue
             seconds = loop.time() - started
             rows = sum(e.seq.rows for e in batch)
@@ -231,10 +224,21 @@ class StepScheduler(Generic[S]):
                     still.append(entry)
             self._active = still
 
-    def _iterate(self, new: list[S], batch: list[S]) -> None:
-        if new:
-            self._prefill(new)
-        self._step(batch)
+    async def _run_call(self, call: Callable[[list[S]], None], entries: list[_Entry[S]]) -> bool:
+        """Run ``call`` on the entries' sequences in the worker thread; on an exception fail exactly
+        those entries (and drop them from the batch) and say False."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, call, [e.seq for e in entries])
+            return True
+        except Exception as exc:
+            if not isinstance(exc, ServiceError):
+                log.exception("decoding %d sequences failed in model %s", len(entries), self.name)
+                exc = InferenceFailed(f"model {self.name} failed while decoding: {exc}")
+            for entry in entries:
+                self._fail(entry, exc)
+            self._active = [e for e in self._active if e not in entries]
+            return False
 
     def _admit(self, now: float) -> list[_Entry[S]]:
         if self.mode == "request" and self._active:

@@ -46,6 +46,8 @@ class FakeModel:
 
     def prefill(self, seqs: list[FakeSeq]) -> None:
         self.prefills.append([s.name for s in seqs])
+        if any(s.name.startswith("unreadable") for s in seqs):
+            raise ValueError("cannot encode")
         for s in seqs:
             s.prefilled += 1
 
@@ -187,6 +189,19 @@ async def test_failed_step_fails_exactly_its_sequences() -> None:
     results = await asyncio.gather(*(sched.submit(s) for s in [*batch1, later]), return_exceptions=True)
     assert isinstance(results[0], InferenceFailed) and isinstance(results[1], InferenceFailed)
     assert not isinstance(results[2], Exception) and later.done  # the loop went on
+    await sched.close()
+
+
+async def test_failed_prefill_fails_only_the_newcomers() -> None:
+    model = FakeModel(delay_s=0.002)
+    sched = model.scheduler()
+    running = FakeSeq("running", 30)
+    task = asyncio.ensure_future(sched.submit(running))
+    await wait_until(lambda: len(running.out) >= 3)
+    with pytest.raises(InferenceFailed):
+        await sched.submit(FakeSeq("unreadable", 3))
+    await task  # the sequence already decoding was not touched
+    assert running.out == [f"running{k}" for k in range(30)]
     await sched.close()
 
 
