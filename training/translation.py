@@ -75,6 +75,7 @@ class Config:
     seed: int = 1
     device: str = "auto"
     threads: int = 0
+    checkpoint_dir: Path = Path("checkpoints/translation-en-fr")  # torch weights (not served, not committed)
     smoke: bool = False
 
 
@@ -379,7 +380,15 @@ def train(cfg: Config, command: str = "") -> dict:
     if cfg.smoke:
         pairs = pairs[:: max(1, len(pairs) // 3000)]  # every length, few pairs
         n_validation, epochs = 100, 1
-        cfg = dataclasses.replace(cfg, d_model=64, ff=128, encoder_layers=1, decoder_layers=1, eval_sentences=50)
+        cfg = dataclasses.replace(
+            cfg,
+            d_model=64,
+            ff=128,
+            encoder_layers=1,
+            decoder_layers=1,
+            eval_sentences=50,
+            checkpoint_dir=cfg.output_dir / "checkpoints" / cfg.name,  # never over a real run's weights
+        )
     train_pairs, validation = split_by_english(pairs, n_validation, cfg.seed)
     tokenizer = build_tokenizer([t for p in train_pairs for t in p], cfg.vocab_size)
     vocab = tokenizer.get_vocab_size()
@@ -447,6 +456,12 @@ def train(cfg: Config, command: str = "") -> dict:
     model = model.cpu()
     model.load_state_dict(best_state)
     model.eval()
+    # The torch weights and the tokenizer, so that other graphs can be exported later without retraining.
+    cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"state": best_state, "vocab": vocab, "config": dataclasses.asdict(cfg)}, cfg.checkpoint_dir / "model.pt"
+    )
+    tokenizer.save(str(cfg.checkpoint_dir / "tokenizer.json"))
     return export(
         cfg,
         model,
@@ -584,6 +599,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir, help="where the torch weights go")
     p.add_argument("--smoke", action="store_true", help="3,000 pairs, tiny model, one epoch: checks the pipeline")
     return Config(**vars(p.parse_args(argv)))
 
