@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
             full_ms = timed(
                 full, {"tgt_ids": tgt_b.numpy(), "memory": mem_b.numpy(), "src_ids": src_b.numpy()}, args.seconds
             )
-            feeds = dict(zip(names, (tgt_b[:, -1:], torch.full((batch,), length - 1), pk, pv, mk, mv, src_b)))
+            values = (tgt_b[:, -1:], torch.full((batch,), length - 1), pk, pv, mk, mv, src_b)
+            feeds = dict(zip(names, values, strict=True))
             cached_ms = timed(cached, {n: t.numpy() for n, t in feeds.items()}, args.seconds)
             rows.append({"batch": batch, "prefix": length, "full_ms": full_ms, "cached_ms": cached_ms})
             print(f"  batch {batch:>2} prefix {length:>2}: full {full_ms:7.2f}  cached {cached_ms:7.2f}")
@@ -172,10 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         "| batch | prefix tokens | full prefix ms/step | KV cache ms/step | speed-up |",
         "|---:|---:|---:|---:|---:|",
     ]
-    table += [
-        f"| {r['batch']} | {r['prefix']} | {r['full_ms']:.2f} | {r['cached_ms']:.2f} | {r['full_ms'] / r['cached_ms']:.2f}x |"
-        for r in rows
-    ]
+    for r in rows:
+        speedup = r["full_ms"] / r["cached_ms"]
+        table.append(f"| {r['batch']} | {r['prefix']} | {r['full_ms']:.2f} | {r['cached_ms']:.2f} | {speedup:.2f}x |")
     print("\n" + "\n".join(table))
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"decoder-cache-{time.strftime('%Y%m%d-%H%M%S')}.json"
