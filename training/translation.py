@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import math
 import random
 import sys
@@ -35,6 +36,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import sacrebleu
 import torch
@@ -76,6 +78,7 @@ class Config:
     device: str = "auto"
     threads: int = 0
     checkpoint_dir: Path = Path("checkpoints/translation-en-fr")  # torch weights (not served, not committed)
+    export_only: bool = False
     smoke: bool = False
 
 
@@ -252,6 +255,89 @@ class DecoderStepGraph(nn.Module):
         return torch.log_softmax(self.model.logits(picked), dim=-1)
 
 
+class CrossKVGraph(nn.Module):
+    """Encoder plus every decoder layer's cross-attention keys and values, computed once per source:
+    ``src_ids [B, S]`` -> ``mem_k``, ``mem_v`` ``[layers, B, heads, S, head_dim]``."""
+
+    def __init__(self, model: Translator) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory = self.model.encode(src_ids)
+        b = memory.shape[0]
+        keys, values = [], []
+        for block in self.model.decoder:
+            cross = block.cross_attn
+            keys.append(cross.k(memory).view(b, -1, cross.heads, cross.dk).transpose(1, 2))
+            values.append(cross.v(memory).view(b, -1, cross.heads, cross.dk).transpose(1, 2))
+        return torch.stack(keys), torch.stack(values)
+
+
+class CachedStepGraph(nn.Module):
+    """One decoder step from each row's last token and a key/value cache of its earlier tokens.
+
+    ``token [B, 1]``, ``position [B]`` (index of that token), ``past_k``/``past_v``
+    ``[layers, B, heads, T, head_dim]`` right-padded, ``past_mask [B, T]`` (1 = cached token),
+    ``mem_k``/``mem_v`` from :class:`CrossKVGraph`, ``src_ids [B, S]`` -> ``log_probs [B, V]`` and the
+    token's own keys and values ``new_k``/``new_v`` ``[layers, B, heads, 1, head_dim]`` to append.
+    """
+
+    def __init__(self, model: Translator) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, position, past_k, past_v, past_mask, mem_k, mem_v, src_ids):
+        m = self.model
+        x = m.embed(token) * m.scale + m.positions[position].unsqueeze(1)  # [B, 1, D]
+        b = x.shape[0]
+        # Attend to the cached tokens and to itself; padding of the cache is masked out.
+        self_bias = torch.cat([(past_mask == 0).float() * -1e9, torch.zeros(b, 1)], dim=1)[:, None, None, :]
+        memory_bias = m.padding_bias(src_ids)
+        new_k, new_v = [], []
+        for i, block in enumerate(m.decoder):
+            attn, cross = block.self_attn, block.cross_attn
+            h = block.norm1(x)
+            q = attn.q(h).view(b, 1, attn.heads, attn.dk).transpose(1, 2)
+            k = attn.k(h).view(b, 1, attn.heads, attn.dk).transpose(1, 2)
+            v = attn.v(h).view(b, 1, attn.heads, attn.dk).transpose(1, 2)
+            keys, values = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
+            weights = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(attn.dk) + self_bias, dim=-1)
+            x = x + attn.o((weights @ values).transpose(1, 2).reshape(b, 1, -1))
+            q = cross.q(block.norm2(x)).view(b, 1, cross.heads, cross.dk).transpose(1, 2)
+            weights = torch.softmax(q @ mem_k[i].transpose(-1, -2) / math.sqrt(cross.dk) + memory_bias, dim=-1)
+            x = x + cross.o((weights @ mem_v[i]).transpose(1, 2).reshape(b, 1, -1))
+            x = x + block.ff(block.norm3(x))
+            new_k.append(k)
+            new_v.append(v)
+        log_probs = torch.log_softmax(m.logits(m.dec_norm(x)[:, 0]), dim=-1)
+        return log_probs, torch.stack(new_k), torch.stack(new_v)
+
+
+CACHED_INPUTS = ["token", "position", "past_k", "past_v", "past_mask", "mem_k", "mem_v", "src_ids"]
+
+
+def cached_example(model: Translator, src: torch.Tensor, past: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of :class:`CachedStepGraph` for ``src`` with ``past`` cached (random) tokens."""
+    b = src.shape[0]
+    layers, heads = len(model.decoder), model.decoder[0].self_attn.heads
+    dk = model.decoder[0].self_attn.dk
+    mem_k, mem_v = CrossKVGraph(model)(src)
+    past_mask = torch.ones(b, past, dtype=torch.long)
+    if past > 1:
+        past_mask[0, -1] = 0  # one row with a shorter cache
+    return (
+        torch.randint(4, model.embed.num_embeddings, (b, 1)),
+        past_mask.sum(1),
+        torch.randn(layers, b, heads, past, dk),
+        torch.randn(layers, b, heads, past, dk),
+        past_mask,
+        mem_k.detach(),
+        mem_v.detach(),
+        src,
+    )
+
+
 # --- batching and decoding -----------------------------------------------------------------------
 
 
@@ -356,6 +442,9 @@ def model_config(cfg: Config, vocab: int) -> dict:
             "target_language": "fr",
             "tokenizer": "tokenizer.json",
             "encoder": "encoder.onnx",
+            # The same model as a key/value-cache pair (NEUROSERVE_DECODE_KV_CACHE picks which serves).
+            "encoder_kv": "encoder_kv.onnx",
+            "decoder_cached": "decoder_cached.onnx",
             "max_source_tokens": cfg.max_tokens,
             "max_new_tokens": cfg.max_tokens,
             "special_tokens": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
@@ -387,7 +476,7 @@ def train(cfg: Config, command: str = "") -> dict:
             encoder_layers=1,
             decoder_layers=1,
             eval_sentences=50,
-            checkpoint_dir=cfg.output_dir / "checkpoints" / cfg.name,  # never over a real run's weights
+            checkpoint_dir=cfg.output_dir / ".checkpoints" / cfg.name,  # never over a real run's weights; hidden
         )
     train_pairs, validation = split_by_english(pairs, n_validation, cfg.seed)
     tokenizer = build_tokenizer([t for p in train_pairs for t in p], cfg.vocab_size)
@@ -513,13 +602,55 @@ def export(cfg, model, tokenizer, val_en, val_src, val_refs, command, facts) -> 
         decoder_path,
         {"tgt_ids": example_tgt, "memory": memory.detach(), "src_ids": example_src},
     )
-    # Greedy decoding with torch and with the two graphs must give the same tokens on real sentences.
+    # The key/value-cache pair: cross keys/values once per source, then one token per step.
+    cross_path, cached_path = version_dir / "encoder_kv.onnx", version_dir / "decoder_cached.onnx"
+    kv_axes = {0: "layers", 1: "batch", 3: "source"}
+    common.export_onnx(
+        CrossKVGraph(model),
+        (example_src,),
+        cross_path,
+        input_names=["src_ids"],
+        output_names=["mem_k", "mem_v"],
+        dynamic_axes={"src_ids": {0: "batch", 1: "source"}, "mem_k": kv_axes, "mem_v": kv_axes},
+    )
+    cached_inputs = cached_example(model, example_src, past=4)
+    past_axes = {1: "batch", 3: "past"}
+    common.export_onnx(
+        CachedStepGraph(model),
+        cached_inputs,
+        cached_path,
+        input_names=CACHED_INPUTS,
+        output_names=["log_probs", "new_k", "new_v"],
+        dynamic_axes={
+            "token": {0: "batch"},
+            "position": {0: "batch"},
+            "past_k": past_axes,
+            "past_v": past_axes,
+            "past_mask": {0: "batch", 1: "past"},
+            "mem_k": {1: "batch", 3: "source"},
+            "mem_v": {1: "batch", 3: "source"},
+            "src_ids": {0: "batch", 1: "source"},
+            "log_probs": {0: "batch"},
+            "new_k": {1: "batch"},
+            "new_v": {1: "batch"},
+        },
+    )
+    parity_cross = common.check_parity(CrossKVGraph(model), cross_path, {"src_ids": example_src})
+    parity_cached = common.check_parity(
+        CachedStepGraph(model), cached_path, dict(zip(CACHED_INPUTS, cached_inputs, strict=True))
+    )
+    # Greedy decoding with torch and with each pair of graphs must give the same tokens on real sentences.
     probe = val_src[:32]
     torch_tokens = greedy(model, probe, cfg.max_tokens)
-    onnx_tokens = onnx_greedy(encoder_path, decoder_path, probe, cfg.max_tokens)
-    agree = sum(a == b for a, b in zip(torch_tokens, onnx_tokens, strict=True))
-    if agree < len(probe) - 1:  # float noise may flip a near-tie once; more is a broken export
-        raise AssertionError(f"onnx greedy decoding differs from torch on {len(probe) - agree} of {len(probe)}")
+    agree = {}
+    for label, decode in (
+        ("full_prefix", lambda: onnx_greedy(encoder_path, decoder_path, probe, cfg.max_tokens)),
+        ("kv_cache", lambda: onnx_cached_greedy(cross_path, cached_path, probe, cfg.max_tokens)),
+    ):
+        same = sum(a == b for a, b in zip(torch_tokens, decode(), strict=True))
+        if same < len(probe) - 1:  # float noise may flip a near-tie once; more is a broken export
+            raise AssertionError(f"{label} greedy decoding in onnxruntime differs from torch on {len(probe) - same}")
+        agree[label] = f"{same}/{len(probe)}"
     tokenizer.save(str(version_dir / "tokenizer.json"))
 
     started = time.perf_counter()
@@ -532,8 +663,13 @@ def export(cfg, model, tokenizer, val_en, val_src, val_refs, command, facts) -> 
         "bleu_signature": "sacrebleu corpus_bleu, 13a tokenisation, all references of each sentence",
         "validation_sentences": len(val_en),
         "validation_references": sum(len(r) for r in val_refs),
-        "onnx_vs_torch_max_abs_diff": {"encoder": parity_enc, "decoder": parity_dec},
-        "greedy_tokens_equal_torch_onnx": f"{agree}/{len(probe)}",
+        "onnx_vs_torch_max_abs_diff": {
+            "encoder": parity_enc,
+            "decoder": parity_dec,
+            "encoder_kv": parity_cross,
+            "decoder_cached": parity_cached,
+        },
+        "greedy_tokens_equal_torch_onnx": agree,
         "validation_decode_seconds": round(decode_seconds, 1),
         "examples": [{"en": en, "fr": fr} for en, fr in zip(val_en[:8], hyps[:8], strict=True)],
     }
@@ -559,6 +695,42 @@ def export(cfg, model, tokenizer, val_en, val_src, val_refs, command, facts) -> 
     )
     print(f"wrote {decoder_path} and {encoder_path}: validation BLEU {score:.2f} (onnxruntime, greedy)")
     return meta
+
+
+def onnx_cached_greedy(cross: Path, cached: Path, sources: list[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy decoding with the key/value-cache graphs (every row's cache grows by one per step)."""
+    kv = ort.InferenceSession(str(cross), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(cached), providers=["CPUExecutionProvider"])
+    src = pad(sources).numpy()
+    mem_k, mem_v = kv.run(None, {"src_ids": src})
+    layers, b, heads, _, dk = mem_k.shape
+    past_k = np.zeros((layers, b, heads, 0, dk), dtype=np.float32)
+    past_v = past_k.copy()
+    token = np.full((b, 1), BOS_ID, dtype=np.int64)
+    rows: list[list[int]] = [[] for _ in sources]
+    done = [False] * b
+    for t in range(max_new):
+        feeds = {
+            "token": token,
+            "position": np.full(b, t, dtype=np.int64),
+            "past_k": past_k,
+            "past_v": past_v,
+            "past_mask": np.ones((b, t), dtype=np.int64),
+            "mem_k": mem_k,
+            "mem_v": mem_v,
+            "src_ids": src,
+        }
+        log_probs, new_k, new_v = step.run(None, feeds)
+        past_k, past_v = np.concatenate([past_k, new_k], axis=3), np.concatenate([past_v, new_v], axis=3)
+        token = log_probs.argmax(-1)[:, None]
+        for i, tok in enumerate(token[:, 0].tolist()):
+            if not done[i]:
+                done[i] = tok == EOS_ID
+                if not done[i]:
+                    rows[i].append(tok)
+        if all(done):
+            break
+    return rows
 
 
 def onnx_greedy_batched(encoder: Path, decoder: Path, sources: list[list[int]], max_new: int) -> list[list[int]]:
@@ -600,13 +772,43 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
     p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir, help="where the torch weights go")
+    p.add_argument("--export-only", action="store_true", help="no training: export from --checkpoint-dir")
     p.add_argument("--smoke", action="store_true", help="3,000 pairs, tiny model, one epoch: checks the pipeline")
     return Config(**vars(p.parse_args(argv)))
 
 
+def export_only(cfg: Config, command: str) -> dict:
+    """Export the graphs again from the weights kept in ``--checkpoint-dir`` (no training): the
+    metadata keeps the training run's command and facts and adds this command."""
+    checkpoint = torch.load(cfg.checkpoint_dir / "model.pt", map_location="cpu", weights_only=False)
+    trained = dataclasses.replace(
+        Config(**checkpoint["config"]), output_dir=cfg.output_dir, version=cfg.version, name=cfg.name
+    )
+    tokenizer = Tokenizer.from_file(str(cfg.checkpoint_dir / "tokenizer.json"))
+    model = Translator(checkpoint["vocab"], trained)
+    model.load_state_dict(checkpoint["state"])
+    model.eval()
+    _, validation = split_by_english(read_pairs(trained.data_dir), trained.validation_sentences, trained.seed)
+    val_en = list(validation)
+    val_src = [e.ids[: trained.max_tokens] for e in tokenizer.encode_batch(val_en)]
+    val_refs = [[normalise_reference(r) for r in validation[en]] for en in val_en]
+    previous = cfg.output_dir / cfg.name / str(cfg.version) / "metadata.json"
+    facts: dict = {}
+    training_command = command
+    if previous.is_file():
+        old = json.loads(previous.read_text())["training"]
+        training_command = old.get("command", command)
+        keep = ("train_pairs", "best_epoch", "seconds", "device", "steps")
+        facts = {k: old[k] for k in keep if k in old}
+    facts["exported_by"] = command
+    return export(trained, model, tokenizer, val_en, val_src, val_refs, training_command, facts)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    return train(parse_args(argv), command=common.command_line("training.translation", argv))
+    cfg = parse_args(argv)
+    command = common.command_line("training.translation", argv)
+    return export_only(cfg, command) if cfg.export_only else train(cfg, command=command)
 
 
 if __name__ == "__main__":
