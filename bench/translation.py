@@ -9,7 +9,9 @@ sentences are drawn (seeded) from the Tatoeba data with mixed lengths: equal sha
 1. ``one at a time``: one sequence per decoder step (``NEUROSERVE_DECODE_MAX_ROWS=1``);
 2. ``request-level``: static batches: the sequences waiting when the decoder is free form a batch
    that decodes until its last sequence ends; later arrivals wait (``NEUROSERVE_DECODE_BATCHING=request``);
-3. ``step-level``: sequences join at the next step and leave as soon as they end (the default).
+3. ``step-level``: sequences join at the next step and leave as soon as they end (the default);
+4. ``step-level, no KV cache``: the same with the full-prefix decoder step instead of the
+   key/value-cache pair (the first three use the cache).
 
 Also the raw onnxruntime decoder-step time by batch size (the ceiling a step can reach).
 
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("one at a time", {"NEUROSERVE_DECODE_MAX_ROWS": "1"}),
         ("request-level", {"NEUROSERVE_DECODE_BATCHING": "request"}),
         ("step-level", {"NEUROSERVE_DECODE_BATCHING": "step"}),
+        ("step-level, no KV cache", {"NEUROSERVE_DECODE_BATCHING": "step", "NEUROSERVE_DECODE_KV_CACHE": "false"}),
     ]
     rows = []
     for label, env in configs:
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                 result["mean_rows"] = (after["batch_size_sum"] - before["batch_size_sum"]) / max(steps, 1)
                 rows.append({"server": label, "concurrency": c, **result})
                 print(
-                    f"  {label:<14} c={c:<3} {result['rps']:6.1f} req/s {result['tokens_per_s']:7.0f} tokens/s  "
+                    f"  {label:<24} c={c:<3} {result['rps']:6.1f} req/s {result['tokens_per_s']:7.0f} tokens/s  "
                     f"p50 {result['p50_ms']:6.0f} ms  p99 {result['p99_ms']:6.0f} ms  "
                     f"rows/step {result['mean_rows']:5.1f}  errors {result['errors']}",
                     flush=True,

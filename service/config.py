@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     decode_timeout_ms: float = Field(
         30_000, gt=0, description="Deadline for a whole translation (waiting and decoding): 504 beyond."
     )
+    decode_kv_cache: bool = Field(
+        True, description="Decode with the model's key/value-cache graphs when it has them (else the full-prefix step)."
+    )
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
 
     require_all_models: bool = Field(

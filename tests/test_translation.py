@@ -196,11 +196,22 @@ def test_deadline_mid_decode_is_a_504(tmp_path: Path) -> None:
         assert c.post(URL, json={"texts": ["Hi."], "max_new_tokens": 1}).status_code == 200
 
 
-def test_model_metadata_and_request_level_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [{"decode_batching": "request"}, {"decode_kv_cache": False}],
+    ids=["request-level batching", "full-prefix decoder step"],
+)
+def test_other_decoding_paths_give_the_same_translations(client: TestClient, tmp_path: Path, settings: dict) -> None:
+    texts = ["I'm hungry.", "Where is the train station?", "She has been living here for ten years."]
+    want_greedy = [t["text"] for t in translate(client, texts)]
+    want_beam = [t["text"] for t in translate(client, texts, beam_size=4)]
     (tmp_path / MODEL).symlink_to(ROOT / "models" / MODEL)
-    with make_client(repository=tmp_path, warmup=False, decode_batching="request") as c:
+    with make_client(repository=tmp_path, warmup=False, **settings) as c:
         wait_ready(c)
+        engine = c.app.state.registry.get(MODEL).engine
+        assert engine.kv_cache is settings.get("decode_kv_cache", True)
+        assert engine.scheduler.mode == settings.get("decode_batching", "step")
+        assert [t["text"] for t in translate(c, texts)] == want_greedy
+        assert [t["text"] for t in translate(c, texts, beam_size=4)] == want_beam
         meta = c.get(f"/v2/models/{MODEL}").json()
-        assert meta["parameters"]["task"] == "translation"
         assert [t["name"] for t in meta["inputs"]] == ["tgt_ids", "memory", "src_ids"]
-        assert translate(c, ["I'm hungry."])[0]["text"]

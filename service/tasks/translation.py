@@ -40,6 +40,12 @@ class TranslationAssets:
     max_new_tokens: int
     source_language: str
     target_language: str
+    encoder_kv: OnnxModel | None = None  # the key/value-cache pair, when the model has one
+    decoder_cached: OnnxModel | None = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.encoder_kv is not None and self.decoder_cached is not None
 
 
 def load_assets(spec: ModelSpec, version_dir: Path, options: RuntimeOptions) -> TranslationAssets:
@@ -55,9 +61,16 @@ def load_assets(spec: ModelSpec, version_dir: Path, options: RuntimeOptions) -> 
         raise ModelLoadError(
             version_dir.parent / "model.json", "parameters.special_tokens needs pad, bos, eos, unk"
         ) from None
+    cached: dict[str, OnnxModel] = {}
+    for key in ("encoder_kv", "decoder_cached"):
+        if params.get(key):
+            cached[key] = OnnxModel(find_asset(params[key], version_dir), options)
+    if len(cached) == 1:
+        raise ModelLoadError(version_dir.parent / "model.json", "name both encoder_kv and decoder_cached, or neither")
     return TranslationAssets(
         tokenizer,
         encoder,
+        **cached,
         max_source_tokens=int(params.get("max_source_tokens", 64)),
         max_new_tokens=int(params.get("max_new_tokens", 64)),
         source_language=str(params.get("source_language", "?")),
@@ -115,6 +128,12 @@ class TranslationJob:
         self.scores = np.zeros(1, dtype=np.float64)
         self.finished: list[tuple[float, list[int]]] = []
         self.done = False
+        # With the key/value-cache graphs: cross keys/values [layers, 1, heads, S, head_dim] and each
+        # row's self-attention cache [layers, rows, heads, capacity, head_dim] (first len-1 filled).
+        self.mem_k: np.ndarray | None = None
+        self.mem_v: np.ndarray | None = None
+        self.cache_k: np.ndarray | None = None
+        self.cache_v: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -131,8 +150,9 @@ class TranslationJob:
     def _normalised(self, score: float, length: int) -> float:
         return score / (max(length, 1) ** self.length_penalty)
 
-    def advance(self, log_probs: np.ndarray) -> None:
-        """``log_probs`` [len(self.beams), V]: pick the next token(s)."""
+    def advance(self, log_probs: np.ndarray) -> list[int] | None:
+        """``log_probs`` [len(self.beams), V]: pick the next token(s). Beam search returns, for each
+        new beam, the row it grew from (its cache must follow); greedy returns None."""
         if self.beam_size == 1:
             token = int(log_probs[0].argmax())
             self.beams[0].append(token)
@@ -140,12 +160,13 @@ class TranslationJob:
             if self.on_token is not None:
                 self.on_token(token)
             self.done = token == self.eos or self.generated >= self.max_new_tokens
-            return
+            return None
         k = self.beam_size
         total = (self.scores[:, None] + log_probs).ravel()
         vocab = log_probs.shape[1]
-        beams, scores = [], []
-        for flat in np.argsort(-total)[: 2 * k]:  # 2k candidates: up to k may end here
+        beams, scores, parents = [], [], []
+        candidates = np.argpartition(-total, 2 * k)[: 2 * k] if total.size > 2 * k else np.arange(total.size)
+        for flat in candidates[np.argsort(-total[candidates])]:  # 2k candidates: up to k may end here
             row, token = divmod(int(flat), vocab)
             seq = [*self.beams[row], token]
             if token == self.eos:
@@ -153,6 +174,7 @@ class TranslationJob:
             else:
                 beams.append(seq)
                 scores.append(float(total[flat]))
+                parents.append(row)
             if len(beams) == k:
                 break
         self.beams, self.scores = beams, np.asarray(scores)
@@ -167,6 +189,7 @@ class TranslationJob:
             best_done = max(s for s, _ in self.finished)
             best_alive = max(self._normalised(float(s), self.max_new_tokens) for s in self.scores)
             self.done = best_done >= best_alive
+        return parents
 
     def _best(self) -> list[int]:
         if self.beam_size == 1 or not self.finished:
@@ -200,9 +223,10 @@ class TranslationEngine:
         self.assets = assets
         self.timeout_s = settings.decode_timeout_ms / 1000.0
         self.never = [assets.pad, assets.bos, assets.unk]
+        self.kv_cache = settings.decode_kv_cache and assets.has_kv_cache
         self.scheduler: StepScheduler[TranslationJob] = StepScheduler(
-            self.prefill,
-            self.step,
+            self.prefill_cached if self.kv_cache else self.prefill,
+            self.step_cached if self.kv_cache else self.step,
             max_rows=settings.decode_max_rows,
             max_tokens=settings.decode_max_tokens,
             max_queue_size=settings.max_queue_size,
@@ -245,6 +269,71 @@ class TranslationEngine:
             n = len(job.beams)
             job.advance(log_probs[offset : offset + n])
             offset += n
+
+    def prefill_cached(self, jobs: list[TranslationJob]) -> None:
+        assert self.assets.encoder_kv is not None
+        src = _pad([j.src for j in jobs], self.assets.pad)
+        out = self.assets.encoder_kv.run({"src_ids": src})
+        mem_k, mem_v = out["mem_k"], out["mem_v"]  # [layers, B, heads, S, head_dim]
+        layers, _, heads, _, dim = mem_k.shape
+        for i, job in enumerate(jobs):
+            n = len(job.src)
+            job.mem_k, job.mem_v = mem_k[:, i : i + 1, :, :n].copy(), mem_v[:, i : i + 1, :, :n].copy()
+            shape = (layers, job.beam_size, heads, job.max_new_tokens + 1, dim)
+            job.cache_k, job.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def step_cached(self, jobs: list[TranslationJob]) -> None:
+        """One step from each row's last token: caches gathered into one padded batch, new keys and
+        values scattered back, and beams' caches re-ordered after their parents."""
+        assert self.assets.decoder_cached is not None
+        layers, _, heads, _, dim = jobs[0].cache_k.shape
+        rows = sum(len(j.beams) for j in jobs)
+        past = max(len(j.beams[0]) - 1 for j in jobs)
+        width = max(len(j.src) for j in jobs)
+        token = np.empty((rows, 1), np.int64)
+        position = np.empty(rows, np.int64)
+        past_k = np.zeros((layers, rows, heads, past, dim), np.float32)
+        past_v = np.zeros_like(past_k)
+        past_mask = np.zeros((rows, past), np.int64)
+        mem_k = np.zeros((layers, rows, heads, width, dim), np.float32)
+        mem_v = np.zeros_like(mem_k)
+        src = np.full((rows, width), self.assets.pad, np.int64)
+        i = 0
+        for job in jobs:
+            n, t, s = len(job.beams), len(job.beams[0]) - 1, len(job.src)
+            token[i : i + n, 0] = [beam[-1] for beam in job.beams]
+            position[i : i + n] = t
+            past_k[:, i : i + n, :, :t] = job.cache_k[:, :n, :, :t]
+            past_v[:, i : i + n, :, :t] = job.cache_v[:, :n, :, :t]
+            past_mask[i : i + n, :t] = 1
+            mem_k[:, i : i + n, :, :s] = job.mem_k
+            mem_v[:, i : i + n, :, :s] = job.mem_v
+            src[i : i + n, :s] = job.src
+            i += n
+        out = self.assets.decoder_cached.run(
+            {
+                "token": token,
+                "position": position,
+                "past_k": past_k,
+                "past_v": past_v,
+                "past_mask": past_mask,
+                "mem_k": mem_k,
+                "mem_v": mem_v,
+                "src_ids": src,
+            }
+        )
+        log_probs, new_k, new_v = out["log_probs"], out["new_k"], out["new_v"]
+        log_probs[:, self.never] = -np.inf
+        i = 0
+        for job in jobs:
+            n, t = len(job.beams), len(job.beams[0]) - 1
+            job.cache_k[:, :n, :, t] = new_k[:, i : i + n, :, 0]
+            job.cache_v[:, :n, :, t] = new_v[:, i : i + n, :, 0]
+            parents = job.advance(log_probs[i : i + n])
+            if parents:
+                job.cache_k[:, : len(parents)] = job.cache_k[:, parents]
+                job.cache_v[:, : len(parents)] = job.cache_v[:, parents]
+            i += n
 
     async def translate(
         self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
