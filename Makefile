@@ -66,8 +66,10 @@ train-translation: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
 
-# Translation: one-at-a-time vs request-level vs step-level decoding (no wrk needed).
+# Translation: the decoder step with and without a KV cache, then one-at-a-time vs request-level vs
+# step-level decoding through the server (no wrk needed).
 bench-translation: $(VENV)/.dev
+	$(BIN)/python -m bench.decoder_cache
 	$(BIN)/python -m bench.translation
 
 clean:
