@@ -79,6 +79,7 @@ class Config:
     threads: int = 0
     checkpoint_dir: Path = Path("checkpoints/translation-en-fr")  # torch weights (not served, not committed)
     export_only: bool = False
+    init_from: Path | None = None  # a checkpoint folder to start from instead of random weights
     smoke: bool = False
 
 
@@ -479,7 +480,10 @@ def train(cfg: Config, command: str = "") -> dict:
             checkpoint_dir=cfg.output_dir / ".checkpoints" / cfg.name,  # never over a real run's weights; hidden
         )
     train_pairs, validation = split_by_english(pairs, n_validation, cfg.seed)
-    tokenizer = build_tokenizer([t for p in train_pairs for t in p], cfg.vocab_size)
+    if cfg.init_from is not None:  # continue from a kept checkpoint: its vocabulary, its weights
+        tokenizer = Tokenizer.from_file(str(cfg.init_from / "tokenizer.json"))
+    else:
+        tokenizer = build_tokenizer([t for p in train_pairs for t in p], cfg.vocab_size)
     vocab = tokenizer.get_vocab_size()
 
     def ids(texts: list[str]) -> list[list[int]]:
@@ -497,7 +501,10 @@ def train(cfg: Config, command: str = "") -> dict:
         f"dropped), {len(val_en)} validation sentences, vocabulary {vocab}"
     )
 
-    model = Translator(vocab, cfg).to(device)
+    model = Translator(vocab, cfg)
+    if cfg.init_from is not None:
+        model.load_state_dict(torch.load(cfg.init_from / "model.pt", map_location="cpu", weights_only=False)["state"])
+    model = model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -773,6 +780,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
     p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir, help="where the torch weights go")
     p.add_argument("--export-only", action="store_true", help="no training: export from --checkpoint-dir")
+    p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint folder's weights")
     p.add_argument("--smoke", action="store_true", help="3,000 pairs, tiny model, one epoch: checks the pipeline")
     return Config(**vars(p.parse_args(argv)))
 
