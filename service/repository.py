@@ -212,7 +212,9 @@ def check_graph(spec: ModelSpec, onnx_path: Path, inputs: list[TensorInfo], outp
     """The loaded graph must have the tensors ``model.json`` declares, with compatible shapes."""
     _check_tensors("inputs", spec.inputs, inputs, onnx_path)
     _check_tensors("outputs", spec.outputs, outputs, onnx_path)
-    if spec.labels is not None:
+    # Labels name the first output's last axis (class scores), except for a detector, whose labels
+    # are what its integer ``classes`` output indexes.
+    if spec.labels is not None and spec.task != "object-detection":
         width = spec.outputs[0].shape[-1]
         if width != -1 and width != len(spec.labels):
             raise ModelLoadError(

@@ -149,3 +149,41 @@ def test_translation_split_keeps_every_translation_of_a_sentence_on_one_side() -
     assert len(held) == 10 and all(len(refs) == 4 for refs in held.values())
     assert not {en for en, _ in train} & set(held)
     assert len(train) == 160
+
+
+@pytest.mark.parametrize("dataset", ["digits", "yolo"])
+def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp_path: Path, dataset: str) -> None:
+    from training import object_detection
+
+    argv = ["--smoke", "--dataset", dataset, "--output-dir", str(tmp_path), "--name", "detector"]
+    argv += ["--data-dir", str(data_dir), "--yolo-dir", str(data_dir / "object_detection" / "coco128")]
+    meta = object_detection.main(argv)
+    assert 0.0 <= meta["metrics"]["map_50_95"] <= meta["metrics"]["map_50"] <= 1.0
+    spec = json.loads((tmp_path / "detector" / "model.json").read_text())
+    assert len(spec["labels"]) == (10 if dataset == "digits" else 80)
+    with make_client(repository=tmp_path, warmup=False) as client:
+        wait_ready(client)
+        size = spec["parameters"]["input_size"]
+        body = {
+            "inputs": [
+                {"name": "images", "shape": [2, 3, size, size], "datatype": "FP32", "data": [0.5] * (6 * size * size)}
+            ]
+        }
+        response = client.post("/v2/models/detector/infer", json=body)
+        assert response.status_code == 200, response.text
+        assert [o["shape"] for o in response.json()["outputs"]] == [[2, 100, 4], [2, 100], [2, 100]]
+
+
+def test_map_evaluator_scores_perfect_and_shifted_boxes() -> None:
+    import numpy as np
+
+    from training.object_detection import coco_map
+
+    truth = [(np.array([[10, 10, 50, 60], [100, 100, 140, 150]], np.float32), np.array([3, 7]))]
+    perfect = [(truth[0][0], np.array([0.9, 0.8]), truth[0][1])]
+    assert coco_map(perfect, truth, 10) == pytest.approx({"map_50_95": 1.0, "map_50": 1.0})
+    shifted = [(truth[0][0] + 8, np.array([0.9, 0.8]), truth[0][1])]  # IoU about 0.55 to 0.6
+    scores = coco_map(shifted, truth, 10)
+    assert scores["map_50"] == pytest.approx(1.0) and scores["map_50_95"] < 0.3
+    wrong_class = [(truth[0][0], np.array([0.9, 0.8]), np.array([4, 7]))]
+    assert coco_map(wrong_class, truth, 10)["map_50"] == pytest.approx(0.5)
