@@ -1,0 +1,69 @@
+"""Reading the images of a request, shared by the image task endpoints: multipart files (``files``)
+or JSON with base64 images (``images``), with the same limits and errors either way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from service import imaging
+from service.api.schemas import parse_body
+from service.config import Settings
+from service.errors import InvalidInput, SchemaError, TooManyItems, UnsupportedMediaType
+
+Blobs = list[tuple[str, bytes]]  # (name for error messages, file bytes)
+
+
+async def read_images(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
+    """The image files and the other fields (form fields as strings, JSON fields as parsed)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request, settings)
+    if content_type in ("application/json", ""):
+        return _read_json(await request.body(), settings, json_model)
+    raise UnsupportedMediaType(
+        f"content type {content_type!r} is not accepted; send multipart/form-data files or application/json"
+    )
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[Blobs, dict]:
+    try:
+        form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
+    except HTTPException as exc:  # Starlette's multipart errors (too many files, malformed body)
+        raise InvalidInput(f"multipart body rejected: {exc.detail}") from None
+    try:
+        uploads = [f for key in ("files", "file") for f in form.getlist(key)]
+        if not uploads:
+            raise SchemaError("multipart body has no 'files' part")
+        if len(uploads) > settings.max_images_per_request:
+            raise TooManyItems(f"{len(uploads)} images; at most {settings.max_images_per_request} per request")
+        blobs = []
+        for i, upload in enumerate(uploads):
+            if not isinstance(upload, UploadFile):
+                raise SchemaError(f"files[{i}] must be a file part, not a text field")
+            data = await upload.read(settings.max_image_bytes + 1)
+            blobs.append((f"files[{i}] ({upload.filename})", data))
+        fields = {k: v for k, v in form.multi_items() if k not in ("files", "file") and isinstance(v, str)}
+        return blobs, fields
+    finally:
+        await form.close()  # spooled temporary files
+
+
+def _read_json(body: bytes, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
+    request: Any = parse_body(body, json_model)
+    if len(request.images) > settings.max_images_per_request:
+        raise TooManyItems(f"{len(request.images)} images; at most {settings.max_images_per_request} per request")
+    blobs = [(f"images[{i}]", imaging.decode_base64(text, i)) for i, text in enumerate(request.images)]
+    return blobs, request.model_dump(exclude={"images"}, exclude_none=True)
+
+
+def decode_all(blobs: Blobs, settings: Settings) -> list:
+    """Every file decoded (PIL images, EXIF orientation applied), in order; limits checked first."""
+    return [
+        imaging.decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, name=name)
+        for name, data in blobs
+    ]
