@@ -95,3 +95,60 @@ def write_model(
         meta["sha256"] = sha256_file(onnx_path)
     (onnx_path.parent / "metadata.json").write_text(json.dumps(meta))
     return model_dir
+
+
+def bright_box_detector(path: Path, size: int = 64) -> None:
+    """A stand-in detector with the real one's interface: ``images [B, 3, size, size]`` -> the box of
+    the pixels whose red channel is above 0.9 (``boxes [B, 1, 4]`` in input pixels), score 1 when
+    there are such pixels and 0 otherwise, class 0. Exact, so coordinate mapping can be tested."""
+    idx = numpy_helper.from_array(np.arange(size, dtype=np.float32), "idx")
+    big = numpy_helper.from_array(np.array(1e6, dtype=np.float32), "big")
+    one = numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")
+    thr = numpy_helper.from_array(np.array(0.9, dtype=np.float32), "thr")
+    starts, ends, axes = (
+        numpy_helper.from_array(np.array([v], dtype=np.int64), n) for v, n in ((0, "s0"), (1, "e1"), (1, "a1"))
+    )
+    n = helper.make_node
+    nodes = [
+        n("Slice", ["images", "s0", "e1", "a1"], ["red4"]),  # [B, 1, S, S]
+        n("Squeeze", ["red4", "a1"], ["red"]),  # [B, S, S]
+        n("Greater", ["red", "thr"], ["hot_b"]),
+        n("Cast", ["hot_b"], ["hot"], to=TensorProto.FLOAT),
+        n("ReduceMax", ["hot"], ["rows"], axes=[2], keepdims=0),  # [B, S]: row has a hot pixel
+        n("ReduceMax", ["hot"], ["cols"], axes=[1], keepdims=0),
+    ]
+    for name in ("rows", "cols"):
+        # first hot index: min over (idx if hot else big); last: max over (idx if hot else -1)
+        nodes += [
+            n("Sub", ["one", name], [f"{name}_cold"]),
+            n("Mul", [f"{name}_cold", "big"], [f"{name}_pen"]),
+            n("Add", ["idx", f"{name}_pen"], [f"{name}_lo_in"]),
+            n("ReduceMin", [f"{name}_lo_in"], [f"{name}_lo"], axes=[1], keepdims=1),
+            n("Mul", ["idx", name], [f"{name}_hi_in"]),
+            n("ReduceMax", [f"{name}_hi_in"], [f"{name}_hi0"], axes=[1], keepdims=1),
+            n("Add", [f"{name}_hi0", "one"], [f"{name}_hi"]),
+        ]
+    nodes += [
+        n("Concat", ["cols_lo", "rows_lo", "cols_hi", "rows_hi"], ["flat"], axis=1),  # [B, 4]
+        n("Unsqueeze", ["flat", "a1"], ["boxes"]),  # [B, 1, 4]
+        n("ReduceMax", ["rows"], ["scores"], axes=[1], keepdims=1),  # [B, 1]
+        n("Cast", ["scores"], ["scores_i"], to=TensorProto.INT64),
+        n("Mul", ["scores_i", "zero_i"], ["classes"]),
+    ]
+    zero_i = numpy_helper.from_array(np.array(0, dtype=np.int64), "zero_i")
+    graph = helper.make_graph(
+        nodes,
+        "bright_box",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", 1, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("classes", TensorProto.INT64, ["batch", 1]),
+        ],
+        initializer=[idx, big, one, thr, starts, ends, axes, zero_i],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))

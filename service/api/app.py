@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.api.handlers import install_handlers
 from service.api.middleware import RequestGuard
-from service.api.routes import health, image_classification, rating, sentiment, translation, v2
+from service.api.routes import health, image_classification, object_detection, rating, sentiment, translation, v2
 from service.api.routes import metrics as metrics_routes
 from service.config import Settings
 from service.metrics import Metrics
@@ -65,6 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestGuard, max_body_bytes=settings.max_request_bytes, metrics=metrics, access_log=settings.access_log
     )
     app.router.routes.extend(v2.fast_routes)
-    for module in (health, v2, image_classification, sentiment, rating, translation, metrics_routes):
+    for module in (health, v2, image_classification, object_detection, sentiment, rating, translation, metrics_routes):
         app.include_router(module.router)
     return app

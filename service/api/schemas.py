@@ -41,6 +41,59 @@ class ImageClassificationResponse(BaseModel):
     predictions: list[list[LabelScore]] = Field(description="One ranked list per image, in request order.")
 
 
+class DetectionOptions(BaseModel):
+    """The parameters of /v1/object-detection (form fields in multipart, keys in JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Detections scoring lower are dropped.")
+    iou_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Class-wise suppression: of two boxes of one class overlapping more, the lower goes.",
+    )
+    max_detections: int | None = Field(
+        None, ge=1, description="Most detections per image (default and ceiling: the model's own maximum)."
+    )
+    render: Literal["none", "png", "jpeg"] = Field(
+        "none", description="png/jpeg: answer with the (single) image and its boxes drawn, instead of JSON."
+    )
+    model: str | None = Field(None, description="A detection model by name; default: the first by name.")
+
+
+class ObjectDetectionRequest(DetectionOptions):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64]}]})
+    images: list[str] = Field(
+        min_length=1, description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted."
+    )
+
+
+class Box(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: Box = Field(description="Corners in the pixels of the image as sent (after its EXIF orientation).")
+
+
+class ImageDetections(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+class ObjectDetectionResponse(BaseModel):
+    model: str
+    version: str
+    images: list[ImageDetections] = Field(description="One entry per image, in request order.")
+
+
 class SentimentRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",

@@ -1,0 +1,121 @@
+"""Object detection: images in, boxes in each image's own pixels out.
+
+The model takes letterboxed squares (``parameters.input_size``; aspect ratio kept, grey padding of
+``parameters.pad_value``) and returns its top detections already decoded (boxes in input pixels,
+scores, classes). Here: the letterbox on the way in (with the scale and offsets of each image), and
+on the way out the request's score threshold, a class-wise IoU suppression with the request's
+threshold (vectorised numpy), the request's maximum, and the boxes mapped back through the exact
+inverse of the letterbox, clipped to the image.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    scale: float
+    left: int
+    top: int
+    width: int  # the original image's size
+    height: int
+
+    def to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """Input-pixel boxes [n, 4] back to the original image's pixels, clipped to it."""
+        out = (boxes - np.array([self.left, self.top, self.left, self.top], dtype=np.float32)) / self.scale
+        return np.clip(out, 0, np.array([self.width, self.height, self.width, self.height], dtype=np.float32))
+
+
+def letterbox(image: Image.Image, size: int, pad_value: float) -> tuple[np.ndarray, Letterbox]:
+    """An upright PIL image to ``[3, size, size]`` float32 RGB in [0, 1], keeping its aspect ratio."""
+    rgb = image.convert("RGB")
+    w, h = rgb.size
+    scale = min(size / w, size / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = np.asarray(rgb.resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0
+    out = np.full((size, size, 3), pad_value, dtype=np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out.transpose(2, 0, 1), Letterbox(scale, left, top, w, h)
+
+
+def iou_matrix(boxes: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    y1 = np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    x2 = np.minimum(boxes[:, None, 2], boxes[None, :, 2])
+    y2 = np.minimum(boxes[:, None, 3], boxes[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+
+
+def suppress(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by class-wise non-maximum suppression, best first (boxes sorted by score)."""
+    order = np.argsort(-scores, kind="stable")
+    boxes, classes = boxes[order], classes[order]
+    overlap = iou_matrix(boxes) > iou_threshold
+    overlap &= classes[:, None] == classes[None, :]
+    keep = np.ones(len(order), dtype=bool)
+    for i in range(len(order)):  # at most max_detections (100) rows: a loop over rows, not pairs
+        if keep[i]:
+            keep[i + 1 :] &= ~overlap[i, i + 1 :]
+    return order[keep]
+
+
+def detections(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    box: Letterbox,
+    labels: Sequence[str],
+    *,
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+) -> list[dict]:
+    """One image's model outputs to its detections, in its own pixels, best first."""
+    keep = scores >= score_threshold
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    kept = suppress(boxes, scores, classes, iou_threshold)[:max_detections]
+    mapped = box.to_image(boxes[kept])
+    out = []
+    for (x1, y1, x2, y2), score, cls in zip(
+        mapped.tolist(), scores[kept].tolist(), classes[kept].tolist(), strict=True
+    ):
+        label = labels[cls] if 0 <= cls < len(labels) else str(cls)
+        out.append(
+            {
+                "label": label,
+                "class_id": int(cls),
+                "score": round(float(score), 6),
+                "box": {"x1": round(x1, 2), "y1": round(y1, 2), "x2": round(x2, 2), "y2": round(y2, 2)},
+            }
+        )
+    return out
+
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def render(image: Image.Image, found: list[dict], fmt: str) -> bytes:
+    """The (upright) image with its boxes and labels drawn, as PNG or JPEG bytes."""
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 300))
+    for d in found:
+        b = d["box"]
+        colour = _COLOURS[d["class_id"] % len(_COLOURS)]
+        draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=colour, width=width)
+        text = f"{d['label']} {d['score']:.2f}"
+        left, top = b["x1"], max(0.0, b["y1"] - 12)
+        draw.rectangle(draw.textbbox((left, top), text), fill=colour)
+        draw.text((left, top), text, fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    canvas.save(buffer, "PNG" if fmt == "png" else "JPEG", quality=90)
+    return buffer.getvalue()
