@@ -436,7 +436,7 @@ def model_config(cfg: Config, vocab: int) -> dict:
             {"name": "src_ids", "datatype": "INT64", "shape": [-1, -1]},
         ],
         "outputs": [{"name": "log_probs", "datatype": "FP32", "shape": [-1, vocab]}],
-        "max_batch_size": 256,
+        "max_batch_size": 64,
         "dynamic_batching": {"max_queue_delay_ms": 0.0},
         "parameters": {
             "source_language": "en",
