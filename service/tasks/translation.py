@@ -335,10 +335,10 @@ class TranslationEngine:
                 job.cache_v[:, : len(parents)] = job.cache_v[:, parents]
             i += n
 
-    async def translate(
+    def new_job(
         self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
-    ) -> tuple[TranslationJob, DecodeStats]:
-        job = TranslationJob(
+    ) -> TranslationJob:
+        return TranslationJob(
             source,
             beam_size=beam_size,
             max_new_tokens=max_new_tokens,
@@ -346,6 +346,11 @@ class TranslationEngine:
             bos=self.assets.bos,
             on_token=on_token,
         )
+
+    async def translate(
+        self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
+    ) -> tuple[TranslationJob, DecodeStats]:
+        job = self.new_job(source, beam_size=beam_size, max_new_tokens=max_new_tokens, on_token=on_token)
         started = time.perf_counter()
         outcome = "ok"
         try:
