@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "translation")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by label)")
     args = p.parse_args(argv)
 
     sentences = mixed_sentences(args.data_dir, 400)
@@ -155,8 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
         ("one at a time", {"NEUROSERVE_DECODE_MAX_ROWS": "1"}),
         ("request-level", {"NEUROSERVE_DECODE_BATCHING": "request"}),
         ("step-level", {"NEUROSERVE_DECODE_BATCHING": "step"}),
+        ("step-level, 16 rows", {"NEUROSERVE_DECODE_BATCHING": "step", "NEUROSERVE_DECODE_MAX_ROWS": "16"}),
         ("step-level, no KV cache", {"NEUROSERVE_DECODE_BATCHING": "step", "NEUROSERVE_DECODE_KV_CACHE": "false"}),
     ]
+    if args.only:
+        configs = [c for c in configs if c[0] in args.only]
     rows = []
     for label, env in configs:
         port = free_port()

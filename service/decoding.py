@@ -197,15 +197,22 @@ class StepScheduler(Generic[S]):
                 await self._wake.wait()
                 continue
             new = self._admit(loop.time())
-            if new and not await self._run_call(self._prefill, new):
-                new = []  # their prefill failed: they were answered; the others step on
             batch = [*self._active, *new]
             if not batch:
                 continue
             self._active = batch
             started = loop.time()
-            if not await self._run_call(self._step, batch):
+            # Prefill and step in one trip to the worker thread (one hop per step, not two).
+            try:
+                prefill_error = await loop.run_in_executor(
+                    self._executor, self._iterate, [e.seq for e in new], [e.seq for e in self._active]
+                )
+            except Exception as exc:  # the step failed: exactly this step's sequences fail
+                self._fail_all(batch, exc)
                 continue
+            if prefill_error is not None:  # only the newcomers failed; the others stepped on
+                self._fail_all(new, prefill_error)
+                batch = [e for e in batch if e not in new]
             seconds = loop.time() - started
             rows = sum(e.seq.rows for e in batch)
             self._observer.on_step(rows, len(batch), seconds)
@@ -224,21 +231,28 @@ class StepScheduler(Generic[S]):
                     still.append(entry)
             self._active = still
 
-    async def _run_call(self, call: Callable[[list[S]], None], entries: list[_Entry[S]]) -> bool:
-        """Run ``call`` on the entries' sequences in the worker thread; on an exception fail exactly
-        those entries (and drop them from the batch) and say False."""
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, call, [e.seq for e in entries])
-            return True
-        except Exception as exc:
-            if not isinstance(exc, ServiceError):
-                log.exception("decoding %d sequences failed in model %s", len(entries), self.name)
-                exc = InferenceFailed(f"model {self.name} failed while decoding: {exc}")
-            for entry in entries:
-                self._fail(entry, exc)
-            self._active = [e for e in self._active if e not in entries]
-            return False
+    def _iterate(self, new: list[S], batch: list[S]) -> Exception | None:
+        """In the worker thread: prefill the newcomers, then step the batch (without the newcomers
+        if their prefill failed, whose exception is returned)."""
+        error = None
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as exc:
+                error = exc
+                failed = {id(s) for s in new}
+                batch = [s for s in batch if id(s) not in failed]
+        if batch:
+            self._step(batch)
+        return error
+
+    def _fail_all(self, entries: list[_Entry[S]], exc: BaseException) -> None:
+        if not isinstance(exc, ServiceError):
+            log.error("decoding %d sequences failed in model %s", len(entries), self.name, exc_info=exc)
+            exc = InferenceFailed(f"model {self.name} failed while decoding: {exc}")
+        for entry in entries:
+            self._fail(entry, exc)
+        self._active = [e for e in self._active if e not in entries]
 
     def _admit(self, now: float) -> list[_Entry[S]]:
         if self.mode == "request" and self._active:

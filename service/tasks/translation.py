@@ -27,6 +27,10 @@ from service.repository import ModelSpec
 from service.runtime import OnnxModel, RuntimeOptions
 from service.tasks import find_asset, load_tokenizer
 
+# Rows per decoder call in a cached step: big enough to use the matrix units well on a CPU, small
+# enough that a group's padding to its longest cache stays close to its members' own lengths.
+STEP_GROUP_ROWS = 16
+
 
 @dataclass(frozen=True)
 class TranslationAssets:
@@ -283,6 +287,22 @@ class TranslationEngine:
             job.cache_k, job.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def step_cached(self, jobs: list[TranslationJob]) -> None:
+        """One step for every job, in groups of similar cache and source length: the cost of a call
+        is its rows times its longest cache (every row's cache is gathered, padded, into one tensor),
+        so one long sequence must not pad every short one."""
+        ordered = sorted(jobs, key=lambda j: (len(j.beams[0]), len(j.src)))
+        group: list[TranslationJob] = []
+        rows = 0
+        for job in ordered:
+            if group and rows + len(job.beams) > STEP_GROUP_ROWS:
+                self._step_cached_group(group)
+                group, rows = [], 0
+            group.append(job)
+            rows += len(job.beams)
+        if group:
+            self._step_cached_group(group)
+
+    def _step_cached_group(self, jobs: list[TranslationJob]) -> None:
         """One step from each row's last token: caches gathered into one padded batch, new keys and
         values scattered back, and beams' caches re-ordered after their parents."""
         assert self.assets.decoder_cached is not None

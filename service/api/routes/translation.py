@@ -54,7 +54,10 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
     max_new = body.max_new_tokens or assets.max_new_tokens
     if max_new > assets.max_new_tokens:
         raise SchemaError(f"max_new_tokens: at most {assets.max_new_tokens} for model {served.name}, got {max_new}")
-    sources = await run_in_threadpool(task.encode_sources, assets, body.texts)
+    if sum(len(t) for t in body.texts) <= 4096:  # short: tokenising (Rust) costs less than a thread hop
+        sources = task.encode_sources(assets, body.texts)
+    else:
+        sources = await run_in_threadpool(task.encode_sources, assets, body.texts)
     for i, source in enumerate(sources):
         if not source.readable:
             unknown = "".join(source.unknown)[:40]
