@@ -61,6 +61,18 @@ def _read_json(body: bytes, settings: Settings, json_model: type[BaseModel]) -> 
     return blobs, request.model_dump(exclude={"images"}, exclude_none=True)
 
 
+def request_doc(json_model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for an image endpoint: the JSON body, or multipart ``files`` plus the same fields."""
+    fields = {k: v for k, v in json_model.model_json_schema()["properties"].items() if k != "images"}
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    multipart = {"type": "object", "required": ["files"], "properties": {"files": files, **fields}}
+    content = {
+        "application/json": {"schema": json_model.model_json_schema()},
+        "multipart/form-data": {"schema": multipart},
+    }
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def decode_all(blobs: Blobs, settings: Settings) -> list:
     """Every file decoded (PIL images, EXIF orientation applied), in order; limits checked first."""
     return [

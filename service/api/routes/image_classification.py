@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.images import Blobs, decode_all, read_images
+from service.api.images import Blobs, decode_all, read_images, request_doc
 from service.api.schemas import ERROR_RESPONSES, ImageClassificationRequest, ImageClassificationResponse
 from service.config import Settings
 from service.errors import SchemaError
@@ -19,26 +19,6 @@ from service.tasks import image_classification as task
 
 router = APIRouter(tags=["tasks"])
 TASK = "image-classification"
-
-_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": ImageClassificationRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "top_k": {"type": "integer", "default": 5},
-                        "model": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
 
 
 def _top_k(value: Any, settings: Settings) -> int:
@@ -62,7 +42,7 @@ def _prepare(blobs: Blobs, input_shape: list[int], method: str, settings: Settin
     summary="Classify images (multipart files or base64 JSON)",
     response_model=ImageClassificationResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra=_DOC,
+    openapi_extra=request_doc(ImageClassificationRequest),
 )
 async def classify(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     blobs, fields = await read_images(request, settings, ImageClassificationRequest)

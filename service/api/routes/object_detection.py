@@ -6,8 +6,6 @@ Several images of a request go to the model as one batch (and share batches with
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -16,7 +14,7 @@ from starlette.responses import Response
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.images import Blobs, decode_all, read_images
+from service.api.images import Blobs, decode_all, read_images, request_doc
 from service.api.schemas import (
     ERROR_RESPONSES,
     DetectionOptions,
@@ -32,25 +30,6 @@ from service.tasks import object_detection as task
 router = APIRouter(tags=["tasks"])
 TASK = "object-detection"
 
-_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": ObjectDetectionRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        **DetectionOptions.model_json_schema()["properties"],
-                    },
-                }
-            },
-        },
-    }
-}
-
 
 def _prepare(blobs: Blobs, size: int, pad_value: float, settings: Settings):
     images = decode_all(blobs, settings)
@@ -63,7 +42,7 @@ def _prepare(blobs: Blobs, size: int, pad_value: float, settings: Settings):
     summary="Detect objects in images (multipart files or base64 JSON)",
     response_model=ObjectDetectionResponse,
     responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}, "image/jpeg": {}}}},
-    openapi_extra=_DOC,
+    openapi_extra=request_doc(ObjectDetectionRequest),
 )
 async def detect(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     blobs, fields = await read_images(request, settings, ObjectDetectionRequest)
