@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.errors import ServiceError
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -109,6 +116,22 @@ class ModelObserver:
 
     def on_tokens(self, count: int) -> None:
         self._tokens.inc(count)
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count one request by outcome (ok, its error_type, or client_disconnected) and time it."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            yield
+        except ServiceError as exc:
+            outcome = exc.error_type
+            raise
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
+            raise
+        finally:
+            self.on_request(outcome, time.perf_counter() - started)
 
     def on_request(self, outcome: str, latency_s: float) -> None:
         counter = self._by_outcome.get(outcome)

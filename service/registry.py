@@ -19,7 +19,7 @@ import numpy as np
 
 from service.batching import BatchResult, DynamicBatcher
 from service.config import Settings
-from service.errors import InferenceFailed, InvalidTensor, ModelLoadError, ModelNotFound, ModelNotReady, ServiceError
+from service.errors import InferenceFailed, InvalidTensor, ModelLoadError, ModelNotFound, ModelNotReady
 from service.metrics import Metrics, ModelObserver
 from service.repository import ModelEntry, ModelSpec, VersionEntry, check_graph, scan
 from service.runtime import OnnxModel, RuntimeOptions
@@ -156,25 +156,13 @@ class ServedModel:
 
     async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
+        with self.observer.track():
             result = await self._submit(feeds)
-            if self.batched:
-                outputs = {
-                    name: np.stack([row[i] for row in result.outputs]) for i, name in enumerate(self.output_names)
-                }
-            else:
-                outputs = dict(zip(self.output_names, result.outputs[0], strict=True))
-            return Inference(outputs, result.queue_s * 1000, result.compute_s * 1000, result.batch_size)
-        except ServiceError as exc:
-            outcome = exc.error_type
-            raise
-        except asyncio.CancelledError:
-            outcome = "client_disconnected"
-            raise
-        finally:
-            self.observer.on_request(outcome, time.perf_counter() - started)
+        if self.batched:
+            outputs = {name: np.stack([row[i] for row in result.outputs]) for i, name in enumerate(self.output_names)}
+        else:
+            outputs = dict(zip(self.output_names, result.outputs[0], strict=True))
+        return Inference(outputs, result.queue_s * 1000, result.compute_s * 1000, result.batch_size)
 
     async def _submit(self, feeds: Mapping[str, np.ndarray]) -> BatchResult[Row]:
         arrays = [feeds[name] for name in self.input_names]

@@ -11,7 +11,6 @@ rows padded to the batch's longest, each job then choosing its next token or re-
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from tokenizers import Tokenizer
 
 from service.config import Settings
 from service.decoding import DecodeStats, StepScheduler
-from service.errors import ModelLoadError, ServiceError
+from service.errors import ModelLoadError
 from service.metrics import ModelObserver
 from service.repository import ModelSpec
 from service.runtime import OnnxModel, RuntimeOptions
@@ -371,21 +370,11 @@ class TranslationEngine:
         self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
     ) -> tuple[TranslationJob, DecodeStats]:
         job = self.new_job(source, beam_size=beam_size, max_new_tokens=max_new_tokens, on_token=on_token)
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
+        if self.observer is None:
+            return job, await self.scheduler.submit(job, timeout_s=self.timeout_s)
+        with self.observer.track():
             stats = await self.scheduler.submit(job, timeout_s=self.timeout_s)
-        except ServiceError as exc:
-            outcome = exc.error_type
-            raise
-        except asyncio.CancelledError:
-            outcome = "client_disconnected"
-            raise
-        finally:
-            if self.observer is not None:
-                self.observer.on_request(outcome, time.perf_counter() - started)
-        if self.observer is not None:
-            self.observer.on_tokens(len(job.result()))
+        self.observer.on_tokens(len(job.result()))
         return job, stats
 
     def detokenize(self, ids: list[int]) -> str:
