@@ -108,8 +108,8 @@ class SceneMaker:
                 boxes.append(box)
                 classes.append(int(self.labels[k]))
                 break
-        noise = rng.normal(0, rng.uniform(0, 6), image.shape)
-        out = np.clip(image + noise, 0, 255).astype(np.uint8)
+        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 6))
+        out = np.clip(image, 0, 255).astype(np.uint8)
         return out, np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(classes, dtype=np.int64)
 
 
