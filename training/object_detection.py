@@ -61,6 +61,7 @@ class Config:
     train_scenes: int = 20000
     test_scenes: int = 1000
     max_detections: int = 100
+    score_threshold: float = 0.4  # the endpoint's default operating point, written into model.json
     epochs: int = 12
     batch_size: int = 32
     lr: float = 2e-3
@@ -403,7 +404,7 @@ def model_config(cfg: Config, classes: list[str]) -> dict:
         "max_batch_size": 16,
         "dynamic_batching": {"max_queue_delay_ms": 0.0},
         "labels": classes,
-        "parameters": {"input_size": s, "pad_value": PAD_VALUE},
+        "parameters": {"input_size": s, "pad_value": PAD_VALUE, "score_threshold": cfg.score_threshold},
     }
 
 
@@ -530,6 +531,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--train-scenes", type=int, default=d.train_scenes)
     p.add_argument("--test-scenes", type=int, default=d.test_scenes)
     p.add_argument("--max-detections", type=int, default=d.max_detections)
+    p.add_argument(
+        "--score-threshold", type=float, default=d.score_threshold, help="the endpoint's default (model.json)"
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

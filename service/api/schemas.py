@@ -45,7 +45,13 @@ class DetectionOptions(BaseModel):
     """The parameters of /v1/object-detection (form fields in multipart, keys in JSON)."""
 
     model_config = ConfigDict(extra="forbid")
-    score_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Detections scoring lower are dropped.")
+    score_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Detections scoring lower are dropped; default: the model's own operating point "
+        "(parameters.score_threshold in its model.json), else 0.3.",
+    )
     iou_threshold: float = Field(
         0.5,
         ge=0.0,

@@ -29,6 +29,7 @@ from service.tasks import object_detection as task
 
 router = APIRouter(tags=["tasks"])
 TASK = "object-detection"
+DEFAULT_SCORE_THRESHOLD = 0.3  # for a model whose model.json names no operating point
 
 
 def _prepare(blobs: Blobs, size: int, pad_value: float, settings: Settings):
@@ -59,6 +60,9 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
         raise SchemaError(f"render: send exactly one image to render, got {len(blobs)}")
     size = int(served.spec.parameters.get("input_size", served.spec.inputs[0].shape[-1]))
     pad_value = float(served.spec.parameters.get("pad_value", 114 / 255))
+    score_threshold = options.score_threshold
+    if score_threshold is None:
+        score_threshold = float(served.spec.parameters.get("score_threshold", DEFAULT_SCORE_THRESHOLD))
     images, batch, boxes = await run_in_threadpool(_prepare, blobs, size, pad_value, settings)
     result = await unless_disconnected(request, served.infer({served.spec.inputs[0].name: batch}))
     out_boxes, out_scores, out_classes = (result.outputs[t.name] for t in served.spec.outputs)
@@ -69,7 +73,7 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
             out_classes[i],
             boxes[i],
             served.spec.labels or [],
-            score_threshold=options.score_threshold,
+            score_threshold=score_threshold,
             iou_threshold=options.iou_threshold,
             max_detections=max_detections,
         )
