@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation bench bench-translation clean
+.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-object-detection bench bench-translation bench-object-detection clean
 DURATION ?= 60s
 USERS    ?= 32
 
@@ -62,9 +62,18 @@ train-rating: $(VENV)/.dev
 train-translation: $(VENV)/.dev
 	$(BIN)/python -m training.translation --data-dir $(DATA)/translation --output-dir models --version 1
 
+# The committed digit detector, both stages (--device cuda where there is a GPU).
+train-object-detection: $(VENV)/.dev
+	$(BIN)/python -m training.object_detection --data-dir $(DATA)
+	$(BIN)/python -m training.object_detection --data-dir $(DATA) --input-size 384 --epochs 14 --lr 1e-3 \
+		--init-from checkpoints/digit-detector.pt
+
 # Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
+
+bench-object-detection: $(VENV)/.dev
+	$(BIN)/python -m bench.object_detection
 
 # Translation: the decoder step with and without a KV cache, then one-at-a-time vs request-level vs
 # step-level decoding through the server (no wrk needed).

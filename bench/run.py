@@ -48,14 +48,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_ceiling(model: Path, threads: int, seconds: float = 1.0) -> list[dict]:
+def write_multipart(path: Path, files: list[tuple[str, bytes]], fields: dict[str, str] | None = None) -> str:
+    """A multipart/form-data body (PNG ``files`` plus form ``fields``) written to ``path``; its type."""
+    boundary = "neuroservebenchboundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in (fields or {}).items()
+    ]
+    for name, blob in files:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + blob + b"\r\n")
+    path.write_bytes(b"".join(parts) + f"--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}"
+
+
+def raw_ceiling(
+    model: Path, threads: int, seconds: float = 1.0, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+) -> list[dict]:
+    """In-process onnxruntime, one FP32 input (its non-batch dimensions fixed), by batch size."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    name, shape = session.get_inputs()[0].name, session.get_inputs()[0].shape[1:]
     rows = []
-    for batch in (1, 2, 4, 8, 16, 32, 64):
-        x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+    for batch in batches:
+        x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
         for _ in range(5):
             session.run(None, {name: x})
         runs, started = 0, time.perf_counter()
@@ -247,15 +264,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     png = io.BytesIO()
     Image.fromarray(digit).save(png, "PNG")
-    boundary = "neuroservebenchboundary"
-    multipart = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="digit.png"\r\n'
-            f"Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + png.getvalue()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
     # The same request with the tensor as raw bytes after the JSON header (binary tensor extension).
     binary_header = json.dumps(
         {
@@ -272,8 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     v2_binary = tmp / "v2.bin"
     v2_binary.write_bytes(binary_header + x.astype("<f4").tobytes())
     image_body = tmp / "image.multipart"
-    image_body.write_bytes(multipart)
-    image_ctype = f"multipart/form-data; boundary={boundary}"
+    image_ctype = write_multipart(image_body, [("digit.png", png.getvalue())])
     json_ctype = "application/json"
     threads = str(args.threads)
     v2_path = f"/v2/models/{args.model}/infer"

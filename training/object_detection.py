@@ -455,7 +455,7 @@ def train(cfg: Config, command: str = "") -> dict:
             scheduler.step()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        torch.save(model.state_dict(), checkpoint)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, checkpoint)  # loads anywhere
         print(f"epoch {epoch + 1}: {time.perf_counter() - started:.0f} s, last loss {loss.item():.3f}", flush=True)
     train_seconds = time.perf_counter() - started
     model = model.cpu().eval()
