@@ -1,6 +1,7 @@
 """Load test with realistic payloads drawn from the data: real MNIST test digits as PNG files, SST-2
 dev sentences of mixed length, Chinese hotel reviews, real MovieLens user ids, Tatoeba English
-sentences to translate.
+sentences to translate, held-out generated digit scenes (MNIST test digits in coco128 photos) to
+detect.
 
     make loadtest URL=http://127.0.0.1:8080 DURATION=60s USERS=32
     locust -f locustfile.py --headless -u 32 -r 8 -t 60s --host http://127.0.0.1:8080 \
@@ -23,6 +24,7 @@ from pathlib import Path
 from locust import HttpUser, between, task
 from PIL import Image
 
+from training.digit_scenes import makers
 from training.idx import load_mnist
 
 DATA = Path(os.environ.get("NEUROSERVE_TEST_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
@@ -73,6 +75,20 @@ SENTENCES = _sentences()
 REVIEWS = _reviews()
 USERS, ITEMS = _users_and_items()
 ENGLISH = _english()
+
+
+def _scenes(n: int = 12) -> list[tuple[bytes, int, int]]:
+    maker = makers(DATA, 1)["test"]
+    out = []
+    for i in range(n):
+        image = maker.scene(i)[0]
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        out.append((buffer.getvalue(), image.shape[1], image.shape[0]))
+    return out
+
+
+SCENES = _scenes()
 
 
 def _check(response, keys: tuple[str, ...]) -> dict | None:
@@ -189,3 +205,30 @@ class TranslationClient(HttpUser):
                 len(body["translations"]) != len(texts) or not all(t["text"] for t in body["translations"])
             ):
                 response.failure("missing or empty translations")
+
+
+class DetectionClient(HttpUser):
+    """A camera app finding the digits in a photo, one photo per request."""
+
+    weight = 1
+    wait_time = between(0.2, 1.0)
+
+    @task
+    def detect(self) -> None:
+        blob, width, height = RNG.choice(SCENES)
+        with self.client.post(
+            "/v1/object-detection",
+            files=[("files", ("scene.png", blob, "image/png"))],
+            catch_response=True,
+            name="/v1/object-detection",
+        ) as response:
+            body = _check(response, ("images",))
+            if body is None:
+                return
+            (image,) = body["images"]
+            if (image["width"], image["height"]) != (width, height):
+                response.failure("the image's size came back wrong")
+            elif not image["detections"]:
+                response.failure("no digit found in a scene that has some")
+            elif any(not (0 <= d["box"]["x1"] < d["box"]["x2"] <= width) for d in image["detections"]):
+                response.failure("a box outside the image")

@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 
 from PIL import Image, ImageDraw
+
+DATA = os.environ.get("NEUROSERVE_TEST_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 def call(base: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -33,13 +36,41 @@ def seven_png() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def digit_scene() -> tuple[str, list[str]]:
+    """A held-out generated scene (MNIST test digits in a coco128 photo) and its digits."""
+    from pathlib import Path
+
+    from training.digit_scenes import makers
+
+    image, _, classes = makers(Path(DATA), 1)["test"].scene(0)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode(), [str(c) for c in classes]
+
+
+def found_most(body: dict, digits: list[str]) -> bool:
+    labels = [d["label"] for d in body["images"][0]["detections"]]
+    return sum(min(labels.count(d), digits.count(d)) for d in set(digits)) >= len(digits) // 2
+
+
 def main(base: str) -> None:
+    scene, digits = digit_scene()
     checks = [
         ("GET /v2/health/ready", call(base, "/v2/health/ready"), lambda b: b["ready"] is True),
         (
             "GET /v2/models",
             call(base, "/v2/models"),
-            lambda b: {r["name"] for r in b} >= {"mnist", "sentiment", "sentiment-zh", "rating", "translation-en-fr"},
+            lambda b: (
+                {r["name"] for r in b}
+                >= {
+                    "mnist",
+                    "sentiment",
+                    "sentiment-zh",
+                    "rating",
+                    "translation-en-fr",
+                    "digit-detector",
+                }
+            ),
         ),
         (
             "POST /v2/models/mnist/infer",
@@ -79,6 +110,11 @@ def main(base: str) -> None:
             "POST /v1/translation",
             call(base, "/v1/translation", {"texts": ["I'm hungry."]}),
             lambda b: "faim" in b["translations"][0]["text"],
+        ),
+        (
+            "POST /v1/object-detection",
+            call(base, "/v1/object-detection", {"images": [scene]}),
+            lambda b: b["model"] == "digit-detector" and found_most(b, digits),
         ),
         (
             "bad input is a 4xx",
