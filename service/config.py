@@ -7,6 +7,7 @@ read at import time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,12 @@ class Settings(BaseSettings):
     decode_kv_cache: bool = Field(
         True, description="Decode with the model's key/value-cache graphs when it has them (else the full-prefix step)."
     )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads that run a decode step's row groups (and a prefill's chunks) in parallel; 0: one "
+        "per CPU core. Above 1, the translation graphs run one intra-op thread each.",
+    )
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
 
     require_all_models: bool = Field(
@@ -85,3 +92,10 @@ class Settings(BaseSettings):
         "model has been tried and at least one serves; failed ones show in their own status).",
     )
     warmup: bool = Field(True, description="Run dummy batches of every size before reporting ready.")
+
+    @property
+    def decode_parallelism(self) -> int:
+        """``decode_threads``, with 0 resolved to the CPU cores this process may run on."""
+        if self.decode_threads:
+            return self.decode_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -266,9 +266,13 @@ class ModelRegistry:
             await self._close_versions(status)
 
     def _open(self, spec: ModelSpec, version: VersionEntry) -> tuple[OnnxModel, Any]:
-        runtime = OnnxModel(version.onnx_path, self.options)
+        options = self.options
+        if spec.task == "translation" and self.settings.decode_parallelism > 1:
+            # Its decode steps run row groups on parallel threads: one intra-op thread per call.
+            options = replace(options, intra_op_threads=1)
+        runtime = OnnxModel(version.onnx_path, options)
         check_graph(spec, version.onnx_path, runtime.inputs, runtime.outputs)
-        return runtime, load_assets(spec, version.path, self.options)
+        return runtime, load_assets(spec, version.path, options)
 
     async def _close_versions(self, status: ModelStatus) -> None:
         for served in status.versions.values():

@@ -6,12 +6,18 @@ decoder step (the version's ``model.onnx``, the model the repository serves). A 
 :class:`~service.decoding.StepScheduler` and gives it the two blocking calls it needs: ``prefill``
 (encode the new jobs' sources together) and ``step`` (one decoder call on every row of every job,
 rows padded to the batch's longest, each job then choosing its next token or re-ranking its beams).
+With the key/value-cache graphs, a step's rows run in groups of similar length, and the groups (and
+a prefill's chunks) run on ``decode_threads`` threads at once, one intra-op thread each: on a CPU the
+small matrices of one step gain little from splitting each operator across cores, while whole
+groups in parallel use every core.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +233,13 @@ class TranslationEngine:
         self.timeout_s = settings.decode_timeout_ms / 1000.0
         self.never = [assets.pad, assets.bos, assets.unk]
         self.kv_cache = settings.decode_kv_cache and assets.has_kv_cache
+        self.threads = settings.decode_parallelism
+        # The scheduler's worker runs one group itself; these run the others alongside it.
+        self._helpers = (
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix=f"decode-{name}")
+            if self.kv_cache and self.threads > 1
+            else None
+        )
         self.scheduler: StepScheduler[TranslationJob] = StepScheduler(
             self.prefill_cached if self.kv_cache else self.prefill,
             self.step_cached if self.kv_cache else self.step,
@@ -244,6 +257,30 @@ class TranslationEngine:
 
     async def close(self, *, drain: bool = True) -> None:
         await self.scheduler.close(drain=drain)
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False)
+
+    def _in_parallel(self, fn: Callable[[list[TranslationJob]], None], parts: list[list[TranslationJob]]) -> None:
+        """``fn`` on every part, the first here and the others on the helper threads; every part
+        runs to its end, then the first error (if any) is raised. A job is in one part only, so no
+        two threads touch the same job."""
+        if self._helpers is None or len(parts) < 2:
+            for part in parts:
+                fn(part)
+            return
+        futures = [self._helpers.submit(fn, part) for part in parts[1:]]
+        error: BaseException | None = None
+        try:
+            fn(parts[0])
+        except Exception as exc:
+            error = exc
+        for future in futures:
+            try:
+                future.result()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     # Both run in the scheduler's worker thread.
     def prefill(self, jobs: list[TranslationJob]) -> None:
@@ -274,6 +311,11 @@ class TranslationEngine:
             offset += n
 
     def prefill_cached(self, jobs: list[TranslationJob]) -> None:
+        """The newcomers' cross-attention keys and values, in up to ``threads`` chunks at once."""
+        chunks = [c for c in (jobs[i :: self.threads] for i in range(self.threads)) if c]
+        self._in_parallel(self._prefill_cached_chunk, chunks)
+
+    def _prefill_cached_chunk(self, jobs: list[TranslationJob]) -> None:
         assert self.assets.encoder_kv is not None
         src = _pad([j.src for j in jobs], self.assets.pad)
         out = self.assets.encoder_kv.run({"src_ids": src})
@@ -286,20 +328,10 @@ class TranslationEngine:
             job.cache_k, job.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def step_cached(self, jobs: list[TranslationJob]) -> None:
-        """One step for every job, in groups of similar cache and source length: the cost of a call
-        is its rows times its longest cache (every row's cache is gathered, padded, into one tensor),
-        so one long sequence must not pad every short one."""
-        ordered = sorted(jobs, key=lambda j: (len(j.beams[0]), len(j.src)))
-        group: list[TranslationJob] = []
-        rows = 0
-        for job in ordered:
-            if group and rows + len(job.beams) > STEP_GROUP_ROWS:
-                self._step_cached_group(group)
-                group, rows = [], 0
-            group.append(job)
-            rows += len(job.beams)
-        if group:
-            self._step_cached_group(group)
+        """One step for every job, in groups of similar cache and source length (the cost of a call
+        is its rows times its longest cache: every row's cache is gathered, padded, into one tensor,
+        so one long sequence must not pad every short one), the groups on parallel threads."""
+        self._in_parallel(self._step_cached_group, row_groups(jobs, STEP_GROUP_ROWS, self.threads))
 
     def _step_cached_group(self, jobs: list[TranslationJob]) -> None:
         """One step from each row's last token: caches gathered into one padded batch, new keys and
@@ -379,6 +411,23 @@ class TranslationEngine:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.assets.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def row_groups(jobs: Sequence[TranslationJob], max_rows: int, threads: int) -> list[list[TranslationJob]]:
+    """Jobs sorted by (generated, source) length and cut into groups of about equal rows: as few as
+    keep each within ``max_rows`` where possible, and a multiple of ``threads`` so that parallel
+    threads get even shares (never more groups than jobs)."""
+    ordered = sorted(jobs, key=lambda j: (len(j.beams[0]), len(j.src)))
+    rows = sum(len(j.beams) for j in ordered)
+    count = max(1, min(len(ordered), threads * math.ceil(rows / (max_rows * threads))))
+    groups: list[list[TranslationJob]] = [[]]
+    filled = 0
+    for job in ordered:
+        if groups[-1] and len(groups) < count and filled >= rows * len(groups) / count:
+            groups.append([])
+        groups[-1].append(job)
+        filled += len(job.beams)
+    return groups
 
 
 def _pad(rows: Sequence[np.ndarray], pad: int) -> np.ndarray:
