@@ -4,12 +4,17 @@ Every configuration serves the same committed model (only it, warmed up) in its 
 process, and is driven by the same closed-loop load: ``c`` clients, each posting one English
 sentence at a time to ``/v1/translation`` (greedy) as soon as its previous answer arrives. The
 sentences are drawn (seeded) from the Tatoeba data with mixed lengths: equal shares of 1-4, 5-8,
-9-14 and 15+ words. Configurations:
+9-14 and 15+ words. All servers run at once and the load visits them in turn, in short rounds
+(``--rounds`` per configuration and concurrency, the order rotating), so that a shared machine's
+drift in speed falls on every configuration alike. Latency is also reported for the shortest
+(1-4 words) and longest (15+ words) sentences apart. Configurations:
 
 1. ``one at a time``: one sequence per decoder step (``NEUROSERVE_DECODE_MAX_ROWS=1``);
 2. ``request-level``: static batches: the sequences waiting when the decoder is free form a batch
    that decodes until its last sequence ends; later arrivals wait (``NEUROSERVE_DECODE_BATCHING=request``);
 3. ``step-level``: sequences join at the next step and leave as soon as they end (the default);
+   ``step-level, boost``: sequences past 16 steps in a large batch also take up to 3 extra steps
+   alone per iteration (``NEUROSERVE_DECODE_BOOST_AFTER=16``);
 4. ``step-level, no KV cache``: the same with the full-prefix decoder step instead of the
    key/value-cache pair (the first three use the cache).
 
@@ -25,6 +30,7 @@ import datetime as dt
 import http.client
 import json
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -75,19 +81,22 @@ def step_ceiling(version_dir: Path, threads: int) -> list[dict]:
     return rows
 
 
-def drive(port: int, sentences: list[str], concurrency: int, seconds: float) -> dict:
-    """Closed loop: ``concurrency`` clients, each with one keep-alive connection."""
-    latencies: list[float] = []
+def drive(port: int, sentences: list[str], concurrency: int, seconds: float, seed: int = 0) -> dict:
+    """Closed loop: ``concurrency`` clients, each with one keep-alive connection, client ``i`` drawing
+    the same sentences in the same order for a given ``seed`` whatever the server. Returns the raw
+    figures (``summarise`` turns rounds of them into a row)."""
+    latencies: list[tuple[float, int]] = []  # (seconds, words in the sentence)
     tokens = errors = 0
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
     def client(index: int) -> None:
         nonlocal tokens, errors
-        rng = random.Random(index)
+        rng = random.Random(seed * 100_003 + index)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         while time.monotonic() < stop_at:
-            body = json.dumps({"texts": [rng.choice(sentences)]})
+            sentence = rng.choice(sentences)
+            body = json.dumps({"texts": [sentence]})
             started = time.perf_counter()
             conn.request("POST", "/v1/translation", body, {"content-type": "application/json"})
             response = conn.getresponse()
@@ -95,7 +104,7 @@ def drive(port: int, sentences: list[str], concurrency: int, seconds: float) -> 
             elapsed = time.perf_counter() - started
             with lock:
                 if response.status == 200:
-                    latencies.append(elapsed)
+                    latencies.append((elapsed, len(sentence.split())))
                     tokens += json.loads(data)["translations"][0]["generated_tokens"]
                 else:
                     errors += 1
@@ -107,27 +116,46 @@ def drive(port: int, sentences: list[str], concurrency: int, seconds: float) -> 
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - started
-    lat = np.array(latencies) * 1000
+    return {"latencies": latencies, "tokens": tokens, "errors": errors, "wall": time.monotonic() - started}
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Rounds of ``drive`` (one configuration, one concurrency) as one row."""
+    lat = [x for r in rounds for x in r["latencies"]]
+    wall = sum(r["wall"] for r in rounds)
+    ms = np.array([s for s, _ in lat]) * 1000
+    short = np.array([s for s, w in lat if w <= BUCKETS[0][1]]) * 1000
+    long = np.array([s for s, w in lat if w >= BUCKETS[-1][0]]) * 1000
+
+    def pct(values: np.ndarray, q: float) -> float:
+        return float(np.percentile(values, q)) if len(values) else float("nan")
+
     return {
-        "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / wall,
-        "tokens_per_s": tokens / wall,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "requests": len(lat),
+        "errors": sum(r["errors"] for r in rounds),
+        "rps": len(lat) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in rounds) / wall,
+        "mean_ms": float(ms.mean()) if len(ms) else float("nan"),
+        "p50_ms": pct(ms, 50),
+        "p99_ms": pct(ms, 99),
+        "short_p50_ms": pct(short, 50),
+        "short_p99_ms": pct(short, 99),
+        "long_p50_ms": pct(long, 50),
+        "long_p99_ms": pct(long, 99),
     }
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| batching | concurrency | req/s | tokens/s | p50 ms | p99 ms | mean rows/step | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batching | c | req/s | tokens/s | mean ms | p50 ms | p99 ms | 1-4 words p50 / p99 ms "
+        "| 15+ words p50 / p99 ms | rows/step | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['server']} | {r['concurrency']} | {r['rps']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} "
-            f"| {r['p99_ms']:.0f} | {r['mean_rows']:.1f} | {r['errors']} |"
+            f"| {r['server']} | {r['concurrency']} | {r['rps']:.1f} | {r['tokens_per_s']:.0f} | {r['mean_ms']:.0f} "
+            f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['short_p50_ms']:.0f} / {r['short_p99_ms']:.0f} "
+            f"| {r['long_p50_ms']:.0f} / {r['long_p99_ms']:.0f} | {r['mean_rows']:.1f} | {r['errors']} |"
         )
     return "\n".join(lines)
 
@@ -137,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per configuration and concurrency")
+    p.add_argument("--rounds", type=int, default=4, help="the duration is split into this many interleaved rounds")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "translation")
@@ -156,38 +185,57 @@ def main(argv: list[str] | None = None) -> dict:
         ("one at a time", {"NEUROSERVE_DECODE_MAX_ROWS": "1"}),
         ("request-level", {"NEUROSERVE_DECODE_BATCHING": "request"}),
         ("step-level", {"NEUROSERVE_DECODE_BATCHING": "step"}),
+        ("step-level, boost", {"NEUROSERVE_DECODE_BATCHING": "step", "NEUROSERVE_DECODE_BOOST_AFTER": "16"}),
         ("step-level, 16 rows", {"NEUROSERVE_DECODE_BATCHING": "step", "NEUROSERVE_DECODE_MAX_ROWS": "16"}),
         ("step-level, no KV cache", {"NEUROSERVE_DECODE_BATCHING": "step", "NEUROSERVE_DECODE_KV_CACHE": "false"}),
     ]
     if args.only:
         configs = [c for c in configs if c[0] in args.only]
-    rows = []
-    for label, env in configs:
-        port = free_port()
-        server = neuroserve(label, port, repo, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
-        try:
-            drive(port, sentences, max(args.concurrency), min(2.0, args.duration))  # warm up
-            for c in args.concurrency:
-                before = scrape(port, MODEL)
-                result = drive(port, sentences, c, args.duration)
-                after = scrape(port, MODEL)
-                steps = after["batch_size_count"] - before["batch_size_count"]
-                result["mean_rows"] = (after["batch_size_sum"] - before["batch_size_sum"]) / max(steps, 1)
-                rows.append({"server": label, "concurrency": c, **result})
+    servers = []
+    try:
+        for label, env in configs:  # all up at once; an idle one costs nothing
+            server = neuroserve(label, free_port(), repo, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
+            servers.append(server)
+            drive(server.port, sentences, max(args.concurrency), min(2.0, args.duration))  # warm up
+        rows = []
+        for c in args.concurrency:
+            rounds: dict[str, list[dict]] = {s.label: [] for s in servers}
+            steps = {s.label: [0.0, 0.0] for s in servers}
+            for r in range(args.rounds):
+                for server in servers[r % len(servers) :] + servers[: r % len(servers)]:
+                    before = scrape(server.port, MODEL)
+                    rounds[server.label].append(drive(server.port, sentences, c, args.duration / args.rounds, seed=r))
+                    after = scrape(server.port, MODEL)
+                    steps[server.label][0] += after["batch_size_sum"] - before["batch_size_sum"]
+                    steps[server.label][1] += after["batch_size_count"] - before["batch_size_count"]
+            for server in servers:
+                result = summarise(rounds[server.label])
+                result["mean_rows"] = steps[server.label][0] / max(steps[server.label][1], 1)
+                rows.append({"server": server.label, "concurrency": c, **result})
                 print(
-                    f"  {label:<24} c={c:<3} {result['rps']:6.1f} req/s {result['tokens_per_s']:7.0f} tokens/s  "
+                    f"  {server.label:<24} c={c:<3} {result['rps']:6.1f} req/s {result['tokens_per_s']:7.0f} tokens/s  "
                     f"p50 {result['p50_ms']:6.0f} ms  p99 {result['p99_ms']:6.0f} ms  "
+                    f"short p99 {result['short_p99_ms']:6.0f} ms  long p99 {result['long_p99_ms']:6.0f} ms  "
                     f"rows/step {result['mean_rows']:5.1f}  errors {result['errors']}",
                     flush=True,
                 )
-        finally:
+    finally:
+        for server in servers:
             server.stop()
     table = format_table(rows)
     print("\n" + table)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"translation-{stamp}.json"
-    result = {"sentences": len(sentences), "step_ceiling": ceiling, "rows": rows, "duration_s": args.duration}
+    result = {
+        "command": "python -m bench.translation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "sentences": len(sentences),
+        "step_ceiling": ceiling,
+        "rows": rows,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+    }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return result

@@ -84,6 +84,16 @@ class Settings(BaseSettings):
         description="Threads that run a decode step's row groups (and a prefill's chunks) in parallel; 0: one "
         "per CPU core. Above 1, the translation graphs run one intra-op thread each.",
     )
+    decode_boost_after: int = Field(
+        0,
+        ge=0,
+        description="Step-level decoding: sequences decoding for this many steps or more take extra steps "
+        "alone in each iteration, the oldest first (0: off). Trades throughput for the longest requests' tail.",
+    )
+    decode_boost_steps: int = Field(3, ge=0, description="Extra steps per iteration for those old sequences.")
+    decode_boost_rows: int = Field(
+        16, ge=1, description="Most rows that take extra steps in one iteration (and at most a quarter of the batch's)."
+    )
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
 
     require_all_models: bool = Field(

@@ -24,6 +24,14 @@ One loop per model. Each iteration:
 An exception in ``prefill`` or ``step`` fails exactly the sequences of that call, and the loop goes
 on. The waiting line is bounded (:class:`Overloaded` beyond ``max_queue_size``).
 
+Where a step's cost grows with its rows (a CPU), every active sequence pays for the batch's size on
+every step, and the longest sequences, which take the most steps, pay most. So sequences that have
+been decoding for ``boost_after`` steps or more (the oldest first, at most ``boost_rows`` rows) take
+up to ``boost_steps`` extra steps in the same iteration, alone (within a quarter of the batch's
+rows, so only large batches, whose steps are slow, do it): a step of a few rows is cheap, and
+it spends compute on the oldest requests first (first come, first finished) without holding back
+the rest. Every token is still computed once; only the order changes.
+
 ``mode="request"`` keeps the same machinery but admits only into an empty batch: a static batch
 decodes until its last sequence ends, which is request-level batching, kept for benchmarks.
 """
@@ -105,6 +113,9 @@ class StepScheduler(Generic[S]):
         name: str = "decoder",
         observer: StepObserver | None = None,
         retry_after_s: int = 1,
+        boost_after: int = 0,
+        boost_steps: int = 0,
+        boost_rows: int = 8,
     ) -> None:
         if max_rows < 1 or max_tokens < 1:
             raise ValueError("max_rows and max_tokens must be >= 1")
@@ -115,6 +126,8 @@ class StepScheduler(Generic[S]):
         self.max_queue_size = max_queue_size
         self.mode = mode
         self.name = name
+        # Extra steps for old sequences (step mode only; 0 turns it off).
+        self.boost_after, self.boost_steps, self.boost_rows = boost_after, boost_steps, boost_rows
         self._observer: StepObserver = observer or _NullObserver()
         self._retry_after = {"Retry-After": str(retry_after_s)}
         self._waiting: deque[_Entry[S]] = deque()
@@ -202,10 +215,15 @@ class StepScheduler(Generic[S]):
                 continue
             self._active = batch
             started = loop.time()
-            # Prefill and step in one trip to the worker thread (one hop per step, not two).
+            old = self._stragglers()
+            # Prefill, step and extra steps in one trip to the worker thread (one hop per iteration).
             try:
-                prefill_error = await loop.run_in_executor(
-                    self._executor, self._iterate, [e.seq for e in new], [e.seq for e in self._active]
+                prefill_error, extra = await loop.run_in_executor(
+                    self._executor,
+                    self._iterate,
+                    [e.seq for e in new],
+                    [e.seq for e in self._active],
+                    [e.seq for e in old],
                 )
             except Exception as exc:  # the step failed: exactly this step's sequences fail
                 self._fail_all(batch, exc)
@@ -217,6 +235,8 @@ class StepScheduler(Generic[S]):
             rows = sum(e.seq.rows for e in batch)
             self._observer.on_step(rows, len(batch), seconds)
             now = loop.time()
+            for entry, steps in zip(old, extra, strict=True):
+                entry.steps += steps
             still = []
             for entry in self._active:
                 entry.steps += 1
@@ -231,9 +251,25 @@ class StepScheduler(Generic[S]):
                     still.append(entry)
             self._active = still
 
-    def _iterate(self, new: list[S], batch: list[S]) -> Exception | None:
-        """In the worker thread: prefill the newcomers, then step the batch (without the newcomers
-        if their prefill failed, whose exception is returned)."""
+    def _stragglers(self) -> list[_Entry[S]]:
+        """The oldest active sequences past ``boost_after`` steps, within ``boost_rows`` rows and a
+        quarter of the batch's rows (in a small batch an extra step costs nearly a whole one)."""
+        if self.mode != "step" or not self.boost_steps or not self.boost_after:
+            return []
+        budget = min(self.boost_rows, sum(e.seq.rows for e in self._active) // 4)
+        old = sorted((e for e in self._active if e.steps >= self.boost_after), key=lambda e: -e.steps)
+        chosen, rows = [], 0
+        for entry in old:
+            if rows + entry.seq.rows > budget:
+                break
+            chosen.append(entry)
+            rows += entry.seq.rows
+        return chosen
+
+    def _iterate(self, new: list[S], batch: list[S], old: list[S]) -> tuple[Exception | None, list[int]]:
+        """In the worker thread: prefill the newcomers, step the batch (without the newcomers if
+        their prefill failed, whose exception is returned), then the extra steps of ``old``: how
+        many each took. An extra step that fails fails the whole iteration, like the step."""
         error = None
         if new:
             try:
@@ -244,7 +280,15 @@ class StepScheduler(Generic[S]):
                 batch = [s for s in batch if id(s) not in failed]
         if batch:
             self._step(batch)
-        return error
+        extra = [0] * len(old)
+        for _ in range(self.boost_steps if old else 0):
+            going = [i for i, s in enumerate(old) if not s.done]
+            if not going:
+                break
+            self._step([old[i] for i in going])
+            for i in going:
+                extra[i] += 1
+        return error, extra
 
     def _fail_all(self, entries: list[_Entry[S]], exc: BaseException) -> None:
         if not isinstance(exc, ServiceError):

@@ -125,6 +125,36 @@ async def test_request_mode_runs_a_static_batch_to_its_end_before_admitting() ->
     await sched.close()
 
 
+async def test_old_sequences_take_extra_steps_alone_in_a_large_batch() -> None:
+    model = FakeModel(delay_s=0.001)
+    sched = model.scheduler(boost_after=5, boost_steps=2, boost_rows=2)
+    old = FakeSeq("old", 40)
+    old_task = asyncio.ensure_future(sched.submit(old))
+    await wait_until(lambda: len(old.out) >= 6)
+    young = [FakeSeq(f"young{i}", 100) for i in range(7)]
+    young_tasks = [asyncio.ensure_future(sched.submit(y)) for y in young]
+    stats = await old_task
+    assert old.out == [f"old{k}" for k in range(40)] and stats.steps == 40
+    alone = [i for i, names in enumerate(model.steps) if names == ["old"] and i > model.steps_with("young0")[0]]
+    assert alone, "the old sequence never took an extra step"
+    # Three tokens per iteration for the old one against one for the young: they lag far behind
+    # (once past 5 steps the first young one shares the 2 boosted rows: the oldest go first).
+    lengths = sorted(len(y.out) for y in young)
+    assert all(n <= (40 - 6) // 3 + 3 for n in lengths[:-1]), lengths
+    for t in young_tasks:
+        t.cancel()
+    await sched.close(drain=False)
+
+
+async def test_no_extra_steps_in_a_small_batch_or_in_request_mode() -> None:
+    for mode in ("step", "request"):
+        model = FakeModel(delay_s=0)
+        sched = model.scheduler(boost_after=2, boost_steps=2, boost_rows=8, mode=mode)
+        await asyncio.gather(sched.submit(FakeSeq("a", 20)), sched.submit(FakeSeq("b", 20)))
+        assert all(names == ["a", "b"] for names in model.steps) and len(model.steps) == 20, mode
+        await sched.close()
+
+
 async def test_rows_bound_admits_in_arrival_order_as_sequences_leave() -> None:
     model = FakeModel(delay_s=0.001)
     sched = model.scheduler(max_rows=4)

@@ -250,6 +250,9 @@ class TranslationEngine:
             name=name,
             observer=observer,
             retry_after_s=settings.retry_after_s,
+            boost_after=settings.decode_boost_after,
+            boost_steps=settings.decode_boost_steps,
+            boost_rows=settings.decode_boost_rows,
         )
 
     def start(self) -> None:
