@@ -47,7 +47,7 @@ class Server:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # loading and warming models on 2 busy cores
         while time.monotonic() < deadline:
             try:
                 if self.request("GET", "/v2/health/ready")[0] == 200:
@@ -57,7 +57,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.proc.stdout.read()}")
             time.sleep(0.1)
-        raise AssertionError("server never became ready")
+        self.proc.kill()  # never leave a server behind to slow the tests after this one
+        self.proc.wait()
+        raise AssertionError(f"server never became ready:\n{self.proc.stdout.read()[-2000:]}")
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
