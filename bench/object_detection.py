@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import io
 import json
@@ -30,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from PIL import Image
 
-from bench.run import ROOT, format_table, free_port, measure, neuroserve, raw_ceiling, write_multipart
+from bench.run import format_table, free_port, load_arguments, measure, neuroserve, raw_ceiling, write_multipart
 from service.tasks import object_detection as task
 from training.digit_scenes import makers
 
@@ -142,17 +141,8 @@ def _time(session: ort.InferenceSession, feeds: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--repository", type=Path, default=ROOT / "models")
-    p.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("NEUROSERVE_TEST_DATA", ROOT.parent / "shared" / "data"))
-    )
+    p = load_arguments(__doc__)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads, same everywhere")
-    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")

@@ -228,17 +228,24 @@ def format_table(rows: list[dict], server_side: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def load_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every HTTP benchmark takes: wrk duration, concurrency levels, repository, data."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--repository", type=Path, default=ROOT / "models")
-    p.add_argument("--model", default="mnist")
     p.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("NEUROSERVE_TEST_DATA", ROOT.parent / "shared" / "data"))
     )
+    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = load_arguments(__doc__)
+    p.add_argument("--model", default="mnist")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, same for every server")
     p.add_argument(
         "--triton",
@@ -247,7 +254,6 @@ def main(argv: list[str] | None = None) -> dict:
         help="Python of a PyTriton venv (../shared/peers/install-triton.sh); skipped if missing",
     )
     p.add_argument("--skip-image", action="store_true", help="only the v2 JSON endpoint")
-    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
