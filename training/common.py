@@ -6,20 +6,60 @@ Kept free of task knowledge so that each ``training/<task>.py`` stays a short, r
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
 import random
 import shlex
+import types
+import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from service.repository import sha256_file
+
+C = typing.TypeVar("C")
+
+
+def _argument(annotation: Any) -> dict[str, Any]:
+    """``add_argument`` keywords for a field of this type: bool, Literal, ``X | None``, ``tuple[X, ...]``,
+    or anything callable on a string (int, float, str, Path)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in args if a is not type(None)]
+        return _argument(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"type": type(args[0]), "choices": list(args)}
+    if origin is tuple:
+        return {"type": args[0], "nargs": "+"}
+    return {"type": annotation}
+
+
+def config_parser(config: type, description: str) -> argparse.ArgumentParser:
+    """A parser with one ``--field-name`` per field of the ``config`` dataclass: its type from the
+    annotation, its default from the field, its help (and extra ``add_argument`` keywords) from the
+    field's metadata: ``field(default=..., metadata={"help": ...})``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        kwargs = {**_argument(hints[f.name]), "default": f.default, **f.metadata}
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+    return parser
+
+
+def parse_config(config: type[C], argv: list[str] | None, description: str) -> C:
+    """``config`` filled from the command line (see :func:`config_parser`)."""
+    args = vars(config_parser(config, description).parse_args(argv))
+    return config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 
 def seed_everything(seed: int) -> None:

@@ -10,11 +10,11 @@ clients of the raw v2 endpoint never need to know MNIST's mean and standard devi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +33,23 @@ LABELS = [str(d) for d in range(10)]
 
 @dataclasses.dataclass
 class Config:
-    data_dir: Path = Path("../shared/data/image_classification/mnist")
-    output_dir: Path = Path("models")
-    name: str = "mnist"
-    version: int = 1
+    data_dir: Path = field(
+        default=Path("../shared/data/image_classification/mnist"), metadata={"help": "folder with the IDX .gz files"}
+    )
+    output_dir: Path = field(default=Path("models"), metadata={"help": "model repository root"})
+    name: str = field(default="mnist", metadata={"help": "model name in the repository"})
+    version: int = field(default=1, metadata={"help": "version folder to write"})
     epochs: int = 8
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (one-cycle)"})
     weight_decay: float = 1e-4
-    augment: bool = True
+    augment: bool = field(
+        default=True, metadata={"help": "random affine warps (--no-augment: train on raw digits only)"}
+    )
     seed: int = 1
-    device: str = "auto"
-    threads: int = 0
-    smoke: bool = False
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    smoke: bool = field(default=False, metadata={"help": "tiny subset, one epoch: checks the pipeline end to end"})
 
 
 class Net(nn.Module):
@@ -220,24 +224,7 @@ def train(cfg: Config, command: str = "") -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    defaults = Config()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="folder with the IDX .gz files")
-    p.add_argument("--output-dir", type=Path, default=defaults.output_dir, help="model repository root")
-    p.add_argument("--name", default=defaults.name, help="model name in the repository")
-    p.add_argument("--version", type=int, default=defaults.version, help="version folder to write")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (one-cycle)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="train on raw digits only")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--smoke", action="store_true", help="tiny subset, one epoch: checks the pipeline end to end")
-    return Config(**vars(p.parse_args(argv)))
+    return common.parse_config(Config, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,7 +29,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -46,32 +48,46 @@ STRIDE = 4
 PAD_VALUE = 114 / 255.0
 
 
+def multiple_of_32(text: str) -> int:
+    if int(text) % 32:
+        raise argparse.ArgumentTypeError("the input size must be a multiple of 32")
+    return int(text)
+
+
 @dataclasses.dataclass
 class Config:
-    dataset: str = "digits"  # digits | yolo
-    data_dir: Path = Path("../shared/data")
-    yolo_dir: Path = Path("../shared/data/object_detection/coco128")
+    dataset: Literal["digits", "yolo"] = "digits"
+    data_dir: Path = field(default=Path("../shared/data"), metadata={"help": "holds mnist and coco128 (digit scenes)"})
+    yolo_dir: Path = field(
+        default=Path("../shared/data/object_detection/coco128"),
+        metadata={"help": "a YOLO-layout dataset (--dataset yolo)"},
+    )
     train_split: str = "train2017"
     val_split: str = "val2017"
     output_dir: Path = Path("models")
     name: str = "digit-detector"
     version: int = 1
-    input_size: int = 320
-    width: int = 32
+    input_size: int = field(
+        default=320, metadata={"help": "letterboxed square input (multiple of 32)", "type": multiple_of_32}
+    )
+    width: int = field(default=32, metadata={"help": "channels of the first stage"})
     train_scenes: int = 20000
     test_scenes: int = 1000
     max_detections: int = 100
-    score_threshold: float = 0.4  # the endpoint's default operating point, written into model.json
+    score_threshold: float = field(
+        default=0.4, metadata={"help": "the endpoint's default operating point (model.json)"}
+    )
     epochs: int = 12
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 1
     device: str = "auto"
-    workers: int = -1  # data-loading processes; -1: one per core, up to 16
-    checkpoint_dir: Path = Path("checkpoints")
-    init_from: Path | None = None  # a checkpoint to start from (fine-tuning, e.g. at a larger input size)
-    smoke: bool = False
+    workers: int = field(default=-1, metadata={"help": "data-loading processes (-1: one per core, up to 16)"})
+    checkpoint_dir: Path = field(default=Path("checkpoints"), metadata={"help": "where the torch weights go"})
+    # Fully convolutional: weights trained at one input size fine-tune at another.
+    init_from: Path | None = field(default=None, metadata={"help": "start from these torch weights (fine-tuning)"})
+    smoke: bool = field(default=False, metadata={"help": "a few scenes, a tiny model, one epoch: checks the pipeline"})
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -514,40 +530,7 @@ def train(cfg: Config, command: str = "") -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    d = Config()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--dataset", choices=["digits", "yolo"], default=d.dataset)
-    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="holds mnist and coco128 (digit scenes)")
-    p.add_argument("--yolo-dir", type=Path, default=d.yolo_dir, help="a YOLO-layout dataset (--dataset yolo)")
-    p.add_argument("--train-split", default=d.train_split)
-    p.add_argument("--val-split", default=d.val_split)
-    p.add_argument("--output-dir", type=Path, default=d.output_dir)
-    p.add_argument("--name", default=d.name)
-    p.add_argument("--version", type=int, default=d.version)
-    p.add_argument("--input-size", type=int, default=d.input_size, help="letterboxed square input (multiple of 32)")
-    p.add_argument("--width", type=int, default=d.width, help="channels of the first stage")
-    p.add_argument("--train-scenes", type=int, default=d.train_scenes)
-    p.add_argument("--test-scenes", type=int, default=d.test_scenes)
-    p.add_argument("--max-detections", type=int, default=d.max_detections)
-    p.add_argument(
-        "--score-threshold", type=float, default=d.score_threshold, help="the endpoint's default (model.json)"
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes (-1: one per core, up to 16)")
-    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir, help="where the torch weights go")
-    p.add_argument("--init-from", type=Path, default=None, help="start from these torch weights (fine-tuning)")
-    p.add_argument("--smoke", action="store_true", help="a few scenes, a tiny model, one epoch: checks the pipeline")
-    args = vars(p.parse_args(argv))
-    if args["input_size"] % 32:
-        p.error("--input-size must be a multiple of 32")
-    return Config(**args)
+    return common.parse_config(Config, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,7 +19,6 @@ movie) the network does not know gets the bias prediction, in evaluation exactly
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -27,6 +26,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -42,22 +42,27 @@ RATING_MIN, RATING_MAX = 0.5, 5.0
 
 @dataclasses.dataclass
 class Config:
-    data_dir: Path = Path("../shared/data/rating/ml-latest-small")
-    output_dir: Path = Path("models")
+    data_dir: Path = field(
+        default=Path("../shared/data/rating/ml-latest-small"),
+        metadata={"help": "folder with ratings.csv and movies.csv"},
+    )
+    output_dir: Path = field(default=Path("models"), metadata={"help": "model repository root"})
     name: str = "rating"
     version: int = 1
-    holdout_fraction: float = 0.1
-    dim: int = 32
-    hidden: int = 64
+    holdout_fraction: float = field(
+        default=0.1, metadata={"help": "each user's latest share of ratings held out for validation"}
+    )
+    dim: int = field(default=32, metadata={"help": "embedding size"})
+    hidden: int = field(default=64, metadata={"help": "MLP width"})
     dropout: float = 0.3
     epochs: int = 8
     batch_size: int = 512
     lr: float = 5e-4
-    weight_decay: float = 1e-4
-    embed_l2: float = 0.5
+    weight_decay: float = field(default=1e-4, metadata={"help": "on the MLP"})
+    embed_l2: float = field(default=0.5, metadata={"help": "L2 on the embeddings used in a batch"})
     seed: int = 1
     device: str = "auto"
-    smoke: bool = False
+    smoke: bool = field(default=False, metadata={"help": "60 users, two epochs: checks the pipeline"})
 
 
 @dataclasses.dataclass
@@ -510,32 +515,7 @@ def train(cfg: Config, command: str = "") -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    d = Config()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="folder with ratings.csv and movies.csv")
-    p.add_argument("--output-dir", type=Path, default=d.output_dir, help="model repository root")
-    p.add_argument("--name", default=d.name)
-    p.add_argument("--version", type=int, default=d.version)
-    p.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=d.holdout_fraction,
-        help="each user's latest share of ratings held out for validation",
-    )
-    p.add_argument("--dim", type=int, default=d.dim, help="embedding size")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="MLP width")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on the MLP")
-    p.add_argument("--embed-l2", type=float, default=d.embed_l2, help="L2 on the embeddings used in a batch")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--smoke", action="store_true", help="60 users, two epochs: checks the pipeline")
-    return Config(**vars(p.parse_args(argv)))
+    return common.parse_config(Config, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,9 @@ import math
 import random
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -37,18 +39,26 @@ LABELS = ["negative", "positive"]
 PAD, UNK = "[PAD]", "[UNK]"
 
 
+def odd(text: str) -> int:
+    if int(text) % 2 == 0:
+        raise argparse.ArgumentTypeError("widths must be odd (symmetric padding keeps the sequence length)")
+    return int(text)
+
+
 @dataclasses.dataclass
 class Config:
-    lang: str = "en"
-    data_dir: Path = Path("../shared/data/sentiment")
-    output_dir: Path = Path("models")
-    name: str = ""  # default: sentiment (en) or sentiment-zh (zh)
+    lang: Literal["en", "zh"] = field(default="en", metadata={"help": "en: SST-2, zh: ChnSentiCorp"})
+    data_dir: Path = field(
+        default=Path("../shared/data/sentiment"), metadata={"help": "folder holding sst2/ and chnsenticorp/"}
+    )
+    output_dir: Path = field(default=Path("models"), metadata={"help": "model repository root"})
+    name: str = field(default="", metadata={"help": "model name (empty: sentiment for en, sentiment-zh for zh)"})
     version: int = 1
     vocab_size: int = 16000
-    max_len: int = 256
+    max_len: int = field(default=256, metadata={"help": "longest token sequence the model takes"})
     embed_dim: int = 128
-    channels: int = 128
-    widths: tuple[int, ...] = (1, 3, 5)
+    channels: int = field(default=128, metadata={"help": "filters per convolution width"})
+    widths: tuple[int, ...] = field(default=(1, 3, 5), metadata={"help": "odd convolution widths", "type": odd})
     dropout: float = 0.5
     epochs: int = 8
     batch_size: int = 64
@@ -56,7 +66,7 @@ class Config:
     weight_decay: float = 1e-4
     seed: int = 1
     device: str = "auto"
-    smoke: bool = False
+    smoke: bool = field(default=False, metadata={"help": "600 examples, one epoch: checks the pipeline"})
 
 
 def read_sst2(path: Path) -> tuple[list[str], list[int]]:
@@ -328,33 +338,7 @@ def train(cfg: Config, command: str = "") -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    d = Config()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--lang", choices=["en", "zh"], default=d.lang, help="en: SST-2, zh: ChnSentiCorp")
-    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="folder holding sst2/ and chnsenticorp/")
-    p.add_argument("--output-dir", type=Path, default=d.output_dir, help="model repository root")
-    p.add_argument("--name", default=d.name, help="model name (default: sentiment / sentiment-zh)")
-    p.add_argument("--version", type=int, default=d.version)
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--max-len", type=int, default=d.max_len, help="longest token sequence the model takes")
-    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    p.add_argument("--channels", type=int, default=d.channels, help="filters per convolution width")
-    p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="odd convolution widths")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--smoke", action="store_true", help="600 examples, one epoch: checks the pipeline")
-    args = vars(p.parse_args(argv))
-    if any(w % 2 == 0 for w in args["widths"]):
-        p.error("--widths must be odd (symmetric padding keeps the sequence length)")
-    args["widths"] = tuple(args["widths"])
-    return Config(**args)
+    return common.parse_config(Config, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,7 +24,6 @@ Both are parity-checked against torch greedy decoding on real validation sentenc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -34,6 +33,7 @@ import sys
 import time
 import zipfile
 from collections import defaultdict
+from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +54,15 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 
 @dataclasses.dataclass
 class Config:
-    data_dir: Path = Path("../shared/data/translation")
-    output_dir: Path = Path("models")
+    data_dir: Path = field(default=Path("../shared/data/translation"), metadata={"help": "folder holding fra-eng.zip"})
+    output_dir: Path = field(default=Path("models"), metadata={"help": "model repository root"})
     name: str = "translation-en-fr"
     version: int = 1
     validation_sentences: int = 2000
     vocab_size: int = 8000
-    max_tokens: int = 64  # longest source / target (in tokens) used for training and served
+    max_tokens: int = field(
+        default=64, metadata={"help": "longest source / target (in tokens) used for training and served"}
+    )
     d_model: int = 256
     heads: int = 4
     ff: int = 1024
@@ -69,18 +71,23 @@ class Config:
     dropout: float = 0.1
     label_smoothing: float = 0.1
     epochs: int = 6
-    batch_tokens: int = 4000  # target tokens per batch
+    batch_tokens: int = field(default=4000, metadata={"help": "target tokens per batch"})
     lr: float = 1.5e-3
     warmup_steps: int = 300
     weight_decay: float = 0.01
-    eval_sentences: int = 600  # validation sentences decoded after each epoch to pick the checkpoint
+    eval_sentences: int = field(
+        default=600, metadata={"help": "validation sentences decoded after each epoch to pick the checkpoint"}
+    )
     seed: int = 1
     device: str = "auto"
-    threads: int = 0
-    checkpoint_dir: Path = Path("checkpoints/translation-en-fr")  # torch weights (not served, not committed)
-    export_only: bool = False
-    init_from: Path | None = None  # a checkpoint folder to start from instead of random weights
-    smoke: bool = False
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    # The torch weights are not served and not committed.
+    checkpoint_dir: Path = field(
+        default=Path("checkpoints/translation-en-fr"), metadata={"help": "where the torch weights go"}
+    )
+    export_only: bool = field(default=False, metadata={"help": "no training: export from --checkpoint-dir"})
+    init_from: Path | None = field(default=None, metadata={"help": "start from this checkpoint folder's weights"})
+    smoke: bool = field(default=False, metadata={"help": "3,000 pairs, tiny model, one epoch: checks the pipeline"})
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -782,38 +789,7 @@ def onnx_greedy_batched(encoder: Path, decoder: Path, sources: list[list[int]], 
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    d = Config()
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="folder holding fra-eng.zip")
-    p.add_argument("--output-dir", type=Path, default=d.output_dir, help="model repository root")
-    p.add_argument("--name", default=d.name)
-    p.add_argument("--version", type=int, default=d.version)
-    p.add_argument("--validation-sentences", type=int, default=d.validation_sentences)
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--ff", type=int, default=d.ff)
-    p.add_argument("--encoder-layers", type=int, default=d.encoder_layers)
-    p.add_argument("--decoder-layers", type=int, default=d.decoder_layers)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--eval-sentences", type=int, default=d.eval_sentences)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir, help="where the torch weights go")
-    p.add_argument("--export-only", action="store_true", help="no training: export from --checkpoint-dir")
-    p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint folder's weights")
-    p.add_argument("--smoke", action="store_true", help="3,000 pairs, tiny model, one epoch: checks the pipeline")
-    return Config(**vars(p.parse_args(argv)))
+    return common.parse_config(Config, argv, __doc__.split("\n\n")[0])
 
 
 def export_only(cfg: Config, command: str) -> dict:
