@@ -72,12 +72,15 @@ class _State(enum.Enum):
 
 
 class _Pending:
-    __slots__ = ("deadline", "enqueued", "future", "key", "queue_s", "rows", "state")
+    __slots__ = ("deadline", "enqueued", "future", "key", "queue_s", "queued_at", "rows", "state")
 
     def __init__(self, rows: Sequence, key: Hashable, now: float, deadline: float, future: asyncio.Future) -> None:
         self.rows = rows
         self.key = key
-        self.enqueued = now
+        self.enqueued = now  # event-loop clock: schedules the delay and the deadline timer
+        # perf_counter: what is reported. The loop's clock has 1 ms resolution under uvloop, most
+        # of a small model's whole inference (0.5 ms for MNIST at batch 1).
+        self.queued_at = time.perf_counter()
         self.deadline = deadline
         self.future = future
         self.state = _State.QUEUED
@@ -295,10 +298,11 @@ class DynamicBatcher(Generic[T, R]):
                 break  # keep arrival order: do not let later, smaller requests jump ahead
             batch.append(pending)
             rows += len(pending.rows)
+        taken = time.perf_counter()
         for pending in batch:
             self._queue.remove(pending)
             pending.state = _State.RUNNING
-            pending.queue_s = now - pending.enqueued
+            pending.queue_s = taken - pending.queued_at
             self._observer.on_dequeue(pending.queue_s)
         self._observer.on_queue_depth(len(self._queue))
         return batch
@@ -309,7 +313,7 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         try:
             rows = [row for pending in batch for row in pending.rows]
-            started = loop.time()
+            started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._infer, rows)
                 if len(outputs) != len(rows):
@@ -323,7 +327,7 @@ class DynamicBatcher(Generic[T, R]):
                 for pending in batch:
                     self._fail(pending, exc)
                 return
-            compute_s = loop.time() - started
+            compute_s = time.perf_counter() - started
             self._observer.on_batch(len(rows), compute_s)
             offset = 0
             for pending in batch:

@@ -62,37 +62,40 @@ class Settings(BaseSettings):
     max_pairs_per_request: int = Field(1000, ge=1, description="Pairs per /v1/rating request.")
     max_recommendations: int = Field(100, ge=1, description="Largest k for /v1/recommendations.")
 
-    # Step-level decoding (translation).
-    decode_batching: Literal["step", "request"] = Field(
-        "step",
+    # Step-level decoding: each model's model.json ``parameters.decoding`` says how it decodes; these
+    # override a field for every decoding model (unset: the model's own).
+    decode_batching: Literal["step", "request"] | None = Field(
+        None,
         description="step: sequences join and leave the decode batch at every step; request: a batch "
         "decodes to its last sequence before others join (request-level batching, for comparison).",
     )
-    decode_max_rows: int = Field(64, ge=1, description="Decoder rows per step (a beam of 4 is 4 rows).")
-    decode_max_tokens: int = Field(
-        4096, ge=16, description="Tokens (source + generated, per row) a decode batch may hold when it admits."
+    decode_max_rows: int | None = Field(None, ge=1, description="Decoder rows per step (a beam of 4 is 4 rows).")
+    decode_max_tokens: int | None = Field(
+        None, ge=16, description="Tokens (source + generated, per row) a decode batch may hold when it admits."
     )
-    decode_timeout_ms: float = Field(
-        30_000, gt=0, description="Deadline for a whole translation (waiting and decoding): 504 beyond."
+    decode_timeout_ms: float | None = Field(
+        None, gt=0, description="Deadline for a whole decode (waiting and decoding): 504 beyond."
     )
-    decode_kv_cache: bool = Field(
-        True, description="Decode with the model's key/value-cache graphs when it has them (else the full-prefix step)."
+    decode_kv_cache: bool | None = Field(
+        None, description="Decode with the model's key/value-cache graphs when it has them (else the full-prefix step)."
     )
-    decode_threads: int = Field(
-        0,
+    decode_threads: int | None = Field(
+        None,
         ge=0,
         description="Threads that run a decode step's row groups (and a prefill's chunks) in parallel; 0: one "
-        "per CPU core. Above 1, the translation graphs run one intra-op thread each.",
+        "per CPU core. Above 1, the decoding graphs run one intra-op thread each.",
     )
-    decode_boost_after: int = Field(
-        0,
+    decode_boost_after: int | None = Field(
+        None,
         ge=0,
         description="Step-level decoding: sequences decoding for this many steps or more take extra steps "
         "alone in each iteration, the oldest first (0: off). Trades throughput for the longest requests' tail.",
     )
-    decode_boost_steps: int = Field(3, ge=0, description="Extra steps per iteration for those old sequences.")
-    decode_boost_rows: int = Field(
-        16, ge=1, description="Most rows that take extra steps in one iteration (and at most a quarter of the batch's)."
+    decode_boost_steps: int | None = Field(None, ge=0, description="Extra steps per iteration for those old sequences.")
+    decode_boost_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Most rows that take extra steps in one iteration (and at most a quarter of the batch's).",
     )
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
 
@@ -103,9 +106,13 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run dummy batches of every size before reporting ready.")
 
-    @property
-    def decode_parallelism(self) -> int:
-        """``decode_threads``, with 0 resolved to the CPU cores this process may run on."""
-        if self.decode_threads:
-            return self.decode_threads
+    default_models: list[str] = Field(
+        default_factory=list,
+        description="Models that are their task's default (a JSON list of names), overriding model.json's "
+        "default flag within their task.",
+    )
+
+    @staticmethod
+    def cpu_cores() -> int:
+        """The CPU cores this process may run on."""
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -88,11 +88,14 @@ class DecodeStats:
 
 
 class _Entry(Generic[S]):
-    __slots__ = ("admitted", "deadline", "future", "max_rows", "seq", "steps", "submitted")
+    __slots__ = ("admitted", "deadline", "future", "max_rows", "seq", "steps", "submitted", "timeout_s")
 
-    def __init__(self, seq: S, submitted: float, deadline: float, future: asyncio.Future) -> None:
+    def __init__(self, seq: S, deadline: float, timeout_s: float | None, future: asyncio.Future) -> None:
+        self.timeout_s = timeout_s
         self.seq = seq
-        self.submitted = submitted
+        # Timings on perf_counter (the event loop's clock has 1 ms resolution under uvloop);
+        # the deadline on the loop's clock, which the loop checks it against.
+        self.submitted = time.perf_counter()
         self.deadline = deadline
         self.future = future
         self.admitted = 0.0
@@ -169,9 +172,8 @@ class StepScheduler(Generic[S]):
             )
         self.start()
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = now + timeout_s if timeout_s is not None else float("inf")
-        entry = _Entry(seq, now, deadline, loop.create_future())
+        deadline = loop.time() + timeout_s if timeout_s is not None else float("inf")
+        entry = _Entry(seq, deadline, timeout_s, loop.create_future())
         self._waiting.append(entry)
         self._observer.on_queue_depth(len(self._waiting))
         self._wake.set()
@@ -209,47 +211,52 @@ class StepScheduler(Generic[S]):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            new = self._admit(loop.time())
-            batch = [*self._active, *new]
-            if not batch:
+            new = self._admit(time.perf_counter())
+            if not self._active and not new:
                 continue
-            self._active = batch
-            started = loop.time()
+            self._active = [*self._active, *new]
+            started = time.perf_counter()
             old = self._stragglers()
-            # Prefill, step and extra steps in one trip to the worker thread (one hop per iteration).
-            try:
-                prefill_error, extra = await loop.run_in_executor(
-                    self._executor,
-                    self._iterate,
-                    [e.seq for e in new],
-                    [e.seq for e in self._active],
-                    [e.seq for e in old],
-                )
-            except Exception as exc:  # the step failed: exactly this step's sequences fail
-                self._fail_all(batch, exc)
-                continue
-            if prefill_error is not None:  # only the newcomers failed; the others stepped on
-                self._fail_all(new, prefill_error)
-                batch = [e for e in batch if e not in new]
-            seconds = loop.time() - started
-            rows = sum(e.seq.rows for e in batch)
-            self._observer.on_step(rows, len(batch), seconds)
-            now = loop.time()
-            for entry, steps in zip(old, extra, strict=True):
-                entry.steps += steps
-            still = []
-            for entry in self._active:
-                entry.steps += 1
-                entry.max_rows = max(entry.max_rows, rows)
-                if entry.seq.done:
-                    if not entry.future.done():
-                        stats = DecodeStats(
-                            entry.admitted - entry.submitted, now - entry.admitted, entry.steps, entry.max_rows
-                        )
-                        entry.future.set_result(stats)
-                else:
-                    still.append(entry)
-            self._active = still
+            stepped, extra = await self._dispatch(new, old)
+            self._complete(stepped, old, extra, time.perf_counter() - started)
+
+    async def _dispatch(self, new: list[_Entry[S]], old: list[_Entry[S]]) -> tuple[list[_Entry[S]], list[int]]:
+        """Prefill, step and extra steps in one trip to the worker thread (one hop per iteration).
+        Returns the entries that stepped and the extra steps of ``old``. A failed step fails exactly
+        this step's sequences; a failed prefill only the newcomers (the others stepped on)."""
+        batch = self._active
+        try:
+            prefill_error, extra = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._iterate, [e.seq for e in new], [e.seq for e in batch], [e.seq for e in old]
+            )
+        except Exception as exc:
+            self._fail_all(batch, exc)
+            return [], [0] * len(old)
+        if prefill_error is not None:
+            self._fail_all(new, prefill_error)
+            batch = [e for e in batch if e not in new]
+        return batch, extra
+
+    def _complete(self, stepped: list[_Entry[S]], old: list[_Entry[S]], extra: list[int], seconds: float) -> None:
+        """Count the step, answer every sequence that finished (its place goes to the next waiting
+        one), keep the rest."""
+        if not stepped:
+            return
+        rows = sum(e.seq.rows for e in stepped)
+        self._observer.on_step(rows, len(stepped), seconds)
+        now = time.perf_counter()
+        for entry, steps in zip(old, extra, strict=True):
+            entry.steps += steps
+        still = []
+        for entry in self._active:
+            entry.steps += 1
+            entry.max_rows = max(entry.max_rows, rows)
+            if not entry.seq.done:
+                still.append(entry)
+            elif not entry.future.done():
+                stats = DecodeStats(entry.admitted - entry.submitted, now - entry.admitted, entry.steps, entry.max_rows)
+                entry.future.set_result(stats)
+        self._active = still
 
     def _stragglers(self) -> list[_Entry[S]]:
         """The oldest active sequences past ``boost_after`` steps, within ``boost_rows`` rows and a
@@ -329,7 +336,7 @@ class StepScheduler(Generic[S]):
                     entry,
                     DeadlineExceeded(
                         f"request deadline passed {where} in model {self.name} "
-                        f"({entry.deadline - entry.submitted:.3f} s); try a shorter text or fewer new tokens"
+                        f"({entry.timeout_s:.3f} s); try a shorter text or fewer new tokens"
                     ),
                 )
 

@@ -7,12 +7,17 @@ batcher and the runtime raise these too.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 
 class ServiceError(Exception):
     status_code = 500
     error_type = "internal_error"
+    # What a client is told this status means (the OpenAPI error table is built from these).
+    summary = "Internal error (a bug: please report it)"
+    # False for errors that never reach a client as a response (see :func:`wire_errors`).
+    on_the_wire = True
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -26,6 +31,7 @@ class ServiceError(Exception):
 class InvalidInput(ServiceError):
     status_code = 400
     error_type = "invalid_input"
+    summary = "Invalid input (corrupt image, bad base64, invalid JSON, unusable text)"
 
 
 class InvalidJSON(InvalidInput):
@@ -47,21 +53,38 @@ class UnsupportedText(InvalidInput):
 class ModelNotFound(ServiceError):
     status_code = 404
     error_type = "model_not_found"
+    summary = "Unknown model or route, or no model of the task to answer"
 
 
-class NotFound(ServiceError):
-    status_code = 404
+class NoDefaultModel(ModelNotFound):
+    # Several models serve the task and none is its default: the request must name one.
+    error_type = "no_default_model"
+
+
+class NotFound(ModelNotFound):
     error_type = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status_code = 405
+    error_type = "method_not_allowed"
+    summary = "The route exists but not with this HTTP method"
 
 
 class ModelNotReady(ServiceError):
     status_code = 503
     error_type = "model_not_ready"
+    summary = "Not ready (still loading, failed to load, or shutting down): Retry-After given"
+
+
+class NotReady(ModelNotReady):
+    error_type = "not_ready"  # the whole server, on /v2/health/ready
 
 
 class PayloadTooLarge(ServiceError):
     status_code = 413
     error_type = "payload_too_large"
+    summary = "Too large (bytes, pixels, characters or number of items)"
 
 
 class ImageTooLarge(PayloadTooLarge):
@@ -83,6 +106,7 @@ class InvalidId(InvalidInput):
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     error_type = "unsupported_media_type"
+    summary = "Unsupported media type or image format"
 
 
 class UnsupportedImageFormat(UnsupportedMediaType):
@@ -92,6 +116,7 @@ class UnsupportedImageFormat(UnsupportedMediaType):
 class SchemaError(ServiceError):
     status_code = 422
     error_type = "schema_error"
+    summary = "The request does not match the schema (a field missing, of the wrong type or out of range)"
 
 
 class Overloaded(ServiceError):
@@ -100,6 +125,7 @@ class Overloaded(ServiceError):
     # replica. A 429 goes back to the client with Retry-After.
     status_code = 429
     error_type = "overloaded"
+    summary = "Overloaded: the model's queue is full; retry after Retry-After seconds"
 
 
 class ShuttingDown(Overloaded):
@@ -110,12 +136,14 @@ class ShuttingDown(Overloaded):
 class DeadlineExceeded(ServiceError):
     status_code = 504
     error_type = "deadline_exceeded"
+    summary = "The request's deadline passed before it could run or finish"
 
 
 class ClientDisconnected(ServiceError):
     # nginx's convention; nobody reads it, but logs and metrics do.
     status_code = 499
     error_type = "client_disconnected"
+    on_the_wire = False
 
 
 class InferenceFailed(ServiceError):
@@ -127,8 +155,46 @@ class ModelLoadError(ServiceError):
     """Raised while loading the repository; names the file and the problem."""
 
     error_type = "model_load_error"
+    on_the_wire = False  # reported in /v2/models and readiness, never as a response
 
     def __init__(self, path: object, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+def _subclasses(cls: type[ServiceError]) -> Iterator[type[ServiceError]]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _subclasses(sub)
+
+
+def wire_errors() -> dict[int, list[type[ServiceError]]]:
+    """Every error class a client can receive, by status code (the OpenAPI error table)."""
+    table: dict[int, list[type[ServiceError]]] = {}
+    for cls in _subclasses(ServiceError):
+        if cls.on_the_wire:
+            table.setdefault(cls.status_code, []).append(cls)
+    return dict(sorted(table.items()))
+
+
+def status_summary(classes: list[type[ServiceError]]) -> str:
+    """What a status means: the summary of its most general class (the first defined)."""
+    return classes[0].summary
+
+
+def error_for_status(status: int, message: str, headers: Mapping[str, str] | None = None) -> ServiceError:
+    """The error a framework-level HTTP status (404 route, 405 method) stands for."""
+    by_status: dict[int, type[ServiceError]] = {404: NotFound, 405: MethodNotAllowed}
+    cls = by_status.get(status) or (InvalidInput if 400 <= status < 500 else ServiceError)
+    return cls(message, headers=dict(headers or {}))
+
+
+def describe_validation(errors: Iterable[Mapping[str, Any]], *, skip: tuple[str, ...] = ()) -> str:
+    """Pydantic-style validation errors as one sentence a client can act on: ``where: what; ...``
+    (the first five). ``skip`` drops location parts that say nothing (FastAPI's ``body``)."""
+    parts = []
+    for err in list(errors)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in skip) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "does not match the schema"

@@ -113,3 +113,16 @@ def to_gray(image: Image.Image, *, max_side: int | None = None) -> np.ndarray:
     ink = float((gray * alpha).sum() / weight)
     background = 1.0 if ink < 0.5 else 0.0
     return alpha * gray + (1.0 - alpha) * background
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image from any mode; transparent pixels laid on white (as a browser shows them)."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        gray = (to_gray(image) * 255.0).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")

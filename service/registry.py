@@ -1,8 +1,10 @@
 """Loaded models: each model version gets an onnxruntime session behind its own dynamic batcher.
 
-:class:`ModelRegistry` scans the repository, loads and warms every model off the event loop,
-tracks each one's state (a broken model is ``FAILED`` with its reason, the rest still serve), and
-answers lookups by name, version and task.
+:class:`ModelRegistry` scans the repository, checks each model against its task (a registered
+:class:`~service.tasks.Task`: its parameters parse, it can feed the graph), settles each task's
+default model, loads and warms every model off the event loop, tracks each one's state (a broken
+model is ``FAILED`` with its reason, the rest still serve), and answers lookups by name, version
+and task. It names no task: what differs between tasks is asked of the task.
 """
 
 from __future__ import annotations
@@ -12,18 +14,27 @@ import enum
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field, ValidationError
 
 from service.batching import BatchResult, DynamicBatcher
 from service.config import Settings
-from service.errors import InferenceFailed, InvalidTensor, ModelLoadError, ModelNotFound, ModelNotReady
+from service.errors import (
+    InferenceFailed,
+    InvalidTensor,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    NoDefaultModel,
+    describe_validation,
+)
 from service.metrics import Metrics, ModelObserver
-from service.repository import ModelEntry, ModelSpec, VersionEntry, check_graph, scan
+from service.repository import V2_ONLY, ModelEntry, ModelSpec, VersionEntry, check_graph, scan
 from service.runtime import OnnxModel, RuntimeOptions
-from service.tasks import load_assets, make_engine
+from service.tasks import TASKS, CannotFeed, Engine, Parameters, Task, check_labels
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +65,39 @@ class Inference:
         }
 
 
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a dynamic axis")
+
+
+class ModelParameters(BaseModel):
+    task: str
+    default: bool
+    description: str
+    execution_provider: str
+    execution_providers: list[str]
+    max_batch_size: int
+    max_queue_delay_ms: float
+    metrics: dict[str, Any] = Field(description="Measured quality (metadata.json), with the split and command")
+    dataset: dict[str, Any]
+    training_command: str | None
+    sha256: str | None
+
+
+class ModelVersionMetadata(BaseModel):
+    """The Open Inference Protocol's model metadata, with neuroserve's parameters."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: ModelParameters
+
+
 class ServedModel:
-    """One model version that serves: session + batcher + its metrics."""
+    """One model version that serves: session + batcher + its metrics, and what its task loaded."""
 
     def __init__(
         self,
@@ -65,10 +107,17 @@ class ServedModel:
         settings: Settings,
         observer: ModelObserver,
         assets: Any = None,
+        *,
+        task: Task | None = None,
+        parameters: Parameters | None = None,
+        default: bool = False,
     ) -> None:
         self.spec = spec
+        self.task = task  # None: served on the Open Inference Protocol only
+        self.parameters = parameters  # model.json parameters, parsed by the task
+        self.default = default
         self.assets = assets  # the task's files (tokenizer, id maps), loaded with the model
-        self.engine: Any = None  # a task's own scheduler (translation's step-level decoder), if any
+        self.engine: Engine | None = None  # the task's own scheduler (step-level decoding), if any
         self.name = spec.name
         self.version = entry.version
         self.entry = entry
@@ -133,26 +182,27 @@ class ServedModel:
             await self.engine.close(drain=drain)
         await self.batcher.close(drain=drain)
 
-    def metadata(self) -> dict:
-        return {
-            "name": self.name,
-            "versions": [str(self.version)],
-            "platform": self.spec.platform,
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in self.spec.inputs],
-            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in self.spec.outputs],
-            "parameters": {
-                "task": self.spec.task,
-                "description": self.spec.description,
-                "execution_provider": self.runtime.provider,
-                "execution_providers": self.runtime.providers,
-                "max_batch_size": self.max_batch_size,
-                "max_queue_delay_ms": self.max_queue_delay_ms,
-                "metrics": self.entry.metadata.get("metrics", {}),
-                "dataset": self.entry.metadata.get("dataset", {}),
-                "training_command": self.entry.metadata.get("training", {}).get("command"),
-                "sha256": self.entry.metadata.get("sha256"),
-            },
-        }
+    def metadata(self) -> ModelVersionMetadata:
+        return ModelVersionMetadata(
+            name=self.name,
+            versions=[str(self.version)],
+            platform=self.spec.platform,
+            inputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in self.spec.inputs],
+            outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in self.spec.outputs],
+            parameters=ModelParameters(
+                task=self.spec.task,
+                default=self.default,
+                description=self.spec.description,
+                execution_provider=self.runtime.provider,
+                execution_providers=self.runtime.providers,
+                max_batch_size=self.max_batch_size,
+                max_queue_delay_ms=self.max_queue_delay_ms,
+                metrics=self.entry.metadata.get("metrics", {}),
+                dataset=self.entry.metadata.get("dataset", {}),
+                training_command=self.entry.metadata.get("training", {}).get("command"),
+                sha256=self.entry.metadata.get("sha256"),
+            ),
+        )
 
     async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
@@ -184,6 +234,13 @@ class ModelStatus:
     reason: str | None = None
     versions: dict[int, ServedModel] = field(default_factory=dict)
     entry: ModelEntry | None = None
+    parameters: Parameters | None = None  # parsed by its task
+    scope: str | None = None  # its task's default scope (a sentiment model's language)
+    default: bool = False
+
+    def fail(self, reason: str) -> None:
+        self.state, self.reason = ModelState.FAILED, reason
+        log.error("model %s cannot be served: %s", self.name, reason)
 
     @property
     def latest(self) -> ServedModel | None:
@@ -207,6 +264,7 @@ class ModelRegistry:
     # -- loading ------------------------------------------------------------------------------
 
     def discover(self) -> None:
+        """Scan the repository, check every model against its task, and settle the defaults."""
         try:
             entries = scan(self.settings.repository)
         except ModelLoadError as exc:
@@ -216,10 +274,63 @@ class ModelRegistry:
         for entry in entries:
             task = entry.spec.task if entry.spec else None
             status = ModelStatus(entry.name, task, ModelState.LOADING, entry=entry)
-            if entry.error is not None:
-                status.state, status.reason = ModelState.FAILED, entry.error.message
-                log.error("model %s cannot be served: %s", entry.name, entry.error.message)
             self.models[entry.name] = status
+            if entry.error is not None:
+                status.fail(entry.error.message)
+            else:
+                self._check_task(status)
+        self._settle_defaults()
+
+    def _check_task(self, status: ModelStatus) -> None:
+        """The task exists, its parameters parse, and it can feed the graph model.json declares."""
+        assert status.entry is not None and status.entry.spec is not None
+        spec, where = status.entry.spec, status.entry.path / "model.json"
+        if spec.task == V2_ONLY:
+            try:
+                check_labels(spec)
+            except CannotFeed as exc:
+                status.fail(f"{where}: {exc}")
+            return
+        task = TASKS.get(spec.task)
+        if task is None:
+            known = ", ".join(sorted(TASKS))
+            status.fail(f"{where}: unknown task {spec.task!r}; known tasks: {known} (or 'none' for v2 only)")
+            return
+        try:
+            status.parameters = task.parameters(spec)
+            task.check(spec, status.parameters)
+        except ValidationError as exc:
+            status.fail(f"{where}: parameters: {describe_validation(exc.errors())}")
+            return
+        except CannotFeed as exc:
+            status.fail(
+                f'{where}: task {task.name} cannot feed this model: {exc} (set "task": "none" to serve it on v2 only)'
+            )
+            return
+        status.scope = task.default_scope(status.parameters)
+
+    def _settle_defaults(self) -> None:
+        """One default per task and scope: the model whose model.json says ``"default": true`` (or
+        that ``default_models`` names, which then decides its task alone). Two defaults in one scope
+        fail both: which one answers must never depend on the order models are found in."""
+        groups: dict[tuple[str, str | None], list[ModelStatus]] = {}
+        for status in self.models.values():
+            if status.state is ModelState.LOADING and status.task != V2_ONLY and status.task is not None:
+                groups.setdefault((status.task, status.scope), []).append(status)
+        named = set(self.settings.default_models)
+        named_tasks = {s.task for s in self.models.values() if s.name in named}
+        for (task, scope), members in groups.items():
+            if task in named_tasks:
+                chosen = [s for s in members if s.name in named]
+            else:
+                chosen = [s for s in members if s.entry is not None and s.entry.spec and s.entry.spec.default]
+            if len(chosen) == 1:
+                chosen[0].default = True
+            elif len(chosen) > 1:
+                names = ", ".join(s.name for s in chosen)
+                where = f" ({scope})" if scope else ""
+                for status in chosen:
+                    status.fail(f"models {names} are all marked the default of task {task}{where}; mark one")
 
     async def load_all(self) -> None:
         """Load and warm every discovered model, one at a time, off the event loop."""
@@ -236,13 +347,24 @@ class ModelRegistry:
         try:
             for version in entry.versions:
                 started = time.perf_counter()
-                runtime, assets = await asyncio.to_thread(self._open, entry.spec, version)
+                runtime, assets = await asyncio.to_thread(self._open, entry.spec, status.parameters, version)
                 observer = self.metrics.observer(entry.name)
-                served = ServedModel(entry.spec, version, runtime, self.settings, observer, assets)
+                served = ServedModel(
+                    entry.spec,
+                    version,
+                    runtime,
+                    self.settings,
+                    observer,
+                    assets,
+                    task=TASKS.get(entry.spec.task),
+                    parameters=status.parameters,
+                    default=status.default,
+                )
                 if self.settings.warmup:
                     await asyncio.to_thread(served.warmup)
                 served.batcher.start()
-                served.engine = make_engine(served, self.settings)
+                if served.task is not None:
+                    served.engine = served.task.make_engine(served, self.settings)
                 if served.engine is not None:
                     served.engine.start()
                 status.versions[version.version] = served
@@ -265,14 +387,16 @@ class ModelRegistry:
         if status.state is ModelState.FAILED:
             await self._close_versions(status)
 
-    def _open(self, spec: ModelSpec, version: VersionEntry) -> tuple[OnnxModel, Any]:
+    def _open(self, spec: ModelSpec, parameters: Parameters | None, version: VersionEntry) -> tuple[OnnxModel, Any]:
+        task = TASKS.get(spec.task)
         options = self.options
-        if spec.task == "translation" and self.settings.decode_parallelism > 1:
-            # Its decode steps run row groups on parallel threads: one intra-op thread per call.
-            options = replace(options, intra_op_threads=1)
+        if task is not None:
+            options = task.session_options(parameters, options, self.settings)
         runtime = OnnxModel(version.onnx_path, options)
         check_graph(spec, version.onnx_path, runtime.inputs, runtime.outputs)
-        return runtime, load_assets(spec, version.path, options)
+        if task is None:
+            return runtime, None
+        return runtime, task.load_assets(spec, parameters, version.path, options, self.settings)
 
     async def _close_versions(self, status: ModelStatus) -> None:
         for served in status.versions.values():
@@ -322,26 +446,24 @@ class ModelRegistry:
                 f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
             ) from None
 
-    def for_task(self, task: str, name: str | None = None, **parameters: Any) -> ServedModel:
-        """The model a task endpoint uses: the one named, else the first by name of that task whose
-        ``model.json`` parameters match (e.g. ``language="zh"``)."""
+    def for_task(self, task: str, name: str | None = None, *, scope: str | None = None) -> ServedModel:
+        """The model a task endpoint uses: the one named, else the task's default (in ``scope``,
+        e.g. a language). A request that names no model never gets a model that is not a default,
+        so adding a model never changes which model answers it."""
         if name is not None:
             served = self.get(name)
             if served.spec.task != task:
                 raise ModelNotFound(f"model {name!r} serves {served.spec.task!r}, not {task!r}")
             return served
-        candidates = sorted(
-            s.name
-            for s in self.models.values()
-            if s.task == task
-            and s.entry is not None
-            and s.entry.spec is not None
-            and all(s.entry.spec.parameters.get(k) == v for k, v in parameters.items())
-        )
-        if not candidates:
-            wanted = f" with {parameters}" if parameters else ""
-            raise ModelNotFound(f"no model for task {task!r}{wanted} in the repository")
-        for candidate in candidates:
-            if self.models[candidate].state is ModelState.READY:
-                return self.get(candidate)
-        return self.get(candidates[0])  # raises ModelNotReady with its reason
+        members = [s for s in self.models.values() if s.task == task and s.scope == scope]
+        for status in members:
+            if status.default:
+                return self.get(status.name)  # raises ModelNotReady with its reason
+        where = f" ({scope})" if scope is not None else ""
+        failed = [s.name for s in members if s.state is ModelState.FAILED]
+        if not members:
+            raise ModelNotFound(f"no model for task {task!r}{where} in this repository")
+        if failed and len(failed) == len(members):
+            return self.get(failed[0])  # raises ModelNotReady with why it failed
+        names = sorted(s.name for s in members)
+        raise NoDefaultModel(f"task {task!r}{where} has several models and no default; name one with 'model': {names}")

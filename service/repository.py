@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.errors import ModelLoadError
+from service.errors import ModelLoadError, describe_validation
 from service.runtime import V2_TO_NUMPY, TensorInfo
+
+V2_ONLY = "none"  # the task of a model served on the Open Inference Protocol only
 
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 assert set(Datatype.__args__) == set(V2_TO_NUMPY)  # type: ignore[attr-defined]
@@ -68,7 +70,12 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    task: str = Field(description="Task endpoint that serves it, e.g. image-classification; 'none' for v2 only")
+    task: str = Field(description="The registered task that serves it (e.g. image-classification); 'none' for v2 only")
+    default: bool = Field(
+        False,
+        description="The model that answers its task's requests that name none (one per task, or per "
+        "task scope such as a sentiment model's language)",
+    )
     description: str = ""
     platform: Literal["onnxruntime"] = "onnxruntime"
     inputs: list[TensorSpec] = Field(min_length=1)
@@ -125,10 +132,7 @@ def load_spec(model_dir: Path) -> ModelSpec:
     try:
         spec = ModelSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        raise ModelLoadError(path, problems) from None
+        raise ModelLoadError(path, describe_validation(exc.errors())) from None
     if spec.name != model_dir.name:
         raise ModelLoadError(path, f"name {spec.name!r} does not match its folder {model_dir.name!r}")
     return spec
@@ -212,11 +216,3 @@ def check_graph(spec: ModelSpec, onnx_path: Path, inputs: list[TensorInfo], outp
     """The loaded graph must have the tensors ``model.json`` declares, with compatible shapes."""
     _check_tensors("inputs", spec.inputs, inputs, onnx_path)
     _check_tensors("outputs", spec.outputs, outputs, onnx_path)
-    # Labels name the first output's last axis (class scores), except for a detector, whose labels
-    # are what its integer ``classes`` output indexes.
-    if spec.labels is not None and spec.task != "object-detection":
-        width = spec.outputs[0].shape[-1]
-        if width != -1 and width != len(spec.labels):
-            raise ModelLoadError(
-                onnx_path.parent.parent / "model.json", f"{len(spec.labels)} labels for an output of width {width}"
-            )

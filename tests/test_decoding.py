@@ -11,7 +11,7 @@ import pytest
 
 from service.decoding import StepScheduler
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ShuttingDown
-from service.tasks.translation import Source, TranslationJob
+from service.search import Search, new_search
 
 pytestmark = pytest.mark.anyio
 
@@ -278,8 +278,8 @@ async def test_close_drains_then_refuses() -> None:
         await sched.submit(FakeSeq("after", 1))
 
 
-def _job(beam: int, max_new: int = 5) -> TranslationJob:
-    return TranslationJob(Source([5, 6], 2, False, [], True), beam_size=beam, max_new_tokens=max_new, eos=2, bos=1)
+def _job(beam: int, max_new: int = 5) -> Search:
+    return new_search(beam, bos=1, eos=2, max_new_tokens=max_new)
 
 
 def _lp(rows: list[dict[int, float]], vocab: int = 8) -> np.ndarray:

@@ -29,6 +29,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     spec = {
         "name": "bright-box",
         "task": "object-detection",
+        "default": True,
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, SIZE, SIZE]}],
         "outputs": [
             {"name": "boxes", "datatype": "FP32", "shape": [-1, 1, 4]},

@@ -35,7 +35,7 @@ def test_model_metadata_shows_provider_quality_and_batching(client: TestClient) 
     assert client.get("/v2/models/mnist/ready").json() == {"name": "mnist", "version": "1", "ready": True}
     assert client.get("/v2/models/mnist/versions/1/ready").status_code == 200
     index = client.post("/v2/repository/index").json()
-    assert {"name": "mnist", "version": "1", "state": "READY", "task": "image-classification"} in index
+    assert {"name": "mnist", "version": "1", "state": "READY", "task": "image-classification", "default": True} in index
 
 
 def test_v2_infer_classifies_real_digits_in_order(client: TestClient, mnist_test) -> None:

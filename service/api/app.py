@@ -12,12 +12,13 @@ from fastapi import FastAPI
 from service import __version__
 from service.api.handlers import install_handlers
 from service.api.middleware import RequestGuard
-from service.api.routes import health, image_classification, object_detection, rating, sentiment, translation, v2
+from service.api.routes import health, v2
 from service.api.routes import metrics as metrics_routes
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.responses import JSONResponse
+from service.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestGuard, max_body_bytes=settings.max_request_bytes, metrics=metrics, access_log=settings.access_log
     )
     app.router.routes.extend(v2.fast_routes)
-    for module in (health, v2, image_classification, object_detection, sentiment, rating, translation, metrics_routes):
-        app.include_router(module.router)
+    for router in (health.router, v2.router, *(task.router() for task in TASKS.values()), metrics_routes.router):
+        if router is not None:
+            app.include_router(router)
     return app

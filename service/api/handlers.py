@@ -15,6 +15,8 @@ from service.errors import (
     Overloaded,
     SchemaError,
     ServiceError,
+    describe_validation,
+    error_for_status,
 )
 from service.responses import JSONResponse
 
@@ -23,14 +25,6 @@ log = logging.getLogger(__name__)
 
 def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
-
-
-def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "request does not match the schema"
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -45,14 +39,11 @@ def install_handlers(app: FastAPI) -> None:
         # A body that is not JSON at all is a 400; JSON of the wrong shape is a 422.
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             return error_response(InvalidJSON("request body is not valid JSON"))
-        return error_response(SchemaError(_describe_validation(exc)))
+        return error_response(SchemaError(describe_validation(exc.errors(), skip=("body",))))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        err = ServiceError(str(exc.detail))
-        err.status_code, err.error_type = exc.status_code, error_type
-        return error_response(err)
+        return error_response(error_for_status(exc.status_code, str(exc.detail), exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,24 +1,32 @@
 """Image classification: client images in, ranked labels out.
 
-Pre-processing is chosen by the model's ``parameters.preprocessing`` in ``model.json``:
+The task feeds what the graph declares (one FP32 input ``[batch, C, H, W]``, C = 1 grey or 3 RGB,
+H and W fixed; one output ``[batch, classes]``) and is told how in ``model.json`` ``parameters``
+(:class:`ImageClassificationParameters`):
 
-* ``mnist`` reproduces how MNIST itself was made, so that a phone photo or a scan of a digit looks
-  to the model like a test digit: grey levels, polarity detected from the image border (dark ink on
-  light paper is inverted to MNIST's light on dark), contrast stretched, the digit cropped to its
-  ink, fitted in a 20x20 box keeping its aspect ratio, and placed in 28x28 with its centre of mass
-  at the centre.
-* ``resize`` (the default for other models) just resizes to the input size and scales to [0, 1].
+* ``preprocessing: "mnist"`` (grey 28x28 only) reproduces how MNIST itself was made, so that a
+  phone photo or a scan of a digit looks to the model like a test digit: grey levels, polarity
+  detected from the image border (dark ink on light paper is inverted to MNIST's light on dark),
+  contrast stretched, the digit cropped to its ink, fitted in a 20x20 box keeping its aspect ratio,
+  and placed in 28x28 with its centre of mass at the centre.
+* ``preprocessing: "resize"`` (the default) resizes the whole image to H x W (bilinear), grey or
+  RGB as the graph takes, scales to [0, 1], optionally inverts (``invert``: light-on-dark models
+  fed dark-on-light photos), then normalises per channel with ``mean`` and ``std``.
+* ``output``: ``probabilities`` (default) or ``logits`` (a softmax is applied here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from service import imaging
-from service.errors import InvalidInput
+from service.repository import ModelSpec
+from service.tasks.base import Parameters, Task, require
 
 # Past this size the photo is shrunk before analysis; the digit ends up 20 px tall anyway.
 _ANALYSIS_MAX_SIDE = 512
@@ -71,26 +79,82 @@ def mnist_like(gray: np.ndarray) -> np.ndarray:
     return out
 
 
-def resized(gray: np.ndarray, height: int, width: int) -> np.ndarray:
-    image = Image.fromarray(gray, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-
-
-def preprocess(images: Sequence[Image.Image], input_shape: Sequence[int], method: str) -> np.ndarray:
-    """Decoded images to the model's input batch ``[n, 1, H, W]`` float32."""
-    if len(input_shape) != 4 or input_shape[1] != 1:
-        raise InvalidInput(f"model input shape {list(input_shape)} is not a single-channel image batch")
-    height, width = input_shape[2], input_shape[3]
-    batch = np.empty((len(images), 1, height, width), dtype=np.float32)
-    for i, image in enumerate(images):
+def resized(image: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
+    """The whole image at the model's size, ``[channels, H, W]`` in [0, 1]."""
+    if channels == 1:
         gray = imaging.to_gray(image, max_side=_ANALYSIS_MAX_SIDE)
-        if method == "mnist":
-            if (height, width) != (28, 28):
-                raise InvalidInput("mnist pre-processing needs a 28x28 model input")
-            batch[i, 0] = mnist_like(gray)
-        else:
-            batch[i, 0] = resized(gray, height, width)
+        out = Image.fromarray(gray, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)[None]
+    rgb = imaging.to_rgb(image).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+class ImageClassificationParameters(Parameters):
+    preprocessing: Literal["mnist", "resize"] = Field(
+        "resize", description="mnist: find, crop and centre a digit as MNIST did (grey 28x28); resize: whole image"
+    )
+    output: Literal["probabilities", "logits"] = Field("probabilities", description="logits get a softmax here")
+    invert: bool = Field(False, description="resize: 1 - pixel (for light-on-dark models)")
+    mean: list[float] | None = Field(None, description="Per-channel mean subtracted after scaling to [0, 1]")
+    std: list[float] | None = Field(None, description="Per-channel divisor after the mean")
+
+
+class ImageClassification(Task[ImageClassificationParameters]):
+    name = "image-classification"
+    parameters_model = ImageClassificationParameters
+    routes = "service.api.routes.image_classification"
+
+    def check(self, spec: ModelSpec, parameters: ImageClassificationParameters) -> None:
+        require(len(spec.inputs) == 1, f"it takes one image input, the graph has {len(spec.inputs)}")
+        image = spec.inputs[0]
+        require(image.datatype == "FP32", f"input {image.name!r} must be FP32, not {image.datatype}")
+        require(
+            len(image.shape) == 4 and image.shape[1] in (1, 3) and image.shape[2] > 0 and image.shape[3] > 0,
+            f"input {image.name!r} {image.shape} is not [batch, 1 or 3 channels, fixed height, fixed width]",
+        )
+        channels = image.shape[1]
+        if parameters.preprocessing == "mnist":
+            require(image.shape[1:] == [1, 28, 28], f"mnist preprocessing needs a [1, 28, 28] input, not {image.shape}")
+        for key in ("mean", "std"):
+            values = getattr(parameters, key)
+            require(
+                values is None or len(values) in (1, channels),
+                f"parameters.{key} has {len(values or [])} values for {channels} channels",
+            )
+        require(parameters.std is None or all(v > 0 for v in parameters.std), "parameters.std must be positive")
+        require(len(spec.outputs[0].shape) == 2, f"output {spec.outputs[0].name!r} must be [batch, classes]")
+        super().check(spec, parameters)
+
+
+TASK = ImageClassification()
+
+
+def preprocess(
+    images: Sequence[Image.Image], input_shape: Sequence[int], parameters: ImageClassificationParameters
+) -> np.ndarray:
+    """Decoded images to the model's input batch ``[n, C, H, W]`` float32 (the shape ``check`` accepted)."""
+    _, channels, height, width = input_shape
+    batch = np.empty((len(images), channels, height, width), dtype=np.float32)
+    for i, image in enumerate(images):
+        if parameters.preprocessing == "mnist":
+            batch[i, 0] = mnist_like(imaging.to_gray(image, max_side=_ANALYSIS_MAX_SIDE))
+            continue
+        batch[i] = resized(image, channels, height, width)
+    if parameters.preprocessing == "resize":
+        if parameters.invert:
+            batch = 1.0 - batch
+        if parameters.mean is not None:
+            batch -= np.asarray(parameters.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        if parameters.std is not None:
+            batch /= np.asarray(parameters.std, dtype=np.float32).reshape(1, -1, 1, 1)
     return batch
+
+
+def scores(outputs: np.ndarray, parameters: ImageClassificationParameters) -> np.ndarray:
+    if parameters.output != "logits":
+        return outputs
+    exp = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def top_k(probabilities: np.ndarray, labels: Sequence[str] | None, k: int) -> list[list[dict]]:

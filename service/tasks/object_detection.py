@@ -16,6 +16,56 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
+
+from service.repository import ModelSpec
+from service.tasks.base import Parameters, Task, require
+
+# For a model whose model.json names no operating point.
+DEFAULT_SCORE_THRESHOLD = 0.3
+
+
+class ObjectDetectionParameters(Parameters):
+    input_size: int | None = Field(None, ge=1, description="Letterbox side; default: the input's last axis")
+    pad_value: float = Field(114 / 255, ge=0, le=1, description="Letterbox padding grey, in [0, 1]")
+    score_threshold: float = Field(
+        DEFAULT_SCORE_THRESHOLD, ge=0, le=1, description="Default operating point (a request may override it)"
+    )
+
+
+class ObjectDetection(Task[ObjectDetectionParameters]):
+    """Graphs that take ``[batch, 3, S, S]`` letterboxed RGB in [0, 1] and return their top N
+    detections decoded: ``boxes [batch, N, 4]`` (x1, y1, x2, y2 in input pixels), ``scores
+    [batch, N]`` and integer ``classes [batch, N]`` (indexing ``labels``), in that order."""
+
+    name = "object-detection"
+    parameters_model = ObjectDetectionParameters
+    routes = "service.api.routes.object_detection"
+
+    def check(self, spec: ModelSpec, parameters: ObjectDetectionParameters) -> None:
+        require(len(spec.inputs) == 1, f"it takes one image input, the graph has {len(spec.inputs)}")
+        image = spec.inputs[0]
+        size = self.input_size(spec, parameters)
+        require(
+            image.datatype == "FP32" and len(image.shape) == 4 and image.shape[1] == 3,
+            f"input {image.name!r} must be FP32 [batch, 3, size, size], not {image.datatype} {image.shape}",
+        )
+        require(all(d in (-1, size) for d in image.shape[2:]), f"input {image.name!r} {image.shape} is not {size}px")
+        require(len(spec.outputs) == 3, "outputs must be boxes, scores and classes")
+        boxes, scores, classes = spec.outputs
+        require(len(boxes.shape) == 3 and boxes.shape[2] == 4, f"output {boxes.name!r} must be [batch, N, 4]")
+        require(len(scores.shape) == 2, f"output {scores.name!r} must be [batch, N]")
+        require(
+            len(classes.shape) == 2 and classes.datatype.startswith("INT"),
+            f"output {classes.name!r} must be integer [batch, N]",
+        )
+
+    @staticmethod
+    def input_size(spec: ModelSpec, parameters: ObjectDetectionParameters) -> int:
+        return parameters.input_size or spec.inputs[0].shape[-1]
+
+
+TASK = ObjectDetection()
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,20 @@ has already rated.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field, ValidationError
 
-from service.errors import InvalidId, ModelLoadError
+from service.config import Settings
+from service.errors import InvalidId, ModelLoadError, describe_validation
 from service.repository import ModelSpec
-from service.tasks import find_asset
+from service.runtime import RuntimeOptions
+from service.tasks.assets import find_asset
+from service.tasks.base import Parameters, Task, require
 
 ID_PATTERN = re.compile(r"^[1-9][0-9]{0,11}$")  # positive integers, as MovieLens ids are
 
@@ -46,26 +49,77 @@ class RecommenderAssets:
         return {"item_id": item_id, "title": movie.get("title"), "genres": movie.get("genres", [])}
 
 
-def load_assets(spec: ModelSpec, version_dir: Path) -> RecommenderAssets:
-    path = find_asset(spec.parameters.get("assets", "recommender.json"), version_dir)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        baseline = raw["baseline"]
+class Baseline(BaseModel):
+    mean: float
+    user_bias: dict[str, float]
+    item_bias: dict[str, float]
+
+
+class Movie(BaseModel):
+    title: str | None = None
+    genres: list[str] = Field(default_factory=list)
+
+
+class RecommenderFile(BaseModel):
+    """``recommender.json``: written by ``training/rating.py``, read here; one contract for both."""
+
+    users: list[str] = Field(description="Raw user ids, by embedding row")
+    items: list[str] = Field(description="Raw item ids, by embedding row")
+    baseline: Baseline = Field(description="Bias baseline: the fallback for ids the model never saw")
+    movies: dict[str, Movie] = Field(default_factory=dict, description="Titles and genres by item id")
+    popular: list[str] = Field(default_factory=list, description="Cold-start items, best first")
+    seen: dict[str, list[str]] = Field(default_factory=dict, description="Items each user has rated")
+
+
+class RatingParameters(Parameters):
+    assets: str = Field("recommender.json", description="The id maps and fallbacks beside the graph")
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+
+
+class Rating(Task[RatingParameters]):
+    name = "rating"
+    parameters_model = RatingParameters
+    routes = "service.api.routes.rating"
+
+    def check(self, spec: ModelSpec, parameters: RatingParameters) -> None:
+        names = sorted(t.name for t in spec.inputs)
+        require(names == ["item", "user"], f"inputs must be user and item embedding rows, not {names}")
+        for t in spec.inputs:
+            require(t.datatype == "INT64" and len(t.shape) == 1, f"input {t.name!r} must be INT64 [batch]")
+        require(len(spec.outputs[0].shape) == 1, f"output {spec.outputs[0].name!r} must be [batch] ratings")
+
+    def load_assets(
+        self,
+        spec: ModelSpec,
+        parameters: RatingParameters,
+        version_dir: Path,
+        options: RuntimeOptions,
+        settings: Settings,
+    ) -> RecommenderAssets:
+        path = find_asset(parameters.assets, version_dir)
+        try:
+            raw = RecommenderFile.model_validate_json(path.read_bytes())
+        except OSError as exc:
+            raise ModelLoadError(path, f"cannot be read: {exc}") from None
+        except ValidationError as exc:
+            raise ModelLoadError(path, f"not a valid recommender file: {describe_validation(exc.errors())}") from None
         return RecommenderAssets(
-            user_rows={u: i for i, u in enumerate(raw["users"])},
-            item_rows={m: i for i, m in enumerate(raw["items"])},
-            item_ids=np.array(raw["items"]),
-            movies=raw.get("movies", {}),
-            mean=float(baseline["mean"]),
-            user_bias=baseline["user_bias"],
-            item_bias=baseline["item_bias"],
-            popular=list(raw.get("popular", [])),
-            seen={u: frozenset(items) for u, items in raw.get("seen", {}).items()},
-            rating_min=float(spec.parameters.get("rating_min", 0.5)),
-            rating_max=float(spec.parameters.get("rating_max", 5.0)),
+            user_rows={u: i for i, u in enumerate(raw.users)},
+            item_rows={m: i for i, m in enumerate(raw.items)},
+            item_ids=np.array(raw.items),
+            movies={k: v.model_dump() for k, v in raw.movies.items()},
+            mean=raw.baseline.mean,
+            user_bias=raw.baseline.user_bias,
+            item_bias=raw.baseline.item_bias,
+            popular=raw.popular,
+            seen={u: frozenset(items) for u, items in raw.seen.items()},
+            rating_min=parameters.rating_min,
+            rating_max=parameters.rating_max,
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(path, f"not a valid recommender asset file: {exc!r}") from None
+
+
+TASK = Rating()
 
 
 def check_id(value: str | int, where: str) -> str:

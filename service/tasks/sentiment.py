@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, model_validator
 from tokenizers import Tokenizer
 
-from service.errors import ModelLoadError
+from service.config import Settings
 from service.repository import ModelSpec
-from service.tasks import load_tokenizer
+from service.runtime import RuntimeOptions
+from service.tasks.assets import load_tokenizer
+from service.tasks.base import Parameters, Task, require
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,55 @@ class Encoded:
     truncated: list[bool]
 
 
-def load_assets(spec: ModelSpec, version_dir: Path) -> TextAssets:
-    params = spec.parameters
-    tokenizer = load_tokenizer(params.get("tokenizer", "tokenizer.json"), version_dir)
-    max_length = int(params.get("max_length", 256))
-    buckets = tuple(sorted(int(b) for b in params.get("length_buckets", [max_length])))
-    if buckets[-1] < max_length:
-        raise ModelLoadError(version_dir.parent / "model.json", "the largest length bucket is below max_length")
-    unk = tokenizer.token_to_id("[UNK]")
-    return TextAssets(tokenizer, max_length, buckets, unk if unk is not None else 1)
+class SentimentParameters(Parameters):
+    language: str | None = Field(None, description="Language of the texts it classifies: its default scope")
+    tokenizer: str = Field("tokenizer.json", description="Hugging Face tokenizers file beside the graph")
+    max_length: int = Field(256, ge=1, description="Tokens it takes; longer texts are cut and flagged")
+    length_buckets: list[int] | None = Field(
+        None, description="Padded lengths (the batch key); default: max_length only"
+    )
+
+    @model_validator(mode="after")
+    def _buckets_cover(self) -> SentimentParameters:
+        if self.length_buckets is not None and max(self.length_buckets, default=0) < self.max_length:
+            raise ValueError("the largest length bucket is below max_length")
+        return self
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.length_buckets or [self.max_length]))
+
+
+class Sentiment(Task[SentimentParameters]):
+    name = "sentiment"
+    parameters_model = SentimentParameters
+    routes = "service.api.routes.sentiment"
+
+    def check(self, spec: ModelSpec, parameters: SentimentParameters) -> None:
+        names = sorted(t.name for t in spec.inputs)
+        require(names == ["attention_mask", "input_ids"], f"inputs must be input_ids and attention_mask, not {names}")
+        for t in spec.inputs:
+            require(t.datatype == "INT64" and len(t.shape) == 2, f"input {t.name!r} must be INT64 [batch, length]")
+        require(len(spec.outputs[0].shape) == 2, f"output {spec.outputs[0].name!r} must be [batch, classes]")
+        super().check(spec, parameters)
+
+    def default_scope(self, parameters: SentimentParameters) -> str | None:
+        return parameters.language
+
+    def load_assets(
+        self,
+        spec: ModelSpec,
+        parameters: SentimentParameters,
+        version_dir: Path,
+        options: RuntimeOptions,
+        settings: Settings,
+    ) -> TextAssets:
+        tokenizer = load_tokenizer(parameters.tokenizer, version_dir)
+        unk = tokenizer.token_to_id("[UNK]")
+        return TextAssets(tokenizer, parameters.max_length, parameters.buckets, unk if unk is not None else 1)
+
+
+TASK = Sentiment()
 
 
 def encode(assets: TextAssets, texts: Sequence[str]) -> Encoded:

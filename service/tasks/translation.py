@@ -1,15 +1,23 @@
 """Translation: texts in, translated texts out, decoded with step-level batching.
 
-The model is two graphs: ``encoder.onnx`` (an asset of the model version, loaded here) and the
-decoder step (the version's ``model.onnx``, the model the repository serves). A text becomes a
-:class:`TranslationJob`; a :class:`TranslationEngine` per model owns a
-:class:`~service.decoding.StepScheduler` and gives it the two blocking calls it needs: ``prefill``
-(encode the new jobs' sources together) and ``step`` (one decoder call on every row of every job,
-rows padded to the batch's longest, each job then choosing its next token or re-ranking its beams).
-With the key/value-cache graphs, a step's rows run in groups of similar length, and the groups (and
-a prefill's chunks) run on ``decode_threads`` threads at once, one intra-op thread each: on a CPU the
-small matrices of one step gain little from splitting each operator across cores, while whole
-groups in parallel use every core.
+The model is two graphs (or four): ``encoder.onnx`` and the decoder step (the version's
+``model.onnx``, the one the repository serves on v2), and optionally the key/value-cache pair
+``encoder_kv.onnx`` + ``decoder_cached.onnx``. A text becomes a :class:`TranslationJob`: its
+:class:`~service.search.Search` (greedy or beam) and the per-sequence state of the decoder that
+runs it. There is one decoder per graph kind, each owning its own state:
+
+* :class:`FullPrefixDecoder` keeps each job's encoder output and re-runs the decoder over every
+  token so far at each step;
+* :class:`CachedDecoder` keeps each job's cross-attention keys/values and its self-attention cache,
+  and runs a step from each row's last token; a step's rows run in groups of similar length, and
+  the groups (and a prefill's chunks) on ``threads`` threads at once, one intra-op thread each: on
+  a CPU the small matrices of one step gain little from splitting each operator across cores,
+  while whole groups in parallel use every core.
+
+A :class:`TranslationEngine` per model gives a :class:`~service.decoding.StepScheduler` the chosen
+decoder's two blocking calls. How it decodes is the model's: ``parameters.decoding`` in its
+``model.json`` (:class:`DecodingParameters`), each field overridable by a ``NEUROSERVE_DECODE_*``
+setting for operators.
 """
 
 from __future__ import annotations
@@ -18,23 +26,82 @@ import asyncio
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 from tokenizers import Tokenizer
 
 from service.config import Settings
 from service.decoding import DecodeStats, StepScheduler
 from service.errors import ModelLoadError
 from service.metrics import ModelObserver
-from service.repository import ModelSpec
-from service.runtime import OnnxModel, RuntimeOptions
-from service.tasks import find_asset, load_tokenizer
+from service.repository import ModelSpec, load_spec
+from service.runtime import OnnxModel, RuntimeOptions, TensorInfo
+from service.search import Search, new_search
+from service.tasks.assets import find_asset, load_tokenizer
+from service.tasks.base import Parameters, Task, require
 
 # Rows per decoder call in a cached step: big enough to use the matrix units well on a CPU, small
 # enough that a group's padding to its longest cache stays close to its members' own lengths.
 STEP_GROUP_ROWS = 16
+
+# Tensor names of each graph, checked when the model loads (inputs, outputs).
+ENCODER_TENSORS = (["src_ids"], ["memory"])
+DECODER_TENSORS = (["tgt_ids", "memory", "src_ids"], ["log_probs"])
+ENCODER_KV_TENSORS = (["src_ids"], ["mem_k", "mem_v"])
+DECODER_CACHED_TENSORS = (
+    ["token", "position", "past_k", "past_v", "past_mask", "mem_k", "mem_v", "src_ids"],
+    ["log_probs", "new_k", "new_v"],
+)
+
+
+class SpecialTokens(Parameters):
+    pad: int
+    bos: int
+    eos: int
+    unk: int
+
+
+class DecodingParameters(Parameters):
+    """How the model decodes; a ``NEUROSERVE_DECODE_<FIELD>`` setting overrides a field server-wide."""
+
+    batching: Literal["step", "request"] = Field(
+        "step",
+        description="step: sequences join and leave the decode batch at every step; request: a batch decodes "
+        "to its last sequence before others join (request-level batching, for comparison)",
+    )
+    max_rows: int = Field(64, ge=1, description="Decoder rows per step (a beam of 4 is 4 rows)")
+    max_tokens: int = Field(4096, ge=16, description="Tokens (source + generated, per row) a batch may hold")
+    timeout_ms: float = Field(30_000, gt=0, description="Deadline for a whole translation: 504 beyond")
+    kv_cache: bool = Field(True, description="Use the key/value-cache graphs when the model has them")
+    threads: int = Field(0, ge=0, description="Threads running a step's row groups; 0: one per CPU core")
+    boost_after: int = Field(0, ge=0, description="Sequences this many steps old take extra steps (0: off)")
+    boost_steps: int = Field(3, ge=0, description="Extra steps per iteration for those old sequences")
+    boost_rows: int = Field(16, ge=1, description="Most rows that take extra steps in one iteration")
+
+    def with_overrides(self, settings: Settings) -> DecodingParameters:
+        overrides = {key: getattr(settings, f"decode_{key}") for key in type(self).model_fields}
+        return self.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def parallelism(self) -> int:
+        return self.threads or Settings.cpu_cores()
+
+
+class TranslationParameters(Parameters):
+    source_language: str = "?"
+    target_language: str = "?"
+    tokenizer: str = "tokenizer.json"
+    encoder: str = Field("encoder.onnx", description="src_ids -> memory")
+    encoder_kv: str | None = Field(None, description="src_ids -> mem_k, mem_v (cross-attention keys/values)")
+    decoder_cached: str | None = Field(None, description="One step from the last token with a key/value cache")
+    max_source_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    special_tokens: SpecialTokens
+    decoding: DecodingParameters = Field(default_factory=DecodingParameters)
 
 
 @dataclass(frozen=True)
@@ -49,6 +116,7 @@ class TranslationAssets:
     max_new_tokens: int
     source_language: str
     target_language: str
+    decoding: DecodingParameters
     encoder_kv: OnnxModel | None = None  # the key/value-cache pair, when the model has one
     decoder_cached: OnnxModel | None = None
 
@@ -57,35 +125,80 @@ class TranslationAssets:
         return self.encoder_kv is not None and self.decoder_cached is not None
 
 
-def load_assets(spec: ModelSpec, version_dir: Path, options: RuntimeOptions) -> TranslationAssets:
-    params = spec.parameters
-    tokenizer = load_tokenizer(params.get("tokenizer", "tokenizer.json"), version_dir)
-    encoder = OnnxModel(find_asset(params.get("encoder", "encoder.onnx"), version_dir), options)
-    if [i.name for i in encoder.inputs] != ["src_ids"] or [o.name for o in encoder.outputs] != ["memory"]:
-        raise ModelLoadError(encoder.path, "the encoder graph must take 'src_ids' and return 'memory'")
-    specials = params.get("special_tokens", {})
-    try:
-        ids = {k: int(specials[k]) for k in ("pad", "bos", "eos", "unk")}
-    except (KeyError, TypeError, ValueError):
+def _names(infos: list[TensorInfo]) -> list[str]:
+    return [t.name for t in infos]
+
+
+def _open_graph(
+    filename: str, version_dir: Path, options: RuntimeOptions, tensors: tuple[list[str], list[str]]
+) -> OnnxModel:
+    graph = OnnxModel(find_asset(filename, version_dir), options)
+    inputs, outputs = tensors
+    if sorted(_names(graph.inputs)) != sorted(inputs) or sorted(_names(graph.outputs)) != sorted(outputs):
         raise ModelLoadError(
-            version_dir.parent / "model.json", "parameters.special_tokens needs pad, bos, eos, unk"
-        ) from None
-    cached: dict[str, OnnxModel] = {}
-    for key in ("encoder_kv", "decoder_cached"):
-        if params.get(key):
-            cached[key] = OnnxModel(find_asset(params[key], version_dir), options)
-    if len(cached) == 1:
-        raise ModelLoadError(version_dir.parent / "model.json", "name both encoder_kv and decoder_cached, or neither")
-    return TranslationAssets(
-        tokenizer,
-        encoder,
-        **cached,
-        max_source_tokens=int(params.get("max_source_tokens", 64)),
-        max_new_tokens=int(params.get("max_new_tokens", 64)),
-        source_language=str(params.get("source_language", "?")),
-        target_language=str(params.get("target_language", "?")),
-        **ids,
-    )
+            graph.path,
+            f"the graph takes {_names(graph.inputs)} and returns {_names(graph.outputs)}; "
+            f"this task needs {inputs} -> {outputs}",
+        )
+    return graph
+
+
+class Translation(Task[TranslationParameters]):
+    name = "translation"
+    parameters_model = TranslationParameters
+    routes = "service.api.routes.translation"
+
+    def check(self, spec: ModelSpec, parameters: TranslationParameters) -> None:
+        inputs, outputs = DECODER_TENSORS
+        require(
+            sorted(_names([t.info() for t in spec.inputs])) == sorted(inputs)
+            and _names([t.info() for t in spec.outputs]) == outputs,
+            f"the decoder step must take {inputs} and return {outputs}",
+        )
+        require(
+            (parameters.encoder_kv is None) == (parameters.decoder_cached is None),
+            "name both encoder_kv and decoder_cached, or neither",
+        )
+
+    def session_options(
+        self, parameters: TranslationParameters, options: RuntimeOptions, settings: Settings
+    ) -> RuntimeOptions:
+        if parameters.decoding.with_overrides(settings).parallelism > 1:
+            # Its decode steps run row groups on parallel threads: one intra-op thread per call.
+            return replace(options, intra_op_threads=1)
+        return options
+
+    def load_assets(
+        self,
+        spec: ModelSpec,
+        parameters: TranslationParameters,
+        version_dir: Path,
+        options: RuntimeOptions,
+        settings: Settings,
+    ) -> TranslationAssets:
+        cached = {}
+        if parameters.encoder_kv and parameters.decoder_cached:
+            cached = {
+                "encoder_kv": _open_graph(parameters.encoder_kv, version_dir, options, ENCODER_KV_TENSORS),
+                "decoder_cached": _open_graph(parameters.decoder_cached, version_dir, options, DECODER_CACHED_TENSORS),
+            }
+        return TranslationAssets(
+            load_tokenizer(parameters.tokenizer, version_dir),
+            _open_graph(parameters.encoder, version_dir, options, ENCODER_TENSORS),
+            **parameters.special_tokens.model_dump(),
+            max_source_tokens=parameters.max_source_tokens,
+            max_new_tokens=parameters.max_new_tokens,
+            source_language=parameters.source_language,
+            target_language=parameters.target_language,
+            decoding=parameters.decoding.with_overrides(settings),
+            **cached,
+        )
+
+    def make_engine(self, served: Any, settings: Settings) -> TranslationEngine:
+        return TranslationEngine(served.runtime, served.assets, settings, name=served.name, observer=served.observer)
+
+
+TASK = Translation()
 
 
 @dataclass(frozen=True)
@@ -109,157 +222,104 @@ def encode_sources(assets: TranslationAssets, texts: Sequence[str]) -> list[Sour
 
 
 class TranslationJob:
-    """One text being decoded: greedy (``beam_size`` 1) or beam search, with its encoder output.
+    """One text being decoded: its search, and the state its decoder keeps for it (``state``)."""
 
-    ``advance`` takes the log-probabilities of the next token for each of its rows.
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        *,
-        beam_size: int,
-        max_new_tokens: int,
-        eos: int,
-        bos: int,
-        length_penalty: float = 1.0,
-        on_token: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, source: Source, search: Search) -> None:
         self.source = source
         self.src = np.asarray(source.ids, dtype=np.int64)
-        self.memory: np.ndarray | None = None  # [S, D], set by prefill
-        self.beam_size = beam_size
-        self.max_new_tokens = max_new_tokens
-        self.eos = eos
-        self.length_penalty = length_penalty
-        self.on_token = on_token  # streaming (greedy only): called with each new token id
-        self.beams: list[list[int]] = [[bos]]
-        self.scores = np.zeros(1, dtype=np.float64)
-        self.finished: list[tuple[float, list[int]]] = []
-        self.done = False
-        # With the key/value-cache graphs: cross keys/values [layers, 1, heads, S, head_dim] and each
-        # row's self-attention cache [layers, rows, heads, capacity, head_dim] (first len-1 filled).
-        self.mem_k: np.ndarray | None = None
-        self.mem_v: np.ndarray | None = None
-        self.cache_k: np.ndarray | None = None
-        self.cache_v: np.ndarray | None = None
+        self.search = search
+        self.state: Any = None  # set by the decoder's prefill
 
     @property
     def rows(self) -> int:
-        return self.beam_size
+        return self.search.width
 
     @property
     def tokens(self) -> int:
-        return len(self.src) + self.generated + 1
+        return len(self.src) + self.search.generated + 1
 
     @property
-    def generated(self) -> int:
-        return len(self.beams[0]) - 1 if self.beams else self.max_new_tokens
+    def done(self) -> bool:
+        return self.search.done
 
-    def _normalised(self, score: float, length: int) -> float:
-        return score / (max(length, 1) ** self.length_penalty)
-
-    def advance(self, log_probs: np.ndarray) -> list[int] | None:
-        """``log_probs`` [len(self.beams), V]: pick the next token(s). Beam search returns, for each
-        new beam, the row it grew from (its cache must follow); greedy returns None."""
-        if self.beam_size == 1:
-            token = int(log_probs[0].argmax())
-            self.beams[0].append(token)
-            self.scores[0] += float(log_probs[0, token])
-            if self.on_token is not None:
-                self.on_token(token)
-            self.done = token == self.eos or self.generated >= self.max_new_tokens
-            return None
-        k = self.beam_size
-        total = (self.scores[:, None] + log_probs).ravel()
-        vocab = log_probs.shape[1]
-        beams, scores, parents = [], [], []
-        candidates = np.argpartition(-total, 2 * k)[: 2 * k] if total.size > 2 * k else np.arange(total.size)
-        for flat in candidates[np.argsort(-total[candidates])]:  # 2k candidates: up to k may end here
-            row, token = divmod(int(flat), vocab)
-            seq = [*self.beams[row], token]
-            if token == self.eos:
-                self.finished.append((self._normalised(float(total[flat]), len(seq) - 1), seq))
-            else:
-                beams.append(seq)
-                scores.append(float(total[flat]))
-                parents.append(row)
-            if len(beams) == k:
-                break
-        self.beams, self.scores = beams, np.asarray(scores)
-        if self.generated >= self.max_new_tokens or not self.beams:
-            self.finished.extend(
-                (self._normalised(s, len(b) - 1), b) for b, s in zip(self.beams, self.scores, strict=True)
-            )
-            self.done = True
-        elif len(self.finished) >= k:
-            # Done once the best finished hypothesis beats what any live beam can still reach
-            # (scores only fall as tokens are added, so a live beam's best case is its current score).
-            best_done = max(s for s, _ in self.finished)
-            best_alive = max(self._normalised(float(s), self.max_new_tokens) for s in self.scores)
-            self.done = best_done >= best_alive
-        return parents
-
-    def _best(self) -> list[int]:
-        if self.beam_size == 1 or not self.finished:
-            return self.beams[0]
-        return max(self.finished, key=lambda f: f[0])[1]
+    @property
+    def beams(self) -> list[list[int]]:
+        return self.search.beams
 
     def result(self) -> list[int]:
-        """The chosen translation's token ids (without BOS and EOS)."""
-        return [t for t in self._best()[1:] if t != self.eos]
+        return self.search.result()
 
     @property
     def ended(self) -> bool:
-        """True when the chosen translation ended by itself (EOS), not at ``max_new_tokens``."""
-        return self._best()[-1] == self.eos
+        return self.search.ended
 
 
-class TranslationEngine:
-    """The scheduler and the two blocking calls it runs for one translation model."""
+def _pad(rows: Sequence[np.ndarray], pad: int) -> np.ndarray:
+    out = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+class FullPrefixDecoder:
+    """The encoder output per job; every step re-runs the decoder over each row's whole prefix."""
+
+    def __init__(self, encoder: OnnxModel, decoder: OnnxModel, *, pad: int, never: list[int]) -> None:
+        self.encoder, self.decoder = encoder, decoder
+        self.pad, self.never = pad, never
+
+    def prefill(self, jobs: list[TranslationJob]) -> None:
+        src = _pad([j.src for j in jobs], self.pad)
+        memory = self.encoder.run({"src_ids": src})["memory"]
+        for job, row in zip(jobs, memory, strict=True):
+            job.state = row[: len(job.src)]
+
+    def step(self, jobs: list[TranslationJob]) -> None:
+        rows = [(job, beam) for job in jobs for beam in job.beams]
+        tgt = _pad([np.asarray(beam, dtype=np.int64) for _, beam in rows], self.pad)
+        width = max(len(job.src) for job in jobs)
+        dim = jobs[0].state.shape[1]
+        memory = np.zeros((len(rows), width, dim), dtype=np.float32)
+        src = np.full((len(rows), width), self.pad, dtype=np.int64)
+        for i, (job, _) in enumerate(rows):
+            memory[i, : len(job.src)] = job.state
+            src[i, : len(job.src)] = job.src
+        log_probs = self.decoder.run({"tgt_ids": tgt, "memory": memory, "src_ids": src})["log_probs"]
+        log_probs[:, self.never] = -np.inf  # padding, BOS and unknown are never generated
+        offset = 0
+        for job in jobs:
+            n = len(job.beams)
+            job.search.advance(log_probs[offset : offset + n])
+            offset += n
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class CacheState:
+    """A job's cross keys/values [layers, 1, heads, S, head_dim] and each row's self-attention
+    cache [layers, rows, heads, capacity, head_dim] (the first ``generated`` positions filled)."""
+
+    mem_k: np.ndarray
+    mem_v: np.ndarray
+    cache_k: np.ndarray
+    cache_v: np.ndarray
+
+
+class CachedDecoder:
+    """Key/value-cache graphs: a step runs from each row's last token, its rows in groups of
+    similar length on ``threads`` threads."""
 
     def __init__(
-        self,
-        decoder: OnnxModel,
-        assets: TranslationAssets,
-        settings: Settings,
-        *,
-        name: str,
-        observer: ModelObserver | None = None,
+        self, encoder_kv: OnnxModel, decoder: OnnxModel, *, pad: int, never: list[int], threads: int, name: str
     ) -> None:
-        self.decoder = decoder
-        self.observer = observer
-        self.assets = assets
-        self.timeout_s = settings.decode_timeout_ms / 1000.0
-        self.never = [assets.pad, assets.bos, assets.unk]
-        self.kv_cache = settings.decode_kv_cache and assets.has_kv_cache
-        self.threads = settings.decode_parallelism
+        self.encoder_kv, self.decoder = encoder_kv, decoder
+        self.pad, self.never, self.threads = pad, never, threads
         # The scheduler's worker runs one group itself; these run the others alongside it.
-        self._helpers = (
-            ThreadPoolExecutor(self.threads - 1, thread_name_prefix=f"decode-{name}")
-            if self.kv_cache and self.threads > 1
-            else None
-        )
-        self.scheduler: StepScheduler[TranslationJob] = StepScheduler(
-            self.prefill_cached if self.kv_cache else self.prefill,
-            self.step_cached if self.kv_cache else self.step,
-            max_rows=settings.decode_max_rows,
-            max_tokens=settings.decode_max_tokens,
-            max_queue_size=settings.max_queue_size,
-            mode=settings.decode_batching,
-            name=name,
-            observer=observer,
-            retry_after_s=settings.retry_after_s,
-            boost_after=settings.decode_boost_after,
-            boost_steps=settings.decode_boost_steps,
-            boost_rows=settings.decode_boost_rows,
-        )
+        self._helpers = ThreadPoolExecutor(threads - 1, thread_name_prefix=f"decode-{name}") if threads > 1 else None
 
-    def start(self) -> None:
-        self.scheduler.start()
-
-    async def close(self, *, drain: bool = True) -> None:
-        await self.scheduler.close(drain=drain)
+    def close(self) -> None:
         if self._helpers is not None:
             self._helpers.shutdown(wait=False)
 
@@ -285,62 +345,53 @@ class TranslationEngine:
         if error is not None:
             raise error
 
-    # Both run in the scheduler's worker thread.
     def prefill(self, jobs: list[TranslationJob]) -> None:
-        src = _pad([j.src for j in jobs], self.assets.pad)
-        memory = self.encode(src)
-        for job, row, n in zip(jobs, memory, (len(j.src) for j in jobs), strict=True):
-            job.memory = row[:n]
-
-    def encode(self, src: np.ndarray) -> np.ndarray:
-        return self.assets.encoder.run({"src_ids": src})["memory"]
-
-    def step(self, jobs: list[TranslationJob]) -> None:
-        rows = [(job, beam) for job in jobs for beam in job.beams]
-        tgt = _pad([np.asarray(beam, dtype=np.int64) for _, beam in rows], self.assets.pad)
-        width = max(len(job.src) for job in jobs)
-        dim = jobs[0].memory.shape[1]
-        memory = np.zeros((len(rows), width, dim), dtype=np.float32)
-        src = np.full((len(rows), width), self.assets.pad, dtype=np.int64)
-        for i, (job, _) in enumerate(rows):
-            memory[i, : len(job.src)] = job.memory
-            src[i, : len(job.src)] = job.src
-        log_probs = self.decoder.run({"tgt_ids": tgt, "memory": memory, "src_ids": src})["log_probs"]
-        log_probs[:, self.never] = -np.inf  # padding, BOS and unknown are never generated
-        offset = 0
-        for job in jobs:
-            n = len(job.beams)
-            job.advance(log_probs[offset : offset + n])
-            offset += n
-
-    def prefill_cached(self, jobs: list[TranslationJob]) -> None:
         """The newcomers' cross-attention keys and values, in up to ``threads`` chunks at once."""
         chunks = [c for c in (jobs[i :: self.threads] for i in range(self.threads)) if c]
-        self._in_parallel(self._prefill_cached_chunk, chunks)
+        self._in_parallel(self._prefill_chunk, chunks)
 
-    def _prefill_cached_chunk(self, jobs: list[TranslationJob]) -> None:
-        assert self.assets.encoder_kv is not None
-        src = _pad([j.src for j in jobs], self.assets.pad)
-        out = self.assets.encoder_kv.run({"src_ids": src})
+    def _prefill_chunk(self, jobs: list[TranslationJob]) -> None:
+        src = _pad([j.src for j in jobs], self.pad)
+        out = self.encoder_kv.run({"src_ids": src})
         mem_k, mem_v = out["mem_k"], out["mem_v"]  # [layers, B, heads, S, head_dim]
         layers, _, heads, _, dim = mem_k.shape
         for i, job in enumerate(jobs):
             n = len(job.src)
-            job.mem_k, job.mem_v = mem_k[:, i : i + 1, :, :n].copy(), mem_v[:, i : i + 1, :, :n].copy()
-            shape = (layers, job.beam_size, heads, job.max_new_tokens + 1, dim)
-            job.cache_k, job.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            shape = (layers, job.rows, heads, job.search.max_new_tokens + 1, dim)
+            job.state = CacheState(
+                mem_k[:, i : i + 1, :, :n].copy(),
+                mem_v[:, i : i + 1, :, :n].copy(),
+                np.zeros(shape, np.float32),
+                np.zeros(shape, np.float32),
+            )
 
-    def step_cached(self, jobs: list[TranslationJob]) -> None:
+    def step(self, jobs: list[TranslationJob]) -> None:
         """One step for every job, in groups of similar cache and source length (the cost of a call
         is its rows times its longest cache: every row's cache is gathered, padded, into one tensor,
         so one long sequence must not pad every short one), the groups on parallel threads."""
-        self._in_parallel(self._step_cached_group, row_groups(jobs, STEP_GROUP_ROWS, self.threads))
+        self._in_parallel(self._step_group, row_groups(jobs, STEP_GROUP_ROWS, self.threads))
 
-    def _step_cached_group(self, jobs: list[TranslationJob]) -> None:
+    def _step_group(self, jobs: list[TranslationJob]) -> None:
         """One step from each row's last token: caches gathered into one padded batch, new keys and
         values scattered back, and beams' caches re-ordered after their parents."""
-        assert self.assets.decoder_cached is not None
-        layers, _, heads, _, dim = jobs[0].cache_k.shape
+        feeds = self._gather(jobs)
+        out = self.decoder.run(feeds)
+        log_probs, new_k, new_v = out["log_probs"], out["new_k"], out["new_v"]
+        log_probs[:, self.never] = -np.inf
+        i = 0
+        for job in jobs:
+            state: CacheState = job.state
+            n, t = len(job.beams), len(job.beams[0]) - 1
+            state.cache_k[:, :n, :, t] = new_k[:, i : i + n, :, 0]
+            state.cache_v[:, :n, :, t] = new_v[:, i : i + n, :, 0]
+            parents = job.search.advance(log_probs[i : i + n])
+            if parents:
+                state.cache_k[:, : len(parents)] = state.cache_k[:, parents]
+                state.cache_v[:, : len(parents)] = state.cache_v[:, parents]
+            i += n
+
+    def _gather(self, jobs: list[TranslationJob]) -> dict[str, np.ndarray]:
+        layers, _, heads, _, dim = jobs[0].state.cache_k.shape
         rows = sum(len(j.beams) for j in jobs)
         past = max(len(j.beams[0]) - 1 for j in jobs)
         width = max(len(j.src) for j in jobs)
@@ -351,55 +402,91 @@ class TranslationEngine:
         past_mask = np.zeros((rows, past), np.int64)
         mem_k = np.zeros((layers, rows, heads, width, dim), np.float32)
         mem_v = np.zeros_like(mem_k)
-        src = np.full((rows, width), self.assets.pad, np.int64)
+        src = np.full((rows, width), self.pad, np.int64)
         i = 0
         for job in jobs:
+            state: CacheState = job.state
             n, t, s = len(job.beams), len(job.beams[0]) - 1, len(job.src)
             token[i : i + n, 0] = [beam[-1] for beam in job.beams]
             position[i : i + n] = t
-            past_k[:, i : i + n, :, :t] = job.cache_k[:, :n, :, :t]
-            past_v[:, i : i + n, :, :t] = job.cache_v[:, :n, :, :t]
+            past_k[:, i : i + n, :, :t] = state.cache_k[:, :n, :, :t]
+            past_v[:, i : i + n, :, :t] = state.cache_v[:, :n, :, :t]
             past_mask[i : i + n, :t] = 1
-            mem_k[:, i : i + n, :, :s] = job.mem_k
-            mem_v[:, i : i + n, :, :s] = job.mem_v
+            mem_k[:, i : i + n, :, :s] = state.mem_k
+            mem_v[:, i : i + n, :, :s] = state.mem_v
             src[i : i + n, :s] = job.src
             i += n
-        out = self.assets.decoder_cached.run(
-            {
-                "token": token,
-                "position": position,
-                "past_k": past_k,
-                "past_v": past_v,
-                "past_mask": past_mask,
-                "mem_k": mem_k,
-                "mem_v": mem_v,
-                "src_ids": src,
-            }
+        return {
+            "token": token,
+            "position": position,
+            "past_k": past_k,
+            "past_v": past_v,
+            "past_mask": past_mask,
+            "mem_k": mem_k,
+            "mem_v": mem_v,
+            "src_ids": src,
+        }
+
+
+def make_decoder(
+    decoder: OnnxModel, assets: TranslationAssets, *, kv_cache: bool, threads: int, name: str
+) -> FullPrefixDecoder | CachedDecoder:
+    never = [assets.pad, assets.bos, assets.unk]
+    if kv_cache and assets.encoder_kv is not None and assets.decoder_cached is not None:
+        return CachedDecoder(
+            assets.encoder_kv, assets.decoder_cached, pad=assets.pad, never=never, threads=threads, name=name
         )
-        log_probs, new_k, new_v = out["log_probs"], out["new_k"], out["new_v"]
-        log_probs[:, self.never] = -np.inf
-        i = 0
-        for job in jobs:
-            n, t = len(job.beams), len(job.beams[0]) - 1
-            job.cache_k[:, :n, :, t] = new_k[:, i : i + n, :, 0]
-            job.cache_v[:, :n, :, t] = new_v[:, i : i + n, :, 0]
-            parents = job.advance(log_probs[i : i + n])
-            if parents:
-                job.cache_k[:, : len(parents)] = job.cache_k[:, parents]
-                job.cache_v[:, : len(parents)] = job.cache_v[:, parents]
-            i += n
+    return FullPrefixDecoder(assets.encoder, decoder, pad=assets.pad, never=never)
+
+
+class TranslationEngine:
+    """One translation model's scheduler, fed by its decoder's two blocking calls."""
+
+    def __init__(
+        self,
+        decoder: OnnxModel,
+        assets: TranslationAssets,
+        settings: Settings,
+        *,
+        name: str,
+        observer: ModelObserver | None = None,
+    ) -> None:
+        config = assets.decoding
+        self.observer = observer
+        self.assets = assets
+        self.config = config
+        self.timeout_s = config.timeout_ms / 1000.0
+        self.decoder = make_decoder(decoder, assets, kv_cache=config.kv_cache, threads=config.parallelism, name=name)
+        self.kv_cache = isinstance(self.decoder, CachedDecoder)
+        self.scheduler: StepScheduler[TranslationJob] = StepScheduler(
+            self.decoder.prefill,
+            self.decoder.step,
+            max_rows=config.max_rows,
+            max_tokens=config.max_tokens,
+            max_queue_size=settings.max_queue_size,
+            mode=config.batching,
+            name=name,
+            observer=observer,
+            retry_after_s=settings.retry_after_s,
+            boost_after=config.boost_after,
+            boost_steps=config.boost_steps,
+            boost_rows=config.boost_rows,
+        )
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def close(self, *, drain: bool = True) -> None:
+        await self.scheduler.close(drain=drain)
+        self.decoder.close()
 
     def new_job(
         self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
     ) -> TranslationJob:
-        return TranslationJob(
-            source,
-            beam_size=beam_size,
-            max_new_tokens=max_new_tokens,
-            eos=self.assets.eos,
-            bos=self.assets.bos,
-            on_token=on_token,
+        search = new_search(
+            beam_size, bos=self.assets.bos, eos=self.assets.eos, max_new_tokens=max_new_tokens, on_token=on_token
         )
+        return TranslationJob(source, search)
 
     async def translate(
         self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
@@ -414,6 +501,37 @@ class TranslationEngine:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.assets.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def decode_batch(
+    version_dir: Path, sources: list[list[int]], *, beam_size: int, max_new_tokens: int, batch: int = 64
+) -> list[list[int]]:
+    """Translate token ids with the service's own decoding (the model folder's ``model.json``, its
+    cached graphs when it has them), ``batch`` sequences at a time, without a server: what training
+    uses to measure BLEU exactly as the service decodes. Token ids out, without BOS and EOS."""
+    spec = load_spec(version_dir.parent)
+    parameters = TASK.parameters(spec)
+    options = RuntimeOptions(providers=["CPUExecutionProvider"], intra_op_threads=0, inter_op_threads=1)
+    settings = Settings.model_construct()  # the defaults: nothing read from this process's environment
+    assets = TASK.load_assets(spec, parameters, version_dir, options, settings)
+    decoder = make_decoder(
+        OnnxModel(version_dir / "model.onnx", options), assets, kv_cache=True, threads=1, name=spec.name
+    )
+    out: list[list[int]] = []
+    for start in range(0, len(sources), batch):
+        jobs = [
+            TranslationJob(
+                Source(ids, len(ids), False, [], True),
+                new_search(beam_size, bos=assets.bos, eos=assets.eos, max_new_tokens=max_new_tokens),
+            )
+            for ids in sources[start : start + batch]
+        ]
+        decoder.prefill(jobs)
+        while active := [j for j in jobs if not j.done]:
+            decoder.step(active)
+        out += [j.result() for j in jobs]
+    decoder.close()
+    return out
 
 
 def row_groups(jobs: Sequence[TranslationJob], max_rows: int, threads: int) -> list[list[TranslationJob]]:
@@ -431,13 +549,6 @@ def row_groups(jobs: Sequence[TranslationJob], max_rows: int, threads: int) -> l
         groups[-1].append(job)
         filled += len(job.beams)
     return groups
-
-
-def _pad(rows: Sequence[np.ndarray], pad: int) -> np.ndarray:
-    out = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
 
 
 async def gather_all(coros: Sequence) -> list:

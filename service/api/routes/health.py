@@ -2,42 +2,68 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 
 from service import __version__
 from service.api.deps import RegistryDep, SettingsDep
-from service.responses import JSONResponse
+from service.api.schemas import ErrorType
+from service.errors import NotReady
+from service.responses import ModelResponse
 
 router = APIRouter(tags=["health"])
 
+ModelStateName = Literal["LOADING", "READY", "FAILED"]
 
-@router.get("/v2/health/live", summary="The process is up")
-async def live() -> JSONResponse:
-    return JSONResponse({"live": True})
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+    models: dict[str, ModelStateName] = Field(description="Every model's state, by name.")
+
+
+class NotReadyResponse(Ready):
+    error: str = Field(description="Why the server is not ready.")
+    error_type: ErrorType
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+@router.get("/v2/health/live", summary="The process is up", response_model=Live)
+async def live() -> ModelResponse:
+    return ModelResponse(Live(live=True))
 
 
 @router.get(
     "/v2/health/ready",
     summary="Every model has been loaded and warmed (503 until then)",
-    responses={503: {"description": "Still loading, or no model could be loaded"}},
+    response_model=Ready,
+    responses={503: {"model": NotReadyResponse, "description": "Still loading, or no model could be loaded"}},
 )
-async def ready(registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     states = {name: status.state.value for name, status in registry.models.items()}
     if registry.ready:
-        return JSONResponse({"ready": True, "models": states})
+        return ModelResponse(Ready(ready=True, models=states))
     if not registry.loading_done.is_set():
         reason = "models are still loading"
     elif registry.error is not None:
         reason = registry.error
     else:
         reason = "no model serves" if not settings.require_all_models else "some models failed to load"
-    return JSONResponse(
-        {"error": reason, "error_type": "not_ready", "ready": False, "models": states},
-        status_code=503,
-        headers={"Retry-After": str(settings.retry_after_s)},
-    )
+    err = NotReady(reason, headers={"Retry-After": str(settings.retry_after_s)})
+    body = NotReadyResponse(**err.to_dict(), ready=False, models=states)
+    return ModelResponse(body, status_code=err.status_code, headers=err.headers)
 
 
-@router.get("/v2", summary="Server metadata")
-async def server_metadata() -> JSONResponse:
-    return JSONResponse({"name": "neuroserve", "version": __version__, "extensions": ["model_repository"]})
+@router.get("/v2", summary="Server metadata", response_model=ServerMetadata)
+async def server_metadata() -> ModelResponse:
+    return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=["model_repository"]))

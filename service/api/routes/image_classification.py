@@ -6,19 +6,42 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_all, read_images, request_doc
-from service.api.schemas import ERROR_RESPONSES, ImageClassificationRequest, ImageClassificationResponse
+from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64
 from service.config import Settings
 from service.errors import SchemaError
-from service.responses import JSONResponse
+from service.responses import ModelResponse
 from service.tasks import image_classification as task
 
 router = APIRouter(tags=["tasks"])
-TASK = "image-classification"
+
+
+class ImageClassificationRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64], "top_k": 3}]},
+    )
+    images: list[str] = Field(
+        min_length=1, description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted."
+    )
+    top_k: int = Field(5, ge=1, description="Labels to return per image, best first.")
+    model: str | None = Field(None, description="A model of this task; default: the task's default model.")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ImageClassificationResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[list[LabelScore]] = Field(description="One ranked list per image, in request order.")
 
 
 def _top_k(value: Any, settings: Settings) -> int:
@@ -33,8 +56,10 @@ def _top_k(value: Any, settings: Settings) -> int:
     return k
 
 
-def _prepare(blobs: Blobs, input_shape: list[int], method: str, settings: Settings) -> np.ndarray:
-    return task.preprocess(decode_all(blobs, settings), input_shape, method)
+def _prepare(
+    blobs: Blobs, input_shape: list[int], parameters: task.ImageClassificationParameters, settings: Settings
+) -> np.ndarray:
+    return task.preprocess(decode_all(blobs, settings), input_shape, parameters)
 
 
 @router.post(
@@ -44,21 +69,16 @@ def _prepare(blobs: Blobs, input_shape: list[int], method: str, settings: Settin
     responses=ERROR_RESPONSES,
     openapi_extra=request_doc(ImageClassificationRequest),
 )
-async def classify(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+async def classify(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     blobs, fields = await read_images(request, settings, ImageClassificationRequest)
     k, model = _top_k(fields.get("top_k"), settings), fields.get("model")
-    served = registry.for_task(TASK, model if isinstance(model, str) and model else None)
+    served = registry.for_task(task.TASK.name, model if isinstance(model, str) and model else None)
+    parameters: task.ImageClassificationParameters = served.parameters  # type: ignore[assignment]
     spec_input, spec_output = served.spec.inputs[0], served.spec.outputs[0]
-    method = served.spec.parameters.get("preprocessing", "resize")
-    batch = await run_in_threadpool(_prepare, blobs, spec_input.shape, method, settings)
+    batch = await run_in_threadpool(_prepare, blobs, spec_input.shape, parameters, settings)
     result = await unless_disconnected(request, served.infer({spec_input.name: batch}))
-    scores = result.outputs[spec_output.name]
-    if served.spec.parameters.get("output") == "logits":
-        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-        scores /= scores.sum(axis=1, keepdims=True)
-    body = {
-        "model": served.name,
-        "version": str(served.version),
-        "predictions": task.top_k(scores, served.spec.labels, k),
-    }
-    return JSONResponse(body, headers=result.timing_headers())
+    scores = task.scores(result.outputs[spec_output.name], parameters)
+    body = ImageClassificationResponse(
+        model=served.name, version=str(served.version), predictions=task.top_k(scores, served.spec.labels, k)
+    )
+    return ModelResponse(body, headers=result.timing_headers())

@@ -6,30 +6,83 @@ Several images of a request go to the model as one batch (and share batches with
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_all, read_images, request_doc
-from service.api.schemas import (
-    ERROR_RESPONSES,
-    DetectionOptions,
-    ObjectDetectionRequest,
-    ObjectDetectionResponse,
-    validation_message,
-)
+from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, validate
 from service.config import Settings
 from service.errors import SchemaError
-from service.responses import JSONResponse
+from service.responses import ModelResponse
 from service.tasks import object_detection as task
 
 router = APIRouter(tags=["tasks"])
-TASK = "object-detection"
-DEFAULT_SCORE_THRESHOLD = 0.3  # for a model whose model.json names no operating point
+
+
+class DetectionOptions(BaseModel):
+    """The parameters of /v1/object-detection (form fields in multipart, keys in JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+    score_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Detections scoring lower are dropped; default: the model's own operating point "
+        "(parameters.score_threshold in its model.json), else 0.3.",
+    )
+    iou_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Class-wise suppression: of two boxes of one class overlapping more, the lower goes.",
+    )
+    max_detections: int | None = Field(
+        None, ge=1, description="Most detections per image (default and ceiling: the model's own maximum)."
+    )
+    render: Literal["none", "png", "jpeg"] = Field(
+        "none", description="png/jpeg: answer with the (single) image and its boxes drawn, instead of JSON."
+    )
+    model: str | None = Field(None, description="A detection model by name; default: the task's default model.")
+
+
+class ObjectDetectionRequest(DetectionOptions):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64]}]})
+    images: list[str] = Field(
+        min_length=1, description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted."
+    )
+
+
+class Box(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: Box = Field(description="Corners in the pixels of the image as sent (after its EXIF orientation).")
+
+
+class ImageDetections(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+class ObjectDetectionResponse(BaseModel):
+    model: str
+    version: str
+    images: list[ImageDetections] = Field(description="One entry per image, in request order.")
 
 
 def _prepare(blobs: Blobs, size: int, pad_value: float, settings: Settings):
@@ -47,23 +100,18 @@ def _prepare(blobs: Blobs, size: int, pad_value: float, settings: Settings):
 )
 async def detect(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     blobs, fields = await read_images(request, settings, ObjectDetectionRequest)
-    try:
-        options = DetectionOptions.model_validate(fields)
-    except ValidationError as exc:
-        raise SchemaError(validation_message(exc)) from None
-    served = registry.for_task(TASK, options.model)
+    options = validate(DetectionOptions, fields)
+    served = registry.for_task(task.TASK.name, options.model)
+    parameters: task.ObjectDetectionParameters = served.parameters  # type: ignore[assignment]
     limit = served.spec.outputs[0].shape[1]
     max_detections = options.max_detections or (limit if limit > 0 else 100)
     if limit > 0 and max_detections > limit:
         raise SchemaError(f"max_detections: at most {limit} for model {served.name}, got {max_detections}")
     if options.render != "none" and len(blobs) != 1:
         raise SchemaError(f"render: send exactly one image to render, got {len(blobs)}")
-    size = int(served.spec.parameters.get("input_size", served.spec.inputs[0].shape[-1]))
-    pad_value = float(served.spec.parameters.get("pad_value", 114 / 255))
-    score_threshold = options.score_threshold
-    if score_threshold is None:
-        score_threshold = float(served.spec.parameters.get("score_threshold", DEFAULT_SCORE_THRESHOLD))
-    images, batch, boxes = await run_in_threadpool(_prepare, blobs, size, pad_value, settings)
+    size = task.TASK.input_size(served.spec, parameters)
+    score_threshold = parameters.score_threshold if options.score_threshold is None else options.score_threshold
+    images, batch, boxes = await run_in_threadpool(_prepare, blobs, size, parameters.pad_value, settings)
     result = await unless_disconnected(request, served.infer({served.spec.inputs[0].name: batch}))
     out_boxes, out_scores, out_classes = (result.outputs[t.name] for t in served.spec.outputs)
     found = [
@@ -83,9 +131,11 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
     if options.render != "none":
         data = await run_in_threadpool(task.render, images[0], found[0], options.render)
         return Response(data, media_type=f"image/{options.render}", headers=headers)
-    body = {
-        "model": served.name,
-        "version": str(served.version),
-        "images": [{"width": b.width, "height": b.height, "detections": d} for b, d in zip(boxes, found, strict=True)],
-    }
-    return JSONResponse(body, headers=headers)
+    body = ObjectDetectionResponse(
+        model=served.name,
+        version=str(served.version),
+        images=[
+            ImageDetections(width=b.width, height=b.height, detections=d) for b, d in zip(boxes, found, strict=True)
+        ],
+    )
+    return ModelResponse(body, headers=headers)

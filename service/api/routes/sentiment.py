@@ -3,26 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import (
-    ERROR_RESPONSES,
-    SentimentRequest,
-    SentimentResponse,
-    check_texts,
-    json_body_doc,
-    parse_body,
-)
+from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, parse_body
 from service.registry import Inference, ServedModel
-from service.responses import JSONResponse
+from service.responses import ModelResponse
 from service.tasks import sentiment as task
 
 router = APIRouter(tags=["tasks"])
-TASK = "sentiment"
+
+
+class SentimentRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["A gorgeous, witty, seductive movie.", "The plot is a mess and the jokes fall flat."]},
+                {"texts": ["房间干净，服务热情，下次还会再来。"], "language": "zh"},
+            ]
+        },
+    )
+    texts: list[StrictStr] = Field(min_length=1, description="One prediction per text, in order.")
+    model: str | None = Field(None, description="A sentiment model by name, e.g. sentiment-zh.")
+    language: Literal["auto", "en", "zh"] = Field(
+        "auto",
+        description="Picks the model of that language when 'model' is not given; 'auto' detects Chinese "
+        "text by text, so a request may mix languages.",
+    )
+
+
+class SentimentPrediction(BaseModel):
+    model: str = Field(description="The model that classified this text (texts of a request may differ).")
+    label: str
+    score: float = Field(description="Probability of the label.")
+    scores: dict[str, float]
+    tokens: int = Field(description="Tokens in the text before truncation.")
+    truncated: bool = Field(description="True when the text was longer than the model takes and was cut.")
+
+
+class SentimentResponse(BaseModel):
+    model: str = Field(description="The model of the first text; each prediction names its own.")
+    version: str
+    predictions: list[SentimentPrediction]
 
 
 @router.post(
@@ -32,17 +60,17 @@ TASK = "sentiment"
     responses=ERROR_RESPONSES,
     openapi_extra=json_body_doc(SentimentRequest),
 )
-async def classify_sentiment(request: Request, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+async def classify_sentiment(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     body = parse_body(await request.body(), SentimentRequest)
     texts = body.texts
     check_texts(texts, settings.max_texts_per_request, settings.max_text_chars)
-    # One model per text: the one named, else the one of the text's language (given or detected), so
-    # a request that mixes English and Chinese gets each text classified by the right model.
+    # One model per text: the one named, else the default of the text's language (given or
+    # detected), so a request that mixes English and Chinese gets each text classified by the right model.
     if body.model:
-        chosen = [registry.for_task(TASK, body.model)] * len(texts)
+        chosen = [registry.for_task(task.TASK.name, body.model)] * len(texts)
     else:
         languages = [task.detect_language([t]) if body.language == "auto" else body.language for t in texts]
-        by_language = {lang: registry.for_task(TASK, language=lang) for lang in dict.fromkeys(languages)}
+        by_language = {lang: registry.for_task(task.TASK.name, scope=lang) for lang in dict.fromkeys(languages)}
         chosen = [by_language[lang] for lang in languages]
     groups: dict[str, list[int]] = {}
     for i, served in enumerate(chosen):
@@ -50,24 +78,24 @@ async def classify_sentiment(request: Request, registry: RegistryDep, settings: 
     results = await asyncio.gather(
         *(_classify(request, chosen[idx[0]], [texts[i] for i in idx]) for idx in groups.values())
     )
-    predictions: list[dict] = [{}] * len(texts)
+    predictions: list[SentimentPrediction | None] = [None] * len(texts)
     inferences = []
     for idx, (group_predictions, inference) in zip(groups.values(), results, strict=True):
         inferences.append(inference)
         for i, prediction in zip(idx, group_predictions, strict=True):
             predictions[i] = prediction
     first = chosen[0]
-    body_out = {"model": first.name, "version": str(first.version), "predictions": predictions}
-    return JSONResponse(body_out, headers=inferences[0].timing_headers())
+    out = SentimentResponse(model=first.name, version=str(first.version), predictions=predictions)
+    return ModelResponse(out, headers=inferences[0].timing_headers())
 
 
-async def _classify(request: Request, served: ServedModel, texts: list[str]) -> tuple[list[dict], Inference]:
+async def _classify(
+    request: Request, served: ServedModel, texts: list[str]
+) -> tuple[list[SentimentPrediction], Inference]:
     encoded = await run_in_threadpool(task.encode, served.assets, texts)
     result = await unless_disconnected(
         request, served.infer({"input_ids": encoded.ids, "attention_mask": encoded.mask})
     )
     probabilities = result.outputs[served.spec.outputs[0].name]
-    predictions = task.predictions(probabilities, served.spec.labels or ["0", "1"], encoded)
-    for prediction in predictions:
-        prediction["model"] = served.name
-    return predictions, result
+    rows = task.predictions(probabilities, served.spec.labels or ["0", "1"], encoded)
+    return [SentimentPrediction(model=served.name, **row) for row in rows], result

@@ -12,25 +12,54 @@ from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import (
-    ERROR_RESPONSES,
-    TranslationRequest,
-    TranslationResponse,
-    check_texts,
-    json_body_doc,
-    parse_body,
-)
+from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, parse_body
 from service.errors import SchemaError, ServiceError, UnsupportedText
-from service.responses import JSONResponse
+from service.responses import ModelResponse
 from service.tasks import translation as task
 
 router = APIRouter(tags=["tasks"])
-TASK = "translation"
+
+
+class TranslationRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["I'm hungry.", "Where is the train station?"], "beam_size": 1, "max_new_tokens": 64},
+                {"texts": ["Do you want to come with us tomorrow?"], "beam_size": 4},
+            ]
+        },
+    )
+    texts: list[StrictStr] = Field(min_length=1, description="English texts; one translation per text, in order.")
+    beam_size: int = Field(1, ge=1, description="1: greedy decoding; more: beam search (up to the server's limit).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate per text (default and ceiling: the model's)."
+    )
+    stream: bool = Field(
+        False, description="Server-sent events: a 'token' event per new token of each text, then 'done' (greedy only)."
+    )
+    model: str | None = Field(None, description="A translation model by name; default: the task's default model.")
+
+
+class Translation(BaseModel):
+    text: str = Field(description="The translation, detokenised.")
+    source_tokens: int = Field(description="Tokens in the source text before truncation.")
+    generated_tokens: int
+    truncated: bool = Field(description="True when the source was longer than the model takes and was cut.")
+    unknown_characters: list[str] = Field(description="Characters of the source the model's vocabulary lacks.")
+    finished: bool = Field(description="False when max_new_tokens cut the translation short.")
+
+
+class TranslationResponse(BaseModel):
+    model: str
+    version: str
+    translations: list[Translation]
 
 
 @router.post(
@@ -40,16 +69,16 @@ TASK = "translation"
     responses=ERROR_RESPONSES,
     openapi_extra=json_body_doc(TranslationRequest),
 )
-async def translate(request: Request, registry: RegistryDep, settings: SettingsDep):
+async def translate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     body = parse_body(await request.body(), TranslationRequest)
     check_texts(body.texts, settings.max_texts_per_request, settings.max_text_chars)
-    max_beam = min(settings.max_beam_size, settings.decode_max_rows)
-    if body.beam_size > max_beam:
-        raise SchemaError(f"beam_size: at most {max_beam} on this server, got {body.beam_size}")
     if body.stream and body.beam_size > 1:
         raise SchemaError("stream: token streaming needs greedy decoding (beam_size 1); a beam's best changes")
-    served = registry.for_task(TASK, body.model)
-    engine: task.TranslationEngine = served.engine
+    served = registry.for_task(task.TASK.name, body.model)
+    engine: task.TranslationEngine = served.engine  # type: ignore[assignment]
+    max_beam = min(settings.max_beam_size, engine.config.max_rows)
+    if body.beam_size > max_beam:
+        raise SchemaError(f"beam_size: at most {max_beam} for model {served.name}, got {body.beam_size}")
     assets: task.TranslationAssets = served.assets
     max_new = body.max_new_tokens or assets.max_new_tokens
     if max_new > assets.max_new_tokens:
@@ -82,19 +111,19 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
         "x-batch-size": str(max(s.max_rows for s in stats)),
         "x-decode-steps": str(max(s.steps for s in stats)),
     }
-    return JSONResponse({**head, "translations": translations}, headers=headers)
+    return ModelResponse(TranslationResponse(**head, translations=translations), headers=headers)
 
 
-def _translation(engine: task.TranslationEngine, job: task.TranslationJob) -> dict:
+def _translation(engine: task.TranslationEngine, job: task.TranslationJob) -> Translation:
     ids = job.result()
-    return {
-        "text": engine.detokenize(ids),
-        "source_tokens": job.source.tokens,
-        "generated_tokens": len(ids),
-        "truncated": job.source.truncated,
-        "unknown_characters": job.source.unknown,
-        "finished": job.ended,
-    }
+    return Translation(
+        text=engine.detokenize(ids),
+        source_tokens=job.source.tokens,
+        generated_tokens=len(ids),
+        truncated=job.source.truncated,
+        unknown_characters=job.source.unknown,
+        finished=job.ended,
+    )
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -137,7 +166,8 @@ async def _stream(
         except ServiceError as exc:
             yield _event("error", exc.to_dict())
             return
-        yield _event("done", {**head, "translations": [_translation(engine, job) for job, _ in results]})
+        done = TranslationResponse(**head, translations=[_translation(engine, job) for job, _ in results])
+        yield _event("done", done.model_dump(mode="json"))
     finally:
         if not work.done():
             work.cancel()

@@ -2,19 +2,64 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field, TypeAdapter
 from starlette.routing import Match, Route
 
 from service import protocol
 from service.api.deps import RegistryDep
 from service.api.disconnect import unless_disconnected
+from service.api.routes.health import ModelStateName
+from service.api.schemas import ERROR_RESPONSES, ErrorType
 from service.errors import ModelNotReady
-from service.registry import ModelState
-from service.responses import JSONResponse
+from service.registry import ModelState, ModelVersionMetadata
+from service.responses import JSONResponse, ModelResponse
 
 router = APIRouter(tags=["open inference protocol (v2)"])
+
+
+class IndexRow(BaseModel):
+    name: str
+    task: str | None = Field(
+        description="The task that serves it; 'none' for v2 only; null if model.json is unreadable"
+    )
+    default: bool = Field(description="Its task's default model (answers requests that name none)")
+    state: ModelStateName
+    version: str | None = None
+    reason: str | None = Field(None, description="Why it failed to load")
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+class ModelNotReadyResponse(BaseModel):
+    error: str
+    error_type: ErrorType
+    name: str
+    ready: bool
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="Row-major values (absent when sent as binary)")
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
 
 _INFER_EXAMPLE = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
 _INFER_DOC = {
@@ -50,39 +95,61 @@ _INFER_DOC = {
 }
 
 
-@router.get("/v2/models", summary="Every model in the repository with its state")
-@router.post("/v2/repository/index", summary="Model repository index (Triton's extension)")
-async def repository_index(registry: RegistryDep) -> JSONResponse:
+_INDEX = TypeAdapter(list[IndexRow])
+
+
+@router.get("/v2/models", summary="Every model in the repository with its state", response_model=list[IndexRow])
+@router.post(
+    "/v2/repository/index", summary="Model repository index (Triton's extension)", response_model=list[IndexRow]
+)
+async def repository_index(registry: RegistryDep) -> Response:
     rows = []
     for status in registry.models.values():
-        versions = sorted(status.versions) or [None]
-        for version in versions:
-            row = {"name": status.name, "task": status.task, "state": status.state.value}
-            if version is not None:
-                row["version"] = str(version)
-            if status.reason:
-                row["reason"] = status.reason
-            rows.append(row)
-    return JSONResponse(rows)
+        for version in sorted(status.versions) or [None]:
+            rows.append(
+                IndexRow(
+                    name=status.name,
+                    task=status.task,
+                    default=status.default,
+                    state=status.state.value,
+                    version=None if version is None else str(version),
+                    reason=status.reason,
+                )
+            )
+    return Response(_INDEX.dump_json(rows, exclude_none=True), media_type="application/json")
 
 
-@router.get("/v2/models/{model}", summary="Model metadata")
-@router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
-async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> JSONResponse:
-    return JSONResponse(registry.get(model, version).metadata())
+@router.get(
+    "/v2/models/{model}", summary="Model metadata", response_model=ModelVersionMetadata, responses=ERROR_RESPONSES
+)
+@router.get(
+    "/v2/models/{model}/versions/{version}",
+    summary="Model version metadata",
+    response_model=ModelVersionMetadata,
+    responses=ERROR_RESPONSES,
+)
+async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> ModelResponse:
+    return ModelResponse(registry.get(model, version).metadata())
 
 
-@router.get("/v2/models/{model}/ready", summary="Model readiness (503 while loading or failed)")
-@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
-async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> JSONResponse:
+_READY_DOC = {
+    "response_model": ModelReady,
+    "responses": {**ERROR_RESPONSES, 503: {"model": ModelNotReadyResponse, "description": "Loading or failed"}},
+}
+
+
+@router.get("/v2/models/{model}/ready", summary="Model readiness (503 while loading or failed)", **_READY_DOC)
+@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness", **_READY_DOC)
+async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> ModelResponse:
     status = registry.status(model)
     if status.state is not ModelState.READY:
         err = ModelNotReady(
             f"model {model!r} is {status.state.value}" + (f": {status.reason}" if status.reason else "")
         )
-        return JSONResponse({**err.to_dict(), "name": model, "ready": False}, status_code=err.status_code)
+        body = ModelNotReadyResponse(**err.to_dict(), name=model, ready=False)
+        return ModelResponse(body, status_code=err.status_code)
     served = registry.get(model, version)
-    return JSONResponse({"name": model, "version": str(served.version), "ready": True})
+    return ModelResponse(ModelReady(name=model, version=str(served.version), ready=True))
 
 
 async def infer_endpoint(request: Request) -> Response:
@@ -122,7 +189,10 @@ INFER_PATHS = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version
 fast_routes = [_FastRoute(path, infer_endpoint, methods=["POST"]) for path in INFER_PATHS]
 
 
-@router.post(INFER_PATHS[0], summary="Run inference (JSON tensors)", openapi_extra=_INFER_DOC)
-@router.post(INFER_PATHS[1], summary="Run inference on a version", openapi_extra=_INFER_DOC)
+_INFER_ROUTE = {"openapi_extra": _INFER_DOC, "response_model": InferResponse, "responses": ERROR_RESPONSES}
+
+
+@router.post(INFER_PATHS[0], summary="Run inference (JSON tensors)", **_INFER_ROUTE)
+@router.post(INFER_PATHS[1], summary="Run inference on a version", **_INFER_ROUTE)
 async def infer(model: str, request: Request, version: str | None = None) -> Response:
     return await infer_endpoint(request)
