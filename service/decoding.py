@@ -196,7 +196,7 @@ class StepScheduler(Generic[S]):
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         for entry in [*self._waiting, *self._active]:
-            self._fail(entry, ShuttingDown(f"model {self.name} shut down before the translation finished"))
+            self._fail(entry, ShuttingDown(f"model {self.name} shut down before the sequence finished"))
         self._waiting.clear()
         self._active.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -152,3 +152,19 @@ def bright_box_detector(path: Path, size: int = 64) -> None:
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+
+
+def channel_mean_model(path: Path, channels: int = 3, size: int = 8) -> None:
+    """``image [batch, channels, size, size]`` -> ``scores [batch, channels]``, each channel's mean:
+    a stand-in image classifier whose output shows exactly what the task fed it."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image"], ["scores"], axes=[2, 3], keepdims=0)],
+        "channel_mean",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", channels])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
