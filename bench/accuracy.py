@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bench.harness import DATA, multipart
 from training.idx import load_mnist
 
 
@@ -40,20 +39,10 @@ def as_photo(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
 
 
 def post_files(url: str, files: list[tuple[bytes, str]]) -> list[str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for i, (blob, mime) in enumerate(files):
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="d{i}"\r\n'
-            f"Content-Type: {mime}\r\n\r\n".encode()
-            + blob
-            + b"\r\n"
-        )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    # One style, so one type, per run.
+    body, content_type = multipart([(f"d{i}", blob) for i, (blob, _) in enumerate(files)], mime=files[0][1])
     request = urllib.request.Request(
-        f"{url}/v1/image-classification",
-        data=body,
-        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        f"{url}/v1/image-classification", data=body, headers={"content-type": content_type}
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return [ranked[0]["label"] for ranked in json.loads(response.read())["predictions"]]
@@ -64,11 +53,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--style", choices=["png", "photo"], default="png")
     p.add_argument("--limit", type=int, default=10_000)
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("NEUROSERVE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")),
-    )
+    p.add_argument("--data-dir", type=Path, default=DATA)
     args = p.parse_args(argv)
     images, labels = load_mnist(args.data_dir / "image_classification" / "mnist", "test")
     images, labels = images[: args.limit], labels[: args.limit]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.run import ROOT
+from bench.harness import ROOT
 
 MODEL = "translation-en-fr"
 

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from PIL import Image
 
-from bench.run import format_table, free_port, load_arguments, measure, neuroserve, raw_ceiling, write_multipart
+from bench.harness import format_table, load_arguments, measure, neuroserve, raw_ceiling, write_multipart
 from service.tasks import object_detection as task
 from training.digit_scenes import makers
 
@@ -183,11 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("neuroserve, batching on, delay 0", {"NEUROSERVE_MAX_QUEUE_DELAY_MS": "0"}),
         ("neuroserve, batching on, delay 5 ms", {"NEUROSERVE_MAX_QUEUE_DELAY_MS": "5"}),
     ):
-        server = neuroserve(label, free_port(), repo, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
-        try:
+        with neuroserve(repo, label=label, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env) as server:
             http += measure(server, "/v1/object-detection", body, ctype, args.concurrency, args.duration, MODEL)
-        finally:
-            server.stop()
 
     results = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -25,7 +25,6 @@ Also the raw onnxruntime decoder-step time by batch size (the ceiling a step can
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import http.client
 import json
@@ -34,12 +33,13 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from bench.run import ROOT, free_port, neuroserve, scrape
+from bench.harness import load_arguments, neuroserve, scrape
 from training.translation import read_pairs
 
 MODEL = "translation-en-fr"
@@ -161,16 +161,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per configuration and concurrency")
+    p = load_arguments(__doc__, duration_help="seconds per configuration and concurrency")
+    p.set_defaults(data_dir=p.get_default("data_dir") / "translation")  # this benchmark's data only
     p.add_argument("--rounds", type=int, default=4, help="the duration is split into this many interleaved rounds")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--repository", type=Path, default=ROOT / "models")
-    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "translation")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
-    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by label)")
     args = p.parse_args(argv)
 
@@ -192,10 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only:
         configs = [c for c in configs if c[0] in args.only]
     servers = []
-    try:
+    with ExitStack() as running:
         for label, env in configs:  # all up at once; an idle one costs nothing
-            server = neuroserve(label, free_port(), repo, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
-            servers.append(server)
+            server = neuroserve(repo, label=label, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
+            servers.append(running.enter_context(server))
             drive(server.port, sentences, max(args.concurrency), min(2.0, args.duration))  # warm up
         rows = []
         for c in args.concurrency:
@@ -219,9 +213,6 @@ def main(argv: list[str] | None = None) -> dict:
                     f"rows/step {result['mean_rows']:5.1f}  errors {result['errors']}",
                     flush=True,
                 )
-    finally:
-        for server in servers:
-            server.stop()
     table = format_table(rows)
     print("\n" + table)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

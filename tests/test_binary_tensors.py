@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_server import Server
+from bench.harness import neuroserve
 
 pytestmark = pytest.mark.slow
 INFER = "/v2/models/mnist/infer"
@@ -109,8 +109,7 @@ def test_nvidia_triton_client_talks_to_neuroserve(mnist_test, tmp_path) -> None:
 
     images, labels = mnist_test
     (tmp_path / "mnist").symlink_to(ROOT / "models" / "mnist")  # only the model it talks to: fast start
-    server = Server(tmp_path)
-    try:
+    with neuroserve(tmp_path, NEUROSERVE_INTRA_OP_THREADS="1") as server:
         client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
         assert client.is_server_ready() and client.is_model_ready("mnist")
         assert client.get_model_metadata("mnist")["inputs"][0]["name"] == "image"
@@ -125,8 +124,7 @@ def test_nvidia_triton_client_talks_to_neuroserve(mnist_test, tmp_path) -> None:
             assert (probs.argmax(1) == labels[:16]).mean() >= 0.9
             assert result.get_response()["id"] == "r1"
         client.close()
-    finally:
-        server.stop()
+        server.stop_cleanly()
 
 
 def test_binary_header_length_must_be_positive(client: TestClient) -> None:

@@ -1,14 +1,9 @@
-"""Behaviour that needs a real server process: load shedding, graceful shutdown, client disconnects."""
+"""Behaviour that needs a real server process: load shedding, graceful shutdown, client disconnects;
+and the harness that starts one (``bench.harness``) never leaves a process behind."""
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,84 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.harness import Server, ServerError, free_port, neuroserve
 from tests.onnx_models import model_json, write_model
 
 pytestmark = pytest.mark.slow
 WIDTH = 512
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, repository: Path, **env: str) -> None:
-        self.port = free_port()
-        environ = {
-            **os.environ,
-            "NEUROSERVE_REPOSITORY": str(repository),
-            "NEUROSERVE_PORT": str(self.port),
-            "NEUROSERVE_ACCESS_LOG": "false",
-            "NEUROSERVE_INTRA_OP_THREADS": "1",
-            **env,
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            env=environ,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 120  # loading and warming models on 2 busy cores
-        while time.monotonic() < deadline:
-            try:
-                if self.request("GET", "/v2/health/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stdout.read()}")
-            time.sleep(0.1)
-        self.proc.kill()  # never leave a server behind to slow the tests after this one
-        self.proc.wait()
-        raise AssertionError(f"server never became ready:\n{self.proc.stdout.read()[-2000:]}")
-
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict, dict]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=payload, headers={"content-type": "application/json"})
-            response = conn.getresponse()
-            raw = response.read()
-            headers = {k.lower(): v for k, v in response.getheaders()}
-            parsed = json.loads(raw) if headers.get("content-type", "").startswith("application/json") else {}
-            return response.status, parsed, headers
-        finally:
-            conn.close()
-
-    def metric(self, name: str) -> float:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        conn.close()
-        match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-    def stop(self) -> str:
-        """SIGTERM, wait, and return the log; uvicorn re-raises SIGTERM after its graceful shutdown."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        code = self.proc.wait()
-        log = self.proc.stdout.read()
-        self.proc.stdout.close()
-        assert code in (0, -signal.SIGTERM), f"server exited with {code}:\n{log[-2000:]}"
-        return log
+def serve(repository: Path, **env: str) -> Server:
+    """neuroserve on ``repository``, one intra-op thread, logging at info (the shutdown's "drained")."""
+    return neuroserve(repository, NEUROSERVE_INTRA_OP_THREADS="1", NEUROSERVE_LOG_LEVEL="info", **env)
 
 
 @pytest.fixture
@@ -115,8 +42,7 @@ def body(seed: int) -> dict:
 
 
 def test_overload_is_shed_fast_with_429_and_retry_after(slow_repo: Path) -> None:
-    server = Server(slow_repo, NEUROSERVE_MAX_QUEUE_SIZE="4", NEUROSERVE_MAX_BATCH_SIZE="1")
-    try:
+    with serve(slow_repo, NEUROSERVE_MAX_QUEUE_SIZE="4", NEUROSERVE_MAX_BATCH_SIZE="1") as server:
 
         def call(i: int) -> tuple[int, dict, dict, float]:
             status, parsed, headers = server.request("POST", "/v2/models/slow/infer", body(i))
@@ -137,34 +63,32 @@ def test_overload_is_shed_fast_with_429_and_retry_after(slow_repo: Path) -> None
         assert np.median([r[3] for r in shed]) < max(r[3] for r in served)
         assert server.metric('neuroserve_model_requests_total{model="slow",outcome="overloaded"}') == len(shed)
         assert server.metric('neuroserve_model_requests_total{model="slow",outcome="ok"}') == len(served)
-    finally:
-        server.stop()
+        server.stop_cleanly()
 
 
 def test_sigterm_finishes_every_accepted_request_then_exits(slow_repo: Path) -> None:
-    server = Server(slow_repo, NEUROSERVE_MAX_BATCH_SIZE="1", NEUROSERVE_MAX_QUEUE_SIZE="256")
     n = 24
-    with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(n)]
-        deadline = time.monotonic() + 20
-        while server.metric('neuroserve_queue_depth{model="slow"}') < 8 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert server.metric('neuroserve_queue_depth{model="slow"}') >= 8, "requests never queued up"
-        server.proc.send_signal(signal.SIGTERM)
-        results = [f.result(timeout=60) for f in futures]
-    assert [r[0] for r in results] == [200] * n, [r[:2] for r in results if r[0] != 200]
-    for i, (_, parsed, _) in enumerate(results):
-        x = np.asarray(body(i)["inputs"][0]["data"], dtype=np.float32)
-        assert parsed["outputs"][0]["shape"] == [1, WIDTH]
-        assert not np.allclose(parsed["outputs"][0]["data"], x)  # a real answer, its own
-    server.proc.wait(30)
-    assert "drained" in server.stop()
+    with serve(slow_repo, NEUROSERVE_MAX_BATCH_SIZE="1", NEUROSERVE_MAX_QUEUE_SIZE="256") as server:
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(n)]
+            deadline = time.monotonic() + 20
+            while server.metric('neuroserve_queue_depth{model="slow"}') < 8 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert server.metric('neuroserve_queue_depth{model="slow"}') >= 8, "requests never queued up"
+            server.proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=60) for f in futures]
+        assert [r[0] for r in results] == [200] * n, [r[:2] for r in results if r[0] != 200]
+        for i, (_, parsed, _) in enumerate(results):
+            x = np.asarray(body(i)["inputs"][0]["data"], dtype=np.float32)
+            assert parsed["outputs"][0]["shape"] == [1, WIDTH]
+            assert not np.allclose(parsed["outputs"][0]["data"], x)  # a real answer, its own
+        server.proc.wait(30)
+        assert "drained" in server.stop_cleanly()
 
 
 def test_client_that_disconnects_is_dropped_before_inference(slow_repo: Path) -> None:
-    server = Server(slow_repo, NEUROSERVE_MAX_BATCH_SIZE="1")
     busy_n = 60
-    try:
+    with serve(slow_repo, NEUROSERVE_MAX_BATCH_SIZE="1") as server:
         with ThreadPoolExecutor(busy_n + 2) as pool:
             # Keep the model busy so that the impatient requests are still queued when they give up.
             busy = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(busy_n)]
@@ -185,5 +109,76 @@ def test_client_that_disconnects_is_dropped_before_inference(slow_repo: Path) ->
         assert server.metric(metric) == 2
         # Only the patient requests were computed: one row per batch.
         assert server.metric('neuroserve_batch_size_count{model="slow"}') == busy_n
-    finally:
-        server.stop()
+        server.stop_cleanly()
+
+
+# The harness itself, on stand-in servers (a second or two each).
+
+# Starts a child (and prints its pid) in the same process group, then, once the file READY names
+# exists (at once without READY), answers 200 to every GET until it is stopped.
+STAND_IN = """
+import http.server, os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(f"child {child.pid}", flush=True)
+while os.environ.get("READY") and not os.path.exists(os.environ["READY"]):
+    time.sleep(0.05)
+
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
+"""
+
+
+def stand_in(tmp_path: Path, **kwargs) -> Server:
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    port = free_port()
+    return Server([sys.executable, str(script), str(port)], kwargs.pop("env", {}), port=port, **kwargs)
+
+
+def child_of(server: Server) -> int:
+    deadline = time.monotonic() + 10
+    while "child " not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return int(server.output().split("child ")[1].split()[0])
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """Whether ``pid`` has ended (a zombie, or reaped), waiting up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_harness_stops_the_server_and_what_it_started(tmp_path: Path) -> None:
+    with stand_in(tmp_path) as server:
+        status, _, _ = server.request("GET", "/v2/health/ready")
+        assert status == 200
+        child = child_of(server)
+        assert not gone(child, timeout=0)
+    assert server.proc.returncode == -signal.SIGTERM
+    assert gone(child)
+
+
+def test_harness_kills_a_server_that_never_becomes_ready(tmp_path: Path) -> None:
+    server = stand_in(tmp_path, env={"READY": str(tmp_path / "never")}, ready_timeout=3)
+    with pytest.raises(ServerError, match="not ready within 3 s"), server:
+        pass
+    assert server.proc.returncode == -signal.SIGKILL
+    assert gone(child_of(server))
+
+
+def test_harness_reports_a_server_that_exits_before_it_is_ready() -> None:
+    server = Server([sys.executable, "-c", "print('no model repository'); raise SystemExit(3)"])
+    with pytest.raises(ServerError, match=r"exited with 3:\nno model repository"), server:
+        pass
