@@ -44,11 +44,13 @@ def _argument(annotation: Any) -> dict[str, Any]:
     return {"type": annotation}
 
 
-def config_parser(config: type, description: str) -> argparse.ArgumentParser:
+def config_parser(config: type, description: str, prog: str | None = None) -> argparse.ArgumentParser:
     """A parser with one ``--field-name`` per field of the ``config`` dataclass: its type from the
     annotation, its default from the field, its help (and extra ``add_argument`` keywords) from the
     field's metadata: ``field(default=..., metadata={"help": ...})``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     hints = typing.get_type_hints(config)
     for f in dataclasses.fields(config):
         kwargs = {**_argument(hints[f.name]), "default": f.default, **f.metadata}
@@ -56,9 +58,9 @@ def config_parser(config: type, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(config: type[C], argv: list[str] | None, description: str) -> C:
+def parse_config(config: type[C], argv: list[str] | None, description: str, prog: str | None = None) -> C:
     """``config`` filled from the command line (see :func:`config_parser`)."""
-    args = vars(config_parser(config, description).parse_args(argv))
+    args = vars(config_parser(config, description, prog).parse_args(argv))
     return config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 

@@ -1,0 +1,5 @@
+"""``python -m training.translation``: see :mod:`training.translation.train`."""
+
+from training.translation.train import main
+
+main()
