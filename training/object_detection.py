@@ -424,26 +424,43 @@ def model_config(cfg: Config, classes: list[str]) -> dict:
     }
 
 
-def train(cfg: Config, command: str = "") -> dict:
-    common.seed_everything(cfg.seed)
-    device = common.pick_device(cfg.device)
-    if cfg.smoke:
-        cfg = dataclasses.replace(
-            cfg, train_scenes=64, test_scenes=16, epochs=1, batch_size=8, width=8, input_size=128, workers=0
-        )
+def smoke_sized(cfg: Config) -> Config:
+    return dataclasses.replace(
+        cfg, train_scenes=64, test_scenes=16, epochs=1, batch_size=8, width=8, input_size=128, workers=0
+    )
+
+
+def load_data(cfg: Config) -> tuple[Samples, Samples, list[str]]:
     train_set, test_set, classes = load_samples(cfg)
     if cfg.smoke and cfg.dataset == "yolo":
         train_set.count, test_set.count = min(len(train_set), 32), min(len(test_set), 16)
-    n_classes = len(classes)
+    return train_set, test_set, classes
+
+
+def new_model(cfg: Config, n_classes: int) -> tuple[Detector, dict | None]:
+    """A fresh detector, or one from ``--init-from`` with what produced those weights (if known)."""
     model = Detector(n_classes, cfg.width)
-    earlier = None
-    if cfg.init_from is not None:  # fully convolutional: weights trained at one input size serve any other
-        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
-        provenance = cfg.init_from.with_suffix(".json")
-        earlier = json.loads(provenance.read_text()) if provenance.is_file() else {"checkpoint": str(cfg.init_from)}
-    model = model.to(device)
-    cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = cfg.checkpoint_dir / f"{cfg.name}.pt"
+    if cfg.init_from is None:
+        return model, None
+    # Fully convolutional: weights trained at one input size serve any other.
+    model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
+    provenance = cfg.init_from.with_suffix(".json")
+    return model, json.loads(provenance.read_text()) if provenance.is_file() else {"checkpoint": str(cfg.init_from)}
+
+
+def detection_loss(model: Detector, batch) -> torch.Tensor:
+    """Focal loss on the heatmap, L1 on the sizes (weight 0.1) and offsets at the objects' centres."""
+    x, heat, index, wh, offset, mask = batch
+    heat_logits, size, off = model(x)
+    n = mask.sum().clamp(min=1)
+    size_loss = (F.l1_loss(gather_at(size, index), wh, reduction="none").sum(2) * mask).sum() / n
+    off_loss = (F.l1_loss(gather_at(off, index), offset, reduction="none").sum(2) * mask).sum() / n
+    return focal_loss(heat_logits, heat) + 0.1 * size_loss + off_loss
+
+
+def fit(model: Detector, cfg: Config, train_set: Samples, n_classes: int, checkpoint: Path) -> None:
+    """Train for ``cfg.epochs``, saving the weights to ``checkpoint`` after each epoch."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
@@ -459,12 +476,7 @@ def train(cfg: Config, command: str = "") -> dict:
         )
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)
         for step, batch in enumerate(bar):
-            x, heat, index, wh, offset, mask = (t.to(device, non_blocking=True) for t in batch)
-            heat_logits, size, off = model(x)
-            n = mask.sum().clamp(min=1)
-            size_loss = (F.l1_loss(gather_at(size, index), wh, reduction="none").sum(2) * mask).sum() / n
-            off_loss = (F.l1_loss(gather_at(off, index), offset, reduction="none").sum(2) * mask).sum() / n
-            loss = focal_loss(heat_logits, heat) + 0.1 * size_loss + off_loss
+            loss = detection_loss(model, [t.to(device, non_blocking=True) for t in batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -473,11 +485,10 @@ def train(cfg: Config, command: str = "") -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, checkpoint)  # loads anywhere
         print(f"epoch {epoch + 1}: {time.perf_counter() - started:.0f} s, last loss {loss.item():.3f}", flush=True)
-    train_seconds = time.perf_counter() - started
-    model = model.cpu().eval()
-    graph = ExportGraph(model, cfg.max_detections).eval()
-    version_dir = cfg.output_dir / cfg.name / str(cfg.version)
-    onnx_path = version_dir / "model.onnx"
+
+
+def export(graph: ExportGraph, cfg: Config, test_set: Samples, n_classes: int, onnx_path: Path) -> float:
+    """The graph with its decoding, parity-checked on two test images; returns the largest difference."""
     example = torch.from_numpy(np.stack([prepare(test_set[i], cfg, n_classes, None)[0] for i in range(2)]))
     common.export_onnx(
         graph,
@@ -487,10 +498,13 @@ def train(cfg: Config, command: str = "") -> dict:
         output_names=["boxes", "scores", "classes"],
         dynamic_axes={"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}, "classes": {0: "batch"}},
     )
-    parity = decoded_parity(graph, onnx_path, example)
+    return decoded_parity(graph, onnx_path, example)
+
+
+def evaluate(onnx_path: Path, test_set: Samples, cfg: Config, n_classes: int, parity: float) -> dict:
     detections, truths = detect_onnx(onnx_path, test_set, cfg)
     scores = coco_map(detections, truths, n_classes)
-    metrics = {
+    return {
         "measured_on": "exported ONNX model in onnxruntime (CPU), boxes mapped back to each image's pixels",
         "evaluator": "pycocotools COCOeval (bbox)",
         "map_50_95": round(scores["map_50_95"], 4),
@@ -498,20 +512,43 @@ def train(cfg: Config, command: str = "") -> dict:
         "test_images": len(test_set),
         "onnx_vs_torch_max_abs_diff": parity,
     }
-    dataset = (
-        {
-            "name": "digit scenes (training/digit_scenes.py): MNIST digits pasted into coco128 photos",
-            "train": f"{len(train_set)} scenes, MNIST train digits on coco128 train2017 photos, seed {cfg.seed}",
-            "test": f"{len(test_set)} scenes, MNIST test digits on coco128 val2017 photos, seed {cfg.seed}",
-        }
-        if cfg.dataset == "digits"
-        else {"name": f"YOLO-layout dataset {cfg.yolo_dir}", "train": cfg.train_split, "test": cfg.val_split}
-    )
+
+
+def dataset_description(cfg: Config, train_set: Samples, test_set: Samples) -> dict:
+    if cfg.dataset != "digits":
+        return {"name": f"YOLO-layout dataset {cfg.yolo_dir}", "train": cfg.train_split, "test": cfg.val_split}
+    return {
+        "name": "digit scenes (training/digit_scenes.py): MNIST digits pasted into coco128 photos",
+        "train": f"{len(train_set)} scenes, MNIST train digits on coco128 train2017 photos, seed {cfg.seed}",
+        "test": f"{len(test_set)} scenes, MNIST test digits on coco128 val2017 photos, seed {cfg.seed}",
+    }
+
+
+def train(cfg: Config, command: str = "") -> dict:
+    common.seed_everything(cfg.seed)
+    device = common.pick_device(cfg.device)
+    if cfg.smoke:
+        cfg = smoke_sized(cfg)
+    train_set, test_set, classes = load_data(cfg)
+    model, earlier = new_model(cfg, len(classes))
+    model = model.to(device)
+    cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = cfg.checkpoint_dir / f"{cfg.name}.pt"
+    started = time.perf_counter()
+    fit(model, cfg, train_set, len(classes), checkpoint)
+    train_seconds = time.perf_counter() - started
+
+    model = model.cpu().eval()
+    graph = ExportGraph(model, cfg.max_detections).eval()
+    version_dir = cfg.output_dir / cfg.name / str(cfg.version)
+    onnx_path = version_dir / "model.onnx"
+    parity = export(graph, cfg, test_set, len(classes), onnx_path)
+    metrics = evaluate(onnx_path, test_set, cfg, len(classes), parity)
     common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, classes))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,
-        dataset=dataset,
+        dataset=dataset_description(cfg, train_set, test_set),
         command=command,
         training={
             "config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()},
@@ -525,7 +562,7 @@ def train(cfg: Config, command: str = "") -> dict:
         checkpoint.with_suffix(".json"),
         {"checkpoint": str(checkpoint), "command": command, "metrics": metrics, "training": meta["training"]},
     )
-    print(f"wrote {onnx_path}: mAP@0.5:0.95 {scores['map_50_95']:.4f}, mAP@0.5 {scores['map_50']:.4f}")
+    print(f"wrote {onnx_path}: mAP@0.5:0.95 {metrics['map_50_95']:.4f}, mAP@0.5 {metrics['map_50']:.4f}")
     return meta
 
 

@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from dataclasses import field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -341,9 +342,14 @@ def popular_items(train: Ratings, min_count: int = 50, prior: int = 20, k: int =
     return [i for _, i in sorted(scored, reverse=True)[:k]]
 
 
-def train(cfg: Config, command: str = "") -> dict:
-    common.seed_everything(cfg.seed)
-    device = common.pick_device(cfg.device)
+class Split(NamedTuple):
+    data: Ratings  # every rating read (all of them feed the served "already seen" lists)
+    movies: dict[int, dict]
+    train: Ratings
+    val: Ratings
+
+
+def load_split(cfg: Config) -> Split:
     data = read_ratings(cfg.data_dir / "ratings.csv")
     movies = read_movies(cfg.data_dir / "movies.csv")
     if cfg.smoke:
@@ -351,58 +357,103 @@ def train(cfg: Config, command: str = "") -> dict:
         data = Ratings(data.users[keep], data.items[keep], data.ratings[keep], data.timestamps[keep])
     is_train, is_val = temporal_split(data, cfg.holdout_fraction)
     pick = lambda m: Ratings(data.users[m], data.items[m], data.ratings[m], data.timestamps[m])  # noqa: E731
-    train_set, val_set = pick(is_train), pick(is_val)
+    return Split(data, movies, pick(is_train), pick(is_val))
 
-    baseline, baseline_rmse = best_baseline(train_set, val_set)
-    tqdm.write(
-        f"bias baseline (reg_user={baseline.reg_user}, reg_item={baseline.reg_item}): "
-        f"validation RMSE {baseline_rmse:.4f}"
-    )
 
-    user_ids = np.unique(train_set.users)
+class Rows(NamedTuple):
+    """Embedding rows: raw ids in row order, the reverse maps, and each training rating's as-of features."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    user_index: dict[int, int]
+    item_index: dict[int, int]
+    user_as_of: torch.Tensor
+    item_as_of: torch.Tensor
+
+
+def build_model(cfg: Config, split: Split, baseline: Biases) -> tuple[Recommender, Rows]:
+    """The network with its feature tables, started from the baseline's biases and a linear drift fit."""
+    user_ids = np.unique(split.train.users)
     # Every movie of movies.csv gets a row, rated in training or not: an unrated one still has genres
     # and a year, and its user's drift and genre affinities still apply (its biases and embedding are 0).
-    item_ids = np.unique(np.concatenate([train_set.items, np.array(sorted(movies), dtype=np.int64)]))
-    user_index = {int(u): i for i, u in enumerate(user_ids)}
-    item_index = {int(m): i for i, m in enumerate(item_ids)}
-    genre_of = genre_vectors(movies, item_ids)
-    user_table, user_as_of = user_features(train_set, baseline, user_ids, genre_of)
-    item_table, item_as_of = item_features(train_set, baseline, movies, item_ids, genre_of)
-    model = Recommender(len(user_ids), len(item_ids), user_table, item_table, baseline.mean, cfg).to(device)
-    f_train, g_train = user_as_of.to(device), item_as_of.to(device)
-    # Start the drift terms from a least-squares fit of the baseline's residual on the as-of features of
-    # the training ratings (training data only): the network then learns what a linear model misses.
-    n_genres = user_table.shape[1] - USER_SCALARS
-    affinity = (user_as_of[:, USER_SCALARS:] * item_as_of[:, :n_genres]).sum(1, keepdim=True)
-    design = torch.cat([user_as_of[:, :USER_SCALARS], affinity, torch.ones(len(affinity), 1)], dim=1).double()
-    target = torch.tensor(train_set.ratings - baseline.predict(train_set.users, train_set.items)).double()
+    item_ids = np.unique(np.concatenate([split.train.items, np.array(sorted(split.movies), dtype=np.int64)]))
+    genre_of = genre_vectors(split.movies, item_ids)
+    user_table, user_as_of = user_features(split.train, baseline, user_ids, genre_of)
+    item_table, item_as_of = item_features(split.train, baseline, split.movies, item_ids, genre_of)
+    model = Recommender(len(user_ids), len(item_ids), user_table, item_table, baseline.mean, cfg)
+    rows = Rows(
+        user_ids,
+        item_ids,
+        {int(u): i for i, u in enumerate(user_ids)},
+        {int(m): i for i, m in enumerate(item_ids)},
+        user_as_of,
+        item_as_of,
+    )
+    init_drift(model, rows, split.train, baseline)
+    init_biases(model, rows, split.train, baseline)
+    return model, rows
+
+
+def init_drift(model: Recommender, rows: Rows, train: Ratings, baseline: Biases) -> None:
+    """Start the drift terms from a least-squares fit of the baseline's residual on the as-of features of
+    the training ratings (training data only): the network then learns what a linear model misses."""
+    n_genres = model.n_genres
+    affinity = (rows.user_as_of[:, USER_SCALARS:] * rows.item_as_of[:, :n_genres]).sum(1, keepdim=True)
+    design = torch.cat([rows.user_as_of[:, :USER_SCALARS], affinity, torch.ones(len(affinity), 1)], dim=1).double()
+    target = torch.tensor(train.ratings - baseline.predict(train.users, train.items)).double()
     fit = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.squeeze(1).float()
     with torch.no_grad():
         model.drift.weight[0] = fit[:USER_SCALARS]
         model.affinity.fill_(fit[USER_SCALARS])
         model.drift.bias.fill_(fit[USER_SCALARS + 1])
-    with torch.no_grad():  # start from the baseline's biases: the network learns what they miss
-        model.user_bias.weight[:, 0] = torch.tensor([baseline.user.get(int(u), 0.0) for u in user_ids])
-        model.item_bias.weight[:, 0] = torch.tensor([baseline.item.get(int(m), 0.0) for m in item_ids])
-        rated = set(np.unique(train_set.items).tolist())
-        unrated = torch.tensor([i for i, m in enumerate(item_ids.tolist()) if m not in rated], dtype=torch.long)
-        model.item.weight[unrated] = 0.0
-    u_train = torch.tensor([user_index[int(u)] for u in train_set.users], device=device)
-    i_train = torch.tensor([item_index[int(m)] for m in train_set.items], device=device)
-    r_train = torch.tensor(train_set.ratings, device=device)
-    known = np.array(
-        [int(u) in user_index and int(m) in item_index for u, m in zip(val_set.users, val_set.items, strict=True)]
-    )
-    u_val = torch.tensor([user_index.get(int(u), 0) for u in val_set.users], device=device)
-    i_val = torch.tensor([item_index.get(int(m), 0) for m in val_set.items], device=device)
-    fallback = baseline.predict(val_set.users, val_set.items)
 
-    def validation_rmse() -> float:
+
+def init_biases(model: Recommender, rows: Rows, train: Ratings, baseline: Biases) -> None:
+    """Start from the baseline's biases (the network learns what they miss); unrated movies' embeddings are 0."""
+    with torch.no_grad():
+        model.user_bias.weight[:, 0] = torch.tensor([baseline.user.get(int(u), 0.0) for u in rows.user_ids])
+        model.item_bias.weight[:, 0] = torch.tensor([baseline.item.get(int(m), 0.0) for m in rows.item_ids])
+        rated = set(np.unique(train.items).tolist())
+        unrated = [i for i, m in enumerate(rows.item_ids.tolist()) if m not in rated]
+        model.item.weight[torch.tensor(unrated, dtype=torch.long)] = 0.0
+
+
+class Validation:
+    """The held-out pairs as embedding rows; a pair whose user or movie has no row gets the bias prediction."""
+
+    def __init__(self, val: Ratings, rows: Rows, baseline: Biases, device: torch.device) -> None:
+        pairs = zip(val.users, val.items, strict=True)
+        self.known = np.array([int(u) in rows.user_index and int(m) in rows.item_index for u, m in pairs])
+        self.users = torch.tensor([rows.user_index.get(int(u), 0) for u in val.users], device=device)
+        self.items = torch.tensor([rows.item_index.get(int(m), 0) for m in val.items], device=device)
+        self.fallback = baseline.predict(val.users, val.items)
+        self.ratings = val.ratings
+
+    def rmse(self, predictions: np.ndarray) -> float:
+        return rmse(np.where(self.known, predictions, self.fallback), self.ratings)
+
+    def model_rmse(self, model: Recommender) -> float:
         model.eval()
         with torch.no_grad():
-            pred = model(u_val, i_val).cpu().numpy()
-        return rmse(np.where(known, pred, fallback), val_set.ratings)
+            return self.rmse(model(self.users, self.items).cpu().numpy())
 
+
+def fit(
+    model: Recommender,
+    cfg: Config,
+    train: Ratings,
+    rows: Rows,
+    validation: Validation,
+    baseline_rmse: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Train, keeping the weights of the epoch with the best validation RMSE (epoch 0, the starting
+    point, included: training must beat it). Returns them and that epoch."""
+    device = next(model.parameters()).device
+    u_train = torch.tensor([rows.user_index[int(u)] for u in train.users], device=device)
+    i_train = torch.tensor([rows.item_index[int(m)] for m in train.items], device=device)
+    r_train = torch.tensor(train.ratings, device=device)
+    f_train, g_train = rows.user_as_of.to(device), rows.item_as_of.to(device)
     optimizer = torch.optim.AdamW(
         [
             {"params": [*model.mlp.parameters(), *model.drift.parameters()], "weight_decay": cfg.weight_decay},
@@ -412,12 +463,9 @@ def train(cfg: Config, command: str = "") -> dict:
     )
     steps = math.ceil(len(r_train) / cfg.batch_size)
     epochs = 2 if cfg.smoke else cfg.epochs
-    generator = torch.Generator().manual_seed(cfg.seed)
-    # Epoch 0 (baseline + drift, nothing learnt yet) is a candidate too: training must beat it.
-    best_rmse, best_epoch = validation_rmse(), 0
+    best_rmse, best_epoch = validation.model_rmse(model), 0
     best_state = common.snapshot(model)
     tqdm.write(f"epoch 0: validation RMSE {best_rmse:.4f} (baseline {baseline_rmse:.4f})")
-    started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(r_train), generator=generator).to(device)
@@ -428,11 +476,72 @@ def train(cfg: Config, command: str = "") -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        score = validation_rmse()
+        score = validation.model_rmse(model)
         tqdm.write(f"epoch {epoch}: validation RMSE {score:.4f} (baseline {baseline_rmse:.4f})")
         if score < best_rmse:
             best_rmse, best_epoch = score, epoch
             best_state = common.snapshot(model)
+    return best_state, best_epoch
+
+
+def export(model: Recommender, rows: Rows, onnx_path: Path, generator: torch.Generator) -> float:
+    """The ONNX graph, parity-checked on random rows; returns the largest difference from torch."""
+    common.export_onnx(
+        model,
+        (torch.tensor([0, 1]), torch.tensor([0, 1])),
+        onnx_path,
+        input_names=["user", "item"],
+        output_names=["rating"],
+        dynamic_axes={"user": {0: "batch"}, "item": {0: "batch"}, "rating": {0: "batch"}},
+    )
+    parity_users = torch.randint(0, len(rows.user_ids), (64,), generator=generator)
+    parity_items = torch.randint(0, len(rows.item_ids), (64,), generator=generator)
+    return common.check_parity(model, onnx_path, {"user": parity_users, "item": parity_items})
+
+
+def served_rmse(onnx_path: Path, validation: Validation) -> float:
+    """Validation RMSE of the artefact itself, as served."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {"user": validation.users.cpu().numpy(), "item": validation.items.cpu().numpy()}
+    return validation.rmse(session.run(None, feeds)[0])
+
+
+def recommender_assets(split: Split, rows: Rows, baseline: Biases) -> dict:
+    """``recommender.json``: the id maps, movie titles, the bias fallback, cold-start and seen lists."""
+    all_seen: dict[str, list[str]] = defaultdict(list)
+    for u, m in zip(split.data.users.tolist(), split.data.items.tolist(), strict=True):
+        all_seen[str(u)].append(str(m))
+    return {
+        "users": [str(u) for u in rows.user_ids],  # embedding row -> raw MovieLens userId
+        "items": [str(m) for m in rows.item_ids],  # embedding row -> raw MovieLens movieId
+        "movies": {str(m): {"title": v["title"], "genres": v["genres"]} for m, v in split.movies.items()},
+        "baseline": {
+            "mean": baseline.mean,
+            "user_bias": {str(k): round(v, 5) for k, v in baseline.user.items()},
+            "item_bias": {str(k): round(v, 5) for k, v in baseline.item.items()},
+        },
+        "popular": [str(m) for m in popular_items(split.train)],
+        "seen": dict(all_seen),
+    }
+
+
+def train(cfg: Config, command: str = "") -> dict:
+    common.seed_everything(cfg.seed)
+    device = common.pick_device(cfg.device)
+    split = load_split(cfg)
+    baseline, baseline_rmse = best_baseline(split.train, split.val)
+    tqdm.write(
+        f"bias baseline (reg_user={baseline.reg_user}, reg_item={baseline.reg_item}): "
+        f"validation RMSE {baseline_rmse:.4f}"
+    )
+    model, rows = build_model(cfg, split, baseline)
+    model = model.to(device)
+    validation = Validation(split.val, rows, baseline, device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    started = time.perf_counter()
+    best_state, best_epoch = fit(model, cfg, split.train, rows, validation, baseline_rmse, generator)
     train_seconds = time.perf_counter() - started
     model = model.cpu()
     model.load_state_dict(best_state)
@@ -440,43 +549,12 @@ def train(cfg: Config, command: str = "") -> dict:
 
     version_dir = cfg.output_dir / cfg.name / str(cfg.version)
     onnx_path = version_dir / "model.onnx"
-    example = (torch.tensor([0, 1]), torch.tensor([0, 1]))
-    common.export_onnx(
-        model,
-        example,
-        onnx_path,
-        input_names=["user", "item"],
-        output_names=["rating"],
-        dynamic_axes={"user": {0: "batch"}, "item": {0: "batch"}, "rating": {0: "batch"}},
-    )
-    parity_users = torch.randint(0, len(user_ids), (64,), generator=generator)
-    parity_items = torch.randint(0, len(item_ids), (64,), generator=generator)
-    parity = common.check_parity(model, onnx_path, {"user": parity_users, "item": parity_items})
-
-    import onnxruntime as ort  # the artefact itself, as served
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    served = session.run(None, {"user": u_val.cpu().numpy(), "item": i_val.cpu().numpy()})[0]
-    model_rmse = rmse(np.where(known, served, fallback), val_set.ratings)
+    parity = export(model, rows, onnx_path, generator)
+    model_rmse = served_rmse(onnx_path, validation)
     improvement = (baseline_rmse - model_rmse) / baseline_rmse
-
-    all_seen: dict[str, list[str]] = defaultdict(list)
-    for u, m in zip(data.users.tolist(), data.items.tolist(), strict=True):
-        all_seen[str(u)].append(str(m))
-    assets = {
-        "users": [str(u) for u in user_ids],  # embedding row -> raw MovieLens userId
-        "items": [str(m) for m in item_ids],  # embedding row -> raw MovieLens movieId
-        "movies": {str(m): {"title": v["title"], "genres": v["genres"]} for m, v in movies.items()},
-        "baseline": {
-            "mean": baseline.mean,
-            "user_bias": {str(k): round(v, 5) for k, v in baseline.user.items()},
-            "item_bias": {str(k): round(v, 5) for k, v in baseline.item.items()},
-        },
-        "popular": [str(m) for m in popular_items(train_set)],
-        "seen": dict(all_seen),
-    }
-    common.write_json(version_dir / "recommender.json", assets)
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, len(user_ids), len(item_ids)))
+    common.write_json(version_dir / "recommender.json", recommender_assets(split, rows, baseline))
+    n_users, n_items = len(rows.user_ids), len(rows.item_ids)
+    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, n_users, n_items))
     meta = common.write_version_metadata(
         version_dir,
         metrics={
@@ -485,8 +563,8 @@ def train(cfg: Config, command: str = "") -> dict:
             "rmse_improvement_over_baseline": round(improvement, 4),
             "baseline": f"global mean + user bias + item bias (ALS, reg_user={baseline.reg_user}, "
             f"reg_item={baseline.reg_item}, chosen on the validation split)",
-            "validation_pairs": len(val_set.ratings),
-            "validation_pairs_with_unknown_user_or_item": int((~known).sum()),
+            "validation_pairs": len(split.val.ratings),
+            "validation_pairs_with_unknown_user_or_item": int((~validation.known).sum()),
             "best_epoch": best_epoch,
             "measured_on": "exported ONNX model in onnxruntime (CPU), bias fallback for unknown ids",
             "onnx_vs_torch_max_abs_diff": parity,
@@ -495,10 +573,10 @@ def train(cfg: Config, command: str = "") -> dict:
             "name": "MovieLens latest-small (ratings.csv, movies.csv)",
             "source": "../shared/data/rating/ml-latest-small (see its SOURCE.md)",
             "split": f"temporal: each user's latest {cfg.holdout_fraction:.0%} of ratings (at least one) held out",
-            "train_ratings": len(train_set.ratings),
-            "validation_ratings": len(val_set.ratings),
-            "users": len(user_ids),
-            "items": len(item_ids),
+            "train_ratings": len(split.train.ratings),
+            "validation_ratings": len(split.val.ratings),
+            "users": n_users,
+            "items": n_items,
         },
         training={
             "config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()},

@@ -224,27 +224,24 @@ def model_config(cfg: Config, name: str) -> dict:
     }
 
 
-def train(cfg: Config, command: str = "") -> dict:
-    common.seed_everything(cfg.seed)
-    device = common.pick_device(cfg.device)
-    name = cfg.name or ("sentiment" if cfg.lang == "en" else "sentiment-zh")
+def encoded_data(cfg: Config) -> tuple[Tokenizer, dict[str, list[list[int]]], dict[str, list[int]]]:
+    """The tokenizer trained on the training texts, and every split's token ids and labels."""
     data = load_data(cfg)
-    epochs = cfg.epochs
     if cfg.smoke:
         data = {k: (v[0][:600], v[1][:600]) for k, v in data.items()}
-        epochs = 1
     tokenizer = build_tokenizer(data["train"][0], cfg.vocab_size)
-    vocab = tokenizer.get_vocab_size()
     seqs = {k: encode(tokenizer, v[0], cfg.max_len) for k, v in data.items()}
-    labels = {k: v[1] for k, v in data.items()}
+    return tokenizer, seqs, {k: v[1] for k, v in data.items()}
 
-    model = TextCNN(vocab, cfg).to(device)
+
+def fit(model: TextCNN, cfg: Config, seqs, labels, epochs: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Train, keeping the weights of the epoch with the best dev accuracy; returns them and that epoch."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(seqs["train"]) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     best_acc, best_state, best_epoch = -1.0, None, 0
-    started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(seqs["train"]), generator=generator).tolist()
@@ -265,17 +262,15 @@ def train(cfg: Config, command: str = "") -> dict:
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
             best_state = common.snapshot(model)
-    train_seconds = time.perf_counter() - started
-    model = model.cpu()
-    model.load_state_dict(best_state)
-    model.eval()
+    return best_state, best_epoch
 
-    version_dir = cfg.output_dir / name / str(cfg.version)
-    onnx_path = version_dir / "model.onnx"
-    example = pad_batch(seqs["dev"][:2])
+
+def export(model: TextCNN, dev: list[list[int]], onnx_path: Path) -> float:
+    """The ONNX graph, parity-checked at batch > 1 with different lengths (so padding and the mask
+    are exercised); returns the largest difference from torch."""
     common.export_onnx(
         model,
-        example,
+        pad_batch(dev[:2]),
         onnx_path,
         input_names=["input_ids", "attention_mask"],
         output_names=["probabilities"],
@@ -285,19 +280,19 @@ def train(cfg: Config, command: str = "") -> dict:
             "probabilities": {0: "batch"},
         },
     )
-    # Parity at batch > 1 with different lengths (so padding and the mask are exercised).
-    lengths = sorted(seqs["dev"][:64], key=len)
+    lengths = sorted(dev[:64], key=len)
     parity_ids, parity_mask = pad_batch([lengths[0], lengths[len(lengths) // 2], lengths[-1]])
-    parity = common.check_parity(model, onnx_path, {"input_ids": parity_ids, "attention_mask": parity_mask})
-    tokenizer.save(str(version_dir / "tokenizer.json"))  # tied to this version's embedding table
-    metrics: dict = {
-        "measured_on": "exported ONNX model in onnxruntime (CPU)",
-        "onnx_vs_torch_max_abs_diff": parity,
-        "best_epoch": best_epoch,
-    }
+    return common.check_parity(model, onnx_path, {"input_ids": parity_ids, "attention_mask": parity_mask})
+
+
+def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, str]:
+    """Accuracy of the exported graph: on SST-2's dev split (en), on the held-out test part (zh). Returns
+    the metrics, the dataset's description and a headline."""
     if cfg.lang == "en":
-        metrics["dev_accuracy"] = round(onnx_accuracy(onnx_path, seqs["dev"], labels["dev"]), 4)
-        metrics["dev_examples"] = len(seqs["dev"])
+        metrics = {
+            "dev_accuracy": round(onnx_accuracy(onnx_path, seqs["dev"], labels["dev"]), 4),
+            "dev_examples": len(seqs["dev"]),
+        }
         dataset = {
             "name": "SST-2 (GLUE train, split 90/10 as train.tsv/dev.tsv)",
             "source": "../shared/data/sentiment/sst2 (see its SOURCE.md)",
@@ -305,21 +300,48 @@ def train(cfg: Config, command: str = "") -> dict:
             "dev_examples": len(seqs["dev"]),
             "checkpoint_chosen_on": "dev.tsv",
         }
-        headline = f"dev accuracy {metrics['dev_accuracy']:.2%}"
-    else:
-        metrics["validation_accuracy"] = round(onnx_accuracy(onnx_path, seqs["dev"], labels["dev"]), 4)
-        metrics["test_accuracy"] = round(onnx_accuracy(onnx_path, seqs["test"], labels["test"]), 4)
-        metrics["test_examples"] = len(seqs["test"])
-        dataset = {
-            "name": "ChnSentiCorp_htl_all (hotel reviews)",
-            "source": "../shared/data/sentiment/chnsenticorp (see its SOURCE.md)",
-            "split": f"stratified 80/10/10 by label, seed {cfg.seed}; checkpoint chosen on the 10 % "
-            "validation part, accuracy reported on the held-out 10 % test part",
-            "train_examples": len(seqs["train"]),
-            "validation_examples": len(seqs["dev"]),
-            "test_examples": len(seqs["test"]),
-        }
-        headline = f"held-out test accuracy {metrics['test_accuracy']:.2%}"
+        return metrics, dataset, f"dev accuracy {metrics['dev_accuracy']:.2%}"
+    metrics = {
+        "validation_accuracy": round(onnx_accuracy(onnx_path, seqs["dev"], labels["dev"]), 4),
+        "test_accuracy": round(onnx_accuracy(onnx_path, seqs["test"], labels["test"]), 4),
+        "test_examples": len(seqs["test"]),
+    }
+    dataset = {
+        "name": "ChnSentiCorp_htl_all (hotel reviews)",
+        "source": "../shared/data/sentiment/chnsenticorp (see its SOURCE.md)",
+        "split": f"stratified 80/10/10 by label, seed {cfg.seed}; checkpoint chosen on the 10 % "
+        "validation part, accuracy reported on the held-out 10 % test part",
+        "train_examples": len(seqs["train"]),
+        "validation_examples": len(seqs["dev"]),
+        "test_examples": len(seqs["test"]),
+    }
+    return metrics, dataset, f"held-out test accuracy {metrics['test_accuracy']:.2%}"
+
+
+def train(cfg: Config, command: str = "") -> dict:
+    common.seed_everything(cfg.seed)
+    device = common.pick_device(cfg.device)
+    name = cfg.name or ("sentiment" if cfg.lang == "en" else "sentiment-zh")
+    tokenizer, seqs, labels = encoded_data(cfg)
+    model = TextCNN(tokenizer.get_vocab_size(), cfg).to(device)
+    started = time.perf_counter()
+    best_state, best_epoch = fit(model, cfg, seqs, labels, epochs=1 if cfg.smoke else cfg.epochs)
+    train_seconds = time.perf_counter() - started
+    model = model.cpu()
+    model.load_state_dict(best_state)
+    model.eval()
+
+    version_dir = cfg.output_dir / name / str(cfg.version)
+    onnx_path = version_dir / "model.onnx"
+    parity = export(model, seqs["dev"], onnx_path)
+    tokenizer.save(str(version_dir / "tokenizer.json"))  # tied to this version's embedding table
+    scores, dataset, headline = evaluate(cfg, onnx_path, seqs, labels)
+    metrics = {
+        "measured_on": "exported ONNX model in onnxruntime (CPU)",
+        "onnx_vs_torch_max_abs_diff": parity,
+        "best_epoch": best_epoch,
+        **scores,
+    }
     common.write_json(cfg.output_dir / name / "model.json", model_config(cfg, name))
     meta = common.write_version_metadata(
         version_dir,
@@ -330,7 +352,7 @@ def train(cfg: Config, command: str = "") -> dict:
             "config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()},
             "device": str(device),
             "seconds": round(train_seconds, 1),
-            "vocab_size": vocab,
+            "vocab_size": tokenizer.get_vocab_size(),
         },
     )
     print(f"wrote {onnx_path}: {headline} (onnxruntime), parity {parity:.2e}")

@@ -132,30 +132,9 @@ def greedy_agreement(model: Translator, paths: dict[str, Path], probe: list[list
 def service_decode(
     tokenizer: Tokenizer, version_dir: Path, sources: list[list[int]], *, beam_size: int, max_new_tokens: int
 ) -> list[str]:
-    """Decode with the service's own decoder (jobs, beam search, cached steps) from the model folder
-    (its ``model.json`` must be written), 64 texts at a time."""
-    try:
-        from service.tasks.translation import decode_batch
-    except ImportError:  # a service from before decode_batch: drive its engine (remove once decode_batch lands)
-        from service.config import Settings
-        from service.repository import load_spec
-        from service.runtime import OnnxModel, RuntimeOptions
-        from service.tasks.translation import Source, TranslationEngine, load_assets
+    """Decode with the service's own decoder (beam search over the cached graphs) from the model folder,
+    whose ``model.json`` must be written already."""
+    from service.tasks.translation import decode_batch
 
-        spec = load_spec(version_dir.parent)
-        options = RuntimeOptions(providers=["CPUExecutionProvider"], intra_op_threads=0, inter_op_threads=1)
-        assets = load_assets(spec, version_dir, options)
-        engine = TranslationEngine(OnnxModel(version_dir / "model.onnx", options), assets, Settings(), name=spec.name)
-        ids = []
-        for start in range(0, len(sources), 64):
-            jobs = [
-                engine.new_job(Source(s, len(s), False, [], True), beam_size=beam_size, max_new_tokens=max_new_tokens)
-                for s in sources[start : start + 64]
-            ]
-            engine.prefill_cached(jobs)
-            while active := [j for j in jobs if not j.done]:
-                engine.step_cached(active)
-            ids += [j.result() for j in jobs]
-    else:
-        ids = decode_batch(version_dir, sources, beam_size=beam_size, max_new_tokens=max_new_tokens)
+    ids = decode_batch(version_dir, sources, beam_size=beam_size, max_new_tokens=max_new_tokens)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
