@@ -65,8 +65,9 @@ class Server:
         ready_timeout: float = READY_TIMEOUT_S,
         stop_signal: int = signal.SIGTERM,
         stop_timeout: float = 30.0,
+        cwd: Path = ROOT,
     ) -> None:
-        self.cmd, self.env, self.label = cmd, env or {}, label
+        self.cmd, self.env, self.label, self.cwd = cmd, env or {}, label, cwd
         self.port = port if port is not None else free_port()
         self.ready_path, self.ready_timeout = ready_path, ready_timeout
         self.stop_signal, self.stop_timeout = stop_signal, stop_timeout
@@ -80,7 +81,7 @@ class Server:
         self.proc = subprocess.Popen(
             self.cmd,
             env={**os.environ, **self.env},
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -201,9 +202,12 @@ class Server:
         return metric(self.metrics(), name)
 
 
-def neuroserve(repository: Path, *, label: str = "neuroserve", port: int | None = None, **env: str) -> Server:
+def neuroserve(
+    repository: Path, *, label: str = "neuroserve", port: int | None = None, checkout: Path = ROOT, **env: str
+) -> Server:
     """``python -m service serve`` on ``repository``, access log off, log level warning (``env``,
-    NEUROSERVE_* settings, goes over these)."""
+    NEUROSERVE_* settings, goes over these); ``checkout``: another working tree's service (an
+    earlier commit's, to compare with in one run)."""
     port = port if port is not None else free_port()
     settings = {
         "NEUROSERVE_REPOSITORY": str(repository),
@@ -212,7 +216,7 @@ def neuroserve(repository: Path, *, label: str = "neuroserve", port: int | None 
         "NEUROSERVE_LOG_LEVEL": "warning",
         **env,
     }
-    return Server([sys.executable, "-m", "service", "serve"], settings, label=label, port=port)
+    return Server([sys.executable, "-m", "service", "serve"], settings, label=label, port=port, cwd=checkout)
 
 
 def multipart(

@@ -20,26 +20,33 @@ drift in speed falls on every configuration alike. Latency is also reported for 
 
 Also the raw onnxruntime decoder-step time by batch size (the ceiling a step can reach).
 
-    python -m bench.translation [--duration 10] [--concurrency 1 16 64]
+``--baseline REF`` also serves each chosen configuration from commit ``REF`` (a detached worktree,
+its own committed model folder), labelled ``... @REF``, in the same interleaved rounds: how a
+change compares with what it replaced, on one machine at one time.
+
+    python -m bench.translation [--duration 10] [--concurrency 1 16 64] [--baseline REF]
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from bench.harness import load_arguments, neuroserve, scrape
+from bench.harness import ROOT, load_arguments, neuroserve, scrape
 from training.translation import read_pairs
 
 MODEL = "translation-en-fr"
@@ -160,12 +167,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def baseline_checkout(ref: str) -> Iterator[Path]:
+    """A detached worktree of ``ref`` (removed afterwards)."""
+    tree = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=ROOT, check=True, capture_output=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = load_arguments(__doc__, duration_help="seconds per configuration and concurrency")
     p.set_defaults(data_dir=p.get_default("data_dir") / "translation")  # this benchmark's data only
     p.add_argument("--rounds", type=int, default=4, help="the duration is split into this many interleaved rounds")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by label)")
+    p.add_argument("--baseline", default=None, help="also serve each configuration from this git commit")
     args = p.parse_args(argv)
 
     sentences = mixed_sentences(args.data_dir, 400)
@@ -187,9 +206,22 @@ def main(argv: list[str] | None = None) -> dict:
         configs = [c for c in configs if c[0] in args.only]
     servers = []
     with ExitStack() as running:
+        sides = [(repo, ROOT, "")]
+        if args.baseline:
+            tree = running.enter_context(baseline_checkout(args.baseline))
+            base_repo = Path(tempfile.mkdtemp(prefix="bench-translation-base-"))
+            (base_repo / MODEL).symlink_to(tree / "models" / MODEL)
+            sides.append((base_repo, tree, f" @{args.baseline}"))
         for label, env in configs:  # all up at once; an idle one costs nothing
-            server = neuroserve(repo, label=label, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
-            servers.append(running.enter_context(server))
+            for model_repo, checkout, suffix in sides:
+                server = neuroserve(
+                    model_repo,
+                    label=label + suffix,
+                    checkout=checkout,
+                    NEUROSERVE_INTRA_OP_THREADS=str(args.threads),
+                    **env,
+                )
+                servers.append(running.enter_context(server))
             drive(server.port, sentences, max(args.concurrency), min(2.0, args.duration))  # warm up
         rows = []
         for c in args.concurrency:

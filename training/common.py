@@ -159,6 +159,22 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def write_model_json(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """``model.json`` through the service's own spec and task: what the server will load is checked
+    here (the schema, the task's parameters, that the task can feed the declared tensors) and
+    written as the spec model serialises it."""
+    from service.repository import V2_ONLY, ModelSpec
+    from service.tasks import TASKS
+
+    spec = ModelSpec.model_validate(config)
+    if spec.task != V2_ONLY:
+        task = TASKS[spec.task]
+        task.check(spec, task.parameters(spec))
+    data = spec.model_dump(mode="json", exclude_unset=True)
+    write_json(model_dir / "model.json", data)
+    return data
+
+
 def write_version_metadata(
     version_dir: Path, *, metrics: dict[str, Any], dataset: dict[str, Any], training: dict[str, Any], command: str
 ) -> dict[str, Any]:

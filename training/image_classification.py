@@ -131,6 +131,7 @@ def model_config(cfg: Config) -> dict:
     return {
         "name": cfg.name,
         "task": "image-classification",
+        "default": True,
         "description": "Handwritten digit classifier (classic MNIST CNN). Input: 28x28 grey pixels in "
         "[0, 1], light ink on dark, digit fitted in 20x20 and centred by centre of mass. "
         "Output: probabilities of the digits 0-9.",
@@ -197,7 +198,7 @@ def train(cfg: Config, command: str = "") -> dict:
     )
     parity = common.check_parity(model, onnx_path, {"image": x_test[:16]})
     accuracy = onnx_accuracy(onnx_path, x_test, y_test)
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg))
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg))
     meta = common.write_version_metadata(
         version_dir,
         metrics={

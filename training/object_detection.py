@@ -407,6 +407,7 @@ def model_config(cfg: Config, classes: list[str]) -> dict:
     return {
         "name": cfg.name,
         "task": "object-detection",
+        "default": True,
         "description": "Single-shot anchor-free detector (CenterNet-style) with its decoding in the graph. "
         f"Input: letterboxed RGB in [0, 1], {s}x{s}; outputs: boxes (x1, y1, x2, y2 in input pixels), "
         "scores and classes of the top detections, best first.",
@@ -544,7 +545,7 @@ def train(cfg: Config, command: str = "") -> dict:
     onnx_path = version_dir / "model.onnx"
     parity = export(graph, cfg, test_set, len(classes), onnx_path)
     metrics = evaluate(onnx_path, test_set, cfg, len(classes), parity)
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, classes))
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg, classes))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,

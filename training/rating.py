@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from service.tasks.rating import RecommenderFile
 from training import common
 
 RATING_MIN, RATING_MAX = 0.5, 5.0
@@ -315,6 +316,7 @@ def model_config(cfg: Config, n_users: int, n_items: int) -> dict:
     return {
         "name": cfg.name,
         "task": "rating",
+        "default": True,
         "description": f"MovieLens rating predictor (biases, recent drift, embeddings, MLP) for {n_users} users "
         f"and {n_items} movies. Inputs: user and item embedding rows (see recommender.json for the id maps); "
         f"output: predicted rating clipped to [{RATING_MIN}, {RATING_MAX}].",
@@ -552,9 +554,10 @@ def train(cfg: Config, command: str = "") -> dict:
     parity = export(model, rows, onnx_path, generator)
     model_rmse = served_rmse(onnx_path, validation)
     improvement = (baseline_rmse - model_rmse) / baseline_rmse
-    common.write_json(version_dir / "recommender.json", recommender_assets(split, rows, baseline))
+    assets = RecommenderFile.model_validate(recommender_assets(split, rows, baseline))  # the service's own contract
+    common.write_json(version_dir / "recommender.json", assets.model_dump(mode="json"))
     n_users, n_items = len(rows.user_ids), len(rows.item_ids)
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, n_users, n_items))
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg, n_users, n_items))
     meta = common.write_version_metadata(
         version_dir,
         metrics={

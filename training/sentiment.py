@@ -203,6 +203,7 @@ def model_config(cfg: Config, name: str) -> dict:
     return {
         "name": name,
         "task": "sentiment",
+        "default": True,
         "description": f"Binary sentiment of {language}: text CNN over a WordPiece vocabulary. "
         "Inputs: token ids and attention mask [batch, length]; output: probabilities of negative, positive.",
         "platform": "onnxruntime",
@@ -342,7 +343,7 @@ def train(cfg: Config, command: str = "") -> dict:
         "best_epoch": best_epoch,
         **scores,
     }
-    common.write_json(cfg.output_dir / name / "model.json", model_config(cfg, name))
+    common.write_model_json(cfg.output_dir / name, model_config(cfg, name))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,

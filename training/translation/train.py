@@ -145,6 +145,7 @@ def model_config(cfg: Config, vocab: int) -> dict:
     return {
         "name": cfg.name,
         "task": "translation",
+        "default": True,
         "description": "English to French (Tatoeba): Transformer encoder-decoder over a joint BPE vocabulary. "
         "Two graphs: encoder.onnx (src_ids -> memory) and this model's decoder step "
         "(tgt_ids, memory, src_ids -> log_probs of the next token).",
@@ -168,6 +169,16 @@ def model_config(cfg: Config, vocab: int) -> dict:
             "max_source_tokens": cfg.max_tokens,
             "max_new_tokens": cfg.max_tokens,
             "special_tokens": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
+            # How it decodes when served (service.tasks.translation.DecodingParameters; each field
+            # overridable by NEUROSERVE_DECODE_<FIELD>).
+            "decoding": {
+                "batching": "step",
+                "max_rows": 64,
+                "max_tokens": 4096,
+                "timeout_ms": 30000,
+                "kv_cache": True,
+                "threads": 0,
+            },
         },
     }
 
@@ -371,7 +382,7 @@ def export(cfg: Config, model: Translator, tokenizer: Tokenizer, validation: Val
     agree = greedy_agreement(model, paths, validation.sources[:32], cfg.max_tokens)
     tokenizer.save(str(version_dir / "tokenizer.json"))
     # Written before the beam search: the service's decoder reads the model folder.
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, tokenizer.get_vocab_size()))
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg, tokenizer.get_vocab_size()))
     metrics = bleu_metrics(cfg, tokenizer, paths, validation, version_dir)
     metrics.update(
         {
