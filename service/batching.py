@@ -230,6 +230,43 @@ class DynamicBatcher(Generic[T, R]):
             pass
         self._observer.on_queue_depth(len(self._queue))
 
+    async def _run(self, rows: list) -> tuple[Sequence[R], float]:
+        started = time.perf_counter()
+        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, rows)
+        if len(outputs) != len(rows):
+            raise InferenceFailed(f"model {self.name} returned {len(outputs)} outputs for a batch of {len(rows)} rows")
+        compute_s = time.perf_counter() - started
+        self._observer.on_batch(len(rows), compute_s)
+        return outputs, compute_s
+
+    async def _execute_alone(self, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        try:
+            outputs, compute_s = await self._run(list(pending.rows))
+        except Exception as exc:
+            self._fail(pending, self._as_service_error(exc, len(pending.rows)))
+            return
+        self._answer([pending], outputs, compute_s, len(pending.rows))
+
+    def _as_service_error(self, exc: Exception, rows: int) -> ServiceError:
+        if isinstance(exc, ServiceError):
+            return exc
+        log.error("a request of %d rows failed in model %s: %s", rows, self.name, exc)
+        # onnxruntime's own message names graph nodes and internals: not for clients.
+        return InferenceFailed(f"model {self.name} could not run this request ({type(exc).__name__})")
+
+    def _answer(self, batch: list[_Pending], outputs: Sequence[R], compute_s: float, rows: int) -> None:
+        offset = 0
+        for pending in batch:
+            n = len(pending.rows)
+            pending.state = _State.DONE
+            if not pending.future.done():
+                pending.future.set_result(
+                    BatchResult(list(outputs[offset : offset + n]), pending.queue_s, compute_s, rows)
+                )
+            offset += n
+
     @staticmethod
     def _fail(pending: _Pending, exc: BaseException) -> None:
         pending.state = _State.DONE
@@ -310,32 +347,20 @@ class DynamicBatcher(Generic[T, R]):
     # -- executing ----------------------------------------------------------------------------
 
     async def _execute(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         try:
             rows = [row for pending in batch for row in pending.rows]
-            started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._infer, rows)
-                if len(outputs) != len(rows):
-                    raise InferenceFailed(
-                        f"model {self.name} returned {len(outputs)} outputs for a batch of {len(rows)} rows"
-                    )
-            except Exception as exc:  # fail exactly this batch, keep the scheduler alive
-                if not isinstance(exc, ServiceError):
-                    log.exception("batch of %d rows failed in model %s", len(rows), self.name)
-                    exc = InferenceFailed(f"model {self.name} failed on a batch of {len(rows)}: {exc}")
+                outputs, compute_s = await self._run(rows)
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch[0], self._as_service_error(exc, len(rows)))
+                    return
+                # One request's bad input must not fail the others that shared its batch: run each
+                # alone, so only the culprit gets the error.
+                log.warning("batch of %d requests failed in model %s; running each alone", len(batch), self.name)
                 for pending in batch:
-                    self._fail(pending, exc)
+                    await self._execute_alone(pending)
                 return
-            compute_s = time.perf_counter() - started
-            self._observer.on_batch(len(rows), compute_s)
-            offset = 0
-            for pending in batch:
-                n = len(pending.rows)
-                pending.state = _State.DONE
-                if not pending.future.done():
-                    result = BatchResult(list(outputs[offset : offset + n]), pending.queue_s, compute_s, len(rows))
-                    pending.future.set_result(result)
-                offset += n
+            self._answer(batch, outputs, compute_s, len(rows))
         finally:
             self._slots.release()

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image in pixels (decompression bombs).")
     max_images_per_request: int = Field(64, ge=1)
     max_top_k: int = Field(100, ge=1)
+    max_tensor_elements: int = Field(
+        1 << 22, ge=1, description="Values per v2 input tensor (413 beyond): a bound on what one request may queue."
+    )
     max_texts_per_request: int = Field(64, ge=1)
     max_text_chars: int = Field(
         20_000, ge=1, description="Hard limit per text (413 beyond); longer than the model takes is truncated."

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import InvalidJSON, InvalidTensor, SchemaError
+from service.errors import InvalidJSON, InvalidTensor, SchemaError, TooManyItems
 from service.repository import TensorSpec
 from service.runtime import V2_TO_NUMPY
 
@@ -62,7 +62,27 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:size], body[size:]
 
 
-def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool, binary: _BinaryReader) -> np.ndarray:
+def check_bounds(name: str, array: np.ndarray, spec: TensorSpec, batched: bool) -> None:
+    """What the graph can take beyond its declared shape: no empty axis, dynamic axes within the
+    model's ``max_shape``, values within its ``value_range``. Checked per request, before it is
+    queued: a value the graph cannot take would fail every request of the batch it joined."""
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if got == 0:
+            raise InvalidTensor(f"input {name!r}: axis {axis} is empty ({list(array.shape)})")
+        limit = spec.max_shape[axis] if spec.max_shape is not None else -1
+        if want == -1 and limit > 0 and got > limit and not (batched and axis == 0):
+            raise InvalidTensor(f"input {name!r}: axis {axis} is {got}, the model takes at most {limit}")
+    if spec.value_range is not None and array.size:
+        low, high = spec.value_range
+        least, most = array.min(), array.max()
+        if least < low or most > high:
+            bad = least if least < low else most
+            raise InvalidTensor(f"input {name!r}: value {bad.item()} is out of the model's range [{low:g}, {high:g}]")
+
+
+def _tensor(
+    raw: Any, index: int, spec: TensorSpec | None, batched: bool, binary: _BinaryReader, max_elements: int
+) -> np.ndarray:
     if not isinstance(raw, dict):
         raise SchemaError(f"inputs[{index}] must be an object with name, shape, datatype and data")
     name = raw.get("name")
@@ -91,6 +111,8 @@ def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool, binary
     if batched and shape[0] == 0:
         raise InvalidTensor(f"input {name!r}: batch of size 0")
     expected = math.prod(shape)
+    if expected > max_elements:
+        raise TooManyItems(f"input {name!r}: {expected} values; at most {max_elements} per tensor")
     dtype = V2_TO_NUMPY[datatype]
     if binary_size is not None:
         chunk = binary.take(binary_size, name)
@@ -110,7 +132,9 @@ def _tensor(raw: Any, index: int, spec: TensorSpec | None, batched: bool, binary
         raise InvalidTensor(f"input {name!r}: {array.size} values for shape {shape} ({expected} expected)")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidTensor(f"input {name!r}: data contains NaN or infinity (or values out of {datatype} range)")
-    return array.reshape(shape)
+    array = array.reshape(shape)
+    check_bounds(name, array, spec, batched)
+    return array
 
 
 @dataclass(frozen=True)
@@ -128,7 +152,12 @@ def _wants_binary(parameters: Any, default: bool) -> bool:
 
 
 def parse_infer_request(
-    payload: Any, inputs: list[TensorSpec], outputs: list[TensorSpec], batched: bool, binary: bytes = b""
+    payload: Any,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    batched: bool,
+    binary: bytes = b"",
+    max_elements: int = 1 << 22,
 ) -> InferRequest:
     """Validate a v2 request (JSON tensors, or binary ones after the JSON header) against the model."""
     if not isinstance(payload, dict):
@@ -145,7 +174,7 @@ def parse_infer_request(
             raise SchemaError(f"inputs[{index}] must be an object with a string 'name'")
         if name in feeds:
             raise InvalidTensor(f"input {name!r} is given twice")
-        feeds[name] = _tensor(raw, index, by_name.get(name), batched, reader)
+        feeds[name] = _tensor(raw, index, by_name.get(name), batched, reader, max_elements)
     reader.finish()
     missing = sorted(set(by_name) - set(feeds))
     if missing:

@@ -34,6 +34,24 @@ class TensorSpec(BaseModel):
     name: str = Field(min_length=1)
     datatype: Datatype
     shape: list[int] = Field(description="-1 marks a dynamic axis; the first is the batch axis when batching")
+    max_shape: list[int] | None = Field(
+        None,
+        description="Largest size a request may give each dynamic axis (same rank as shape; -1: no bound). "
+        "A sequence axis beyond what the graph was built for would fail the whole batch it joined.",
+    )
+    value_range: tuple[float, float] | None = Field(
+        None,
+        description="Smallest and largest value a request may send (inclusive): the rows of an embedding "
+        "table, a vocabulary's token ids. Out of range would fail the whole batch in onnxruntime.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TensorSpec:
+        if self.max_shape is not None and len(self.max_shape) != len(self.shape):
+            raise ValueError(f"max_shape {self.max_shape} must have the rank of shape {self.shape}")
+        if self.value_range is not None and self.value_range[0] > self.value_range[1]:
+            raise ValueError(f"value_range {list(self.value_range)} is empty")
+        return self
 
     def info(self) -> TensorInfo:
         return TensorInfo(self.name, self.datatype, tuple(self.shape))

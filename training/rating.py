@@ -322,8 +322,9 @@ def model_config(cfg: Config, n_users: int, n_items: int) -> dict:
         f"output: predicted rating clipped to [{RATING_MIN}, {RATING_MAX}].",
         "platform": "onnxruntime",
         "inputs": [
-            {"name": "user", "datatype": "INT64", "shape": [-1]},
-            {"name": "item", "datatype": "INT64", "shape": [-1]},
+            # The embedding rows: a request beyond them is refused before it can fail a batch.
+            {"name": "user", "datatype": "INT64", "shape": [-1], "value_range": [0, n_users - 1]},
+            {"name": "item", "datatype": "INT64", "shape": [-1], "value_range": [0, n_items - 1]},
         ],
         "outputs": [{"name": "rating", "datatype": "FP32", "shape": [-1]}],
         # Recommendations score every movie for a user: large batches keep that to a few runs.

@@ -194,7 +194,7 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
     return {"train": pick(train_idx), "dev": pick(dev_idx), "test": pick(test_idx)}
 
 
-def model_config(cfg: Config, name: str) -> dict:
+def model_config(cfg: Config, name: str, vocab: int) -> dict:
     buckets = [b for b in (16, 32, 64, 128, 256, 512) if b < cfg.max_len] + [cfg.max_len]
     language = {
         "en": "English (trained on SST-2 movie-review phrases)",
@@ -208,8 +208,21 @@ def model_config(cfg: Config, name: str) -> dict:
         "Inputs: token ids and attention mask [batch, length]; output: probabilities of negative, positive.",
         "platform": "onnxruntime",
         "inputs": [
-            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+            # Bounds a v2 request is held to, so a bad one never reaches (and fails) a shared batch.
+            {
+                "name": "input_ids",
+                "datatype": "INT64",
+                "shape": [-1, -1],
+                "max_shape": [-1, cfg.max_len],
+                "value_range": [0, vocab - 1],
+            },
+            {
+                "name": "attention_mask",
+                "datatype": "INT64",
+                "shape": [-1, -1],
+                "max_shape": [-1, cfg.max_len],
+                "value_range": [0, 1],
+            },
         ],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}],
         "max_batch_size": 64,
@@ -343,7 +356,7 @@ def train(cfg: Config, command: str = "") -> dict:
         "best_epoch": best_epoch,
         **scores,
     }
-    common.write_model_json(cfg.output_dir / name, model_config(cfg, name))
+    common.write_model_json(cfg.output_dir / name, model_config(cfg, name, tokenizer.get_vocab_size()))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,

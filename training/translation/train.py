@@ -151,9 +151,28 @@ def model_config(cfg: Config, vocab: int) -> dict:
         "(tgt_ids, memory, src_ids -> log_probs of the next token).",
         "platform": "onnxruntime",
         "inputs": [
-            {"name": "tgt_ids", "datatype": "INT64", "shape": [-1, -1]},
-            {"name": "memory", "datatype": "FP32", "shape": [-1, -1, cfg.d_model]},
-            {"name": "src_ids", "datatype": "INT64", "shape": [-1, -1]},
+            # Bounds a v2 request is held to (the graphs' position table, the vocabulary), so a bad
+            # one never reaches (and fails) a shared batch.
+            {
+                "name": "tgt_ids",
+                "datatype": "INT64",
+                "shape": [-1, -1],
+                "max_shape": [-1, cfg.max_tokens + 1],
+                "value_range": [0, vocab - 1],
+            },
+            {
+                "name": "memory",
+                "datatype": "FP32",
+                "shape": [-1, -1, cfg.d_model],
+                "max_shape": [-1, cfg.max_tokens, -1],
+            },
+            {
+                "name": "src_ids",
+                "datatype": "INT64",
+                "shape": [-1, -1],
+                "max_shape": [-1, cfg.max_tokens],
+                "value_range": [0, vocab - 1],
+            },
         ],
         "outputs": [{"name": "log_probs", "datatype": "FP32", "shape": [-1, vocab]}],
         "max_batch_size": 64,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, TypeAdapter
+from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match, Route
 
 from service import protocol
@@ -159,9 +161,11 @@ async def infer_endpoint(request: Request) -> Response:
     params = request.path_params
     served = request.app.state.registry.get(params["model"], params.get("version"))
     header, binary = protocol.split_binary(await request.body(), request.headers.get("inference-header-content-length"))
-    parsed = protocol.parse_infer_request(
-        protocol.parse_json(header), served.spec.inputs, served.spec.outputs, served.batched, binary
-    )
+    settings = request.app.state.settings
+    parse = functools.partial(_parse, header, binary, served.spec, served.batched, settings.max_tensor_elements)
+    # A large body is parsed off the event loop: millions of JSON numbers take most of a second,
+    # which every other request would wait through.
+    parsed = parse() if len(header) + len(binary) < _PARSE_INLINE_BYTES else await run_in_threadpool(parse)
     result = await unless_disconnected(request, served.infer(parsed.feeds))
     datatypes = {t.name: t.datatype for t in served.spec.outputs}
     body, blobs = protocol.infer_response(served.name, served.version, result.outputs, parsed, datatypes)
@@ -172,6 +176,15 @@ async def infer_endpoint(request: Request) -> Response:
     json_header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     headers["inference-header-content-length"] = str(len(json_header))
     return Response(json_header + b"".join(blobs), media_type="application/octet-stream", headers=headers)
+
+
+_PARSE_INLINE_BYTES = 256 * 1024
+
+
+def _parse(header: bytes, binary: bytes, spec, batched: bool, max_elements: int) -> protocol.InferRequest:  # type: ignore[no-untyped-def]
+    return protocol.parse_infer_request(
+        protocol.parse_json(header), spec.inputs, spec.outputs, batched, binary, max_elements
+    )
 
 
 class _FastRoute(Route):
