@@ -80,6 +80,7 @@ def write_model(
     width: int = 4,
     factor: float = 2.0,
     slow: bool = False,
+    layers: int = 40,
     with_sha: bool = True,
 ) -> Path:
     model_dir = root / name
@@ -87,7 +88,7 @@ def write_model(
     (model_dir / "model.json").write_text(json.dumps(spec if spec is not None else model_json(name, width)))
     onnx_path = model_dir / str(version) / "model.onnx"
     if slow:
-        slow_model(onnx_path, width)
+        slow_model(onnx_path, width, layers)
     else:
         scale_model(onnx_path, width, factor)
     meta = {"metrics": {"note": "test model"}}

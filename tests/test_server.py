@@ -86,9 +86,13 @@ def test_sigterm_finishes_every_accepted_request_then_exits(slow_repo: Path) -> 
         assert "drained" in server.stop_cleanly()
 
 
-def test_client_that_disconnects_is_dropped_before_inference(slow_repo: Path) -> None:
+def test_client_that_disconnects_is_dropped_before_inference(tmp_path: Path) -> None:
+    # Ten times the slow model's layers: the queue must build up faster than the model drains it,
+    # even when the client side is slowed (a whole test session's threads in the same process).
+    spec = model_json("slow", width=WIDTH, max_batch_size=4, dynamic_batching={"max_queue_delay_ms": 0})
+    write_model(tmp_path, "slow", slow=True, width=WIDTH, layers=400, spec=spec)
     busy_n = 60
-    with serve(slow_repo, NEUROSERVE_MAX_BATCH_SIZE="1") as server:
+    with serve(tmp_path, NEUROSERVE_MAX_BATCH_SIZE="1") as server:
         with ThreadPoolExecutor(busy_n + 2) as pool:
             # Keep the model busy so that the impatient requests are still queued when they give up.
             busy = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(busy_n)]
