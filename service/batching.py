@@ -140,7 +140,9 @@ class DynamicBatcher(Generic[T, R]):
         """Queue ``rows`` and wait for their outputs, in the same order.
 
         ``timeout_s`` bounds the time until the request starts running (its queue time), as in
-        Triton; once running, a batch is always finished.
+        Triton; once running, a batch is always finished. A request cut into chunks gets it per
+        chunk, from the moment that chunk queues: the chunks run one after another, and the last
+        must not expire for the time the first ones spent running. It completes or fails as one.
         """
         if not rows:
             return BatchResult([], 0.0, 0.0, 0)
@@ -148,15 +150,18 @@ class DynamicBatcher(Generic[T, R]):
             raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
         self.start()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s if timeout_s is not None else float("inf")
+
+        def deadline() -> float:
+            return loop.time() + timeout_s if timeout_s is not None else float("inf")
+
         size = self.max_batch_size
         if len(rows) <= size:
-            return await self._submit_one(rows, key, deadline)
+            return await self._submit_one(rows, key, deadline())
         outputs: list[R] = []
         queue_s = compute_s = 0.0
         batch_size = 0
         for start in range(0, len(rows), size):
-            part = await self._submit_one(rows[start : start + size], key, deadline)
+            part = await self._submit_one(rows[start : start + size], key, deadline())
             outputs.extend(part.outputs)
             queue_s += part.queue_s
             compute_s += part.compute_s
@@ -217,8 +222,8 @@ class DynamicBatcher(Generic[T, R]):
             self._fail(
                 pending,
                 DeadlineExceeded(
-                    f"request waited {pending.deadline - pending.enqueued:.3f} s in model {self.name}'s queue "
-                    "without starting; try again later"
+                    f"request waited {time.perf_counter() - pending.queued_at:.3f} s in model {self.name}'s queue "
+                    f"without starting ({len(self._queue)} others still queued); try again later"
                 ),
             )
 

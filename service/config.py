@@ -103,9 +103,9 @@ class Settings(BaseSettings):
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
 
     require_all_models: bool = Field(
-        False,
-        description="Report not ready while any model failed to load (default: ready once every "
-        "model has been tried and at least one serves; failed ones show in their own status).",
+        True,
+        description="Report not ready while any model failed to load, so a load balancer sends its traffic "
+        "to replicas that serve every model (false: ready once at least one serves; failed ones answer 503).",
     )
     warmup: bool = Field(True, description="Run dummy batches of every size before reporting ready.")
 

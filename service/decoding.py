@@ -69,6 +69,7 @@ S = TypeVar("S", bound=Sequence)
 class StepObserver(Protocol):
     def on_queue_depth(self, depth: int) -> None: ...
     def on_step(self, rows: int, sequences: int, seconds: float) -> None: ...
+    def on_active(self, sequences: int) -> None: ...
 
 
 class _NullObserver:
@@ -76,6 +77,9 @@ class _NullObserver:
         pass
 
     def on_step(self, rows: int, sequences: int, seconds: float) -> None:
+        pass
+
+    def on_active(self, sequences: int) -> None:
         pass
 
 
@@ -257,6 +261,7 @@ class StepScheduler(Generic[S]):
                 stats = DecodeStats(entry.admitted - entry.submitted, now - entry.admitted, entry.steps, entry.max_rows)
                 entry.future.set_result(stats)
         self._active = still
+        self._observer.on_active(len(still))
 
     def _stragglers(self) -> list[_Entry[S]]:
         """The oldest active sequences past ``boost_after`` steps, within ``boost_rows`` rows and a
@@ -343,6 +348,7 @@ class StepScheduler(Generic[S]):
     def _discard(self, entry: _Entry[S]) -> None:
         if entry in self._active:
             self._active.remove(entry)
+            self._observer.on_active(len(self._active))
         else:
             try:
                 self._waiting.remove(entry)

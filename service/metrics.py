@@ -114,6 +114,10 @@ class ModelObserver:
         self.on_batch(rows, seconds)
         self._active.set(sequences)
 
+    def on_active(self, sequences: int) -> None:
+        """Sequences still decoding after a step (0 once the batch empties)."""
+        self._active.set(sequences)
+
     def on_tokens(self, count: int) -> None:
         self._tokens.inc(count)
 

@@ -17,6 +17,11 @@ from service.errors import InvalidJSON, InvalidTensor, SchemaError, TooManyItems
 from service.repository import TensorSpec
 from service.runtime import V2_TO_NUMPY
 
+# Every datatype of the protocol's table; a model takes some of them (V2_TO_NUMPY's).
+PROTOCOL_DATATYPES = frozenset(
+    ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES")
+)
+
 
 def parse_json(body: bytes) -> Any:
     if not body:
@@ -53,10 +58,9 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     JSON header, the rest are the tensors' raw little-endian bytes."""
     if header_length is None:
         return body, b""
-    try:
-        size = int(header_length)
-    except ValueError:
-        raise InvalidJSON(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+    if not header_length.isascii() or not header_length.isdigit():
+        raise InvalidJSON(f"Inference-Header-Content-Length {header_length!r} is not a number of bytes")
+    size = int(header_length)
     if not 0 < size <= len(body):
         raise InvalidJSON(f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes")
     return body[:size], body[size:]
@@ -91,8 +95,8 @@ def _tensor(
         raise InvalidTensor(f"inputs[{index}]: the model has no input named {name!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise SchemaError(f"input {name!r}: shape must be a list of non-negative integers")
-    if datatype not in V2_TO_NUMPY:
-        raise SchemaError(f"input {name!r}: datatype {datatype!r} is not one of {sorted(V2_TO_NUMPY)}")
+    if datatype not in PROTOCOL_DATATYPES:
+        raise SchemaError(f"input {name!r}: datatype {datatype!r} is not one of {sorted(PROTOCOL_DATATYPES)}")
     if datatype != spec.datatype:
         raise InvalidTensor(f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}")
     parameters = raw.get("parameters") or {}
@@ -162,6 +166,9 @@ def parse_infer_request(
     """Validate a v2 request (JSON tensors, or binary ones after the JSON header) against the model."""
     if not isinstance(payload, dict):
         raise SchemaError("request body must be a JSON object with an 'inputs' list")
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise SchemaError(f"'id' must be a string (it is echoed in the response), not {type(request_id).__name__}")
     raw_inputs = payload.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise SchemaError("'inputs' must be a non-empty list of tensors")
@@ -193,7 +200,7 @@ def parse_infer_request(
             raise InvalidTensor(f"unknown outputs {unknown}; the model gives {wanted}")
         wanted = names
         binary_outputs = {o["name"] for o in raw_outputs if _wants_binary(o.get("parameters"), binary_default)}
-    return InferRequest(feeds, wanted, frozenset(binary_outputs), payload.get("id"))
+    return InferRequest(feeds, wanted, frozenset(binary_outputs), request_id)
 
 
 def infer_response(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ Row = tuple[np.ndarray, ...]
 # Triton's default too; on a small CPU machine batches form well from what queues while a batch
 # runs, and any fixed wait only adds latency (bench/run.py compares 0 and 2 ms).
 DEFAULT_QUEUE_DELAY_MS = 0.0
+# A version in a path: what the folder is called, no sign, padding or non-ASCII digit.
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 
 
 class ModelState(enum.StrEnum):
@@ -186,7 +189,7 @@ class ServedModel:
         return ModelVersionMetadata(
             name=self.name,
             versions=[str(self.version)],
-            platform=self.spec.platform,
+            platform="onnx_onnxv1",  # the Open Inference Protocol's name for ONNX Runtime
             inputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in self.spec.inputs],
             outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in self.spec.outputs],
             parameters=ModelParameters(
@@ -268,7 +271,7 @@ class ModelRegistry:
         try:
             entries = scan(self.settings.repository)
         except ModelLoadError as exc:
-            self.error = exc.message
+            self.error = f"the model repository cannot be read: {exc.problem}"
             log.error("model repository cannot be read: %s", exc.message)
             return
         for entry in entries:
@@ -276,10 +279,18 @@ class ModelRegistry:
             status = ModelStatus(entry.name, task, ModelState.LOADING, entry=entry)
             self.models[entry.name] = status
             if entry.error is not None:
-                status.fail(entry.error.message)
+                self._fail(status, entry.error.message)
             else:
                 self._check_task(status)
         self._settle_defaults()
+
+    def _fail(self, status: ModelStatus, reason: str) -> None:
+        """FAILED with ``reason``, its files named relative to the repository: the reason is shown
+        to clients (/v2/models, 503 bodies), the server's own paths are not theirs to know."""
+        root = self.settings.repository
+        for prefix in {str(root.resolve()), str(root.absolute()), str(root)}:
+            reason = reason.replace(prefix.rstrip("/") + "/", "")
+        status.fail(reason)
 
     def _check_task(self, status: ModelStatus) -> None:
         """The task exists, its parameters parse, and it can feed the graph model.json declares."""
@@ -289,22 +300,23 @@ class ModelRegistry:
             try:
                 check_labels(spec)
             except CannotFeed as exc:
-                status.fail(f"{where}: {exc}")
+                self._fail(status, f"{where}: {exc}")
             return
         task = TASKS.get(spec.task)
         if task is None:
             known = ", ".join(sorted(TASKS))
-            status.fail(f"{where}: unknown task {spec.task!r}; known tasks: {known} (or 'none' for v2 only)")
+            self._fail(status, f"{where}: unknown task {spec.task!r}; known tasks: {known} (or 'none' for v2 only)")
             return
         try:
             status.parameters = task.parameters(spec)
             task.check(spec, status.parameters)
         except ValidationError as exc:
-            status.fail(f"{where}: parameters: {describe_validation(exc.errors())}")
+            self._fail(status, f"{where}: parameters: {describe_validation(exc.errors())}")
             return
         except CannotFeed as exc:
-            status.fail(
-                f'{where}: task {task.name} cannot feed this model: {exc} (set "task": "none" to serve it on v2 only)'
+            self._fail(
+                status,
+                f'{where}: task {task.name} cannot feed this model: {exc} (set "task": "none" to serve it on v2 only)',
             )
             return
         status.scope = task.default_scope(status.parameters)
@@ -330,7 +342,7 @@ class ModelRegistry:
                 names = ", ".join(s.name for s in chosen)
                 where = f" ({scope})" if scope else ""
                 for status in chosen:
-                    status.fail(f"models {names} are all marked the default of task {task}{where}; mark one")
+                    self._fail(status, f"models {names} are all marked the default of task {task}{where}; mark one")
 
     async def load_all(self) -> None:
         """Load and warm every discovered model, one at a time, off the event loop."""
@@ -379,11 +391,10 @@ class ModelRegistry:
                 )
             status.state = ModelState.READY
         except ModelLoadError as exc:
-            status.state, status.reason = ModelState.FAILED, exc.message
-            log.error("model %s cannot be served: %s", entry.name, exc.message)
+            self._fail(status, exc.message)
         except Exception as exc:  # a model must never take the server down with it
-            status.state, status.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("model %s failed to load", entry.name)
+            self._fail(status, f"{type(exc).__name__}: {exc}")
         if status.state is ModelState.FAILED:
             await self._close_versions(status)
 
@@ -431,15 +442,20 @@ class ModelRegistry:
         status = self.status(name)
         if status.state is not ModelState.READY:
             detail = f": {status.reason}" if status.reason else ""
+            # A model still loading will serve soon; one that failed will not until it is fixed and
+            # the server restarted, so no Retry-After invites clients to hammer it.
+            loading = status.state is ModelState.LOADING
             raise ModelNotReady(
                 f"model {name!r} is {status.state.value}{detail}",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
+                headers={"Retry-After": str(self.settings.retry_after_s)} if loading else None,
             )
         if version is None or version == "":
             served = status.latest
             assert served is not None
             return served
         try:
+            if not (isinstance(version, int) or VERSION_PATTERN.fullmatch(version)):
+                raise ValueError(version)
             return status.versions[int(version)]
         except (KeyError, ValueError):
             raise ModelNotFound(

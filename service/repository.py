@@ -95,7 +95,9 @@ class ModelSpec(BaseModel):
         "task scope such as a sentiment model's language)",
     )
     description: str = ""
-    platform: Literal["onnxruntime"] = "onnxruntime"
+    platform: Literal["onnx_onnxv1", "onnxruntime"] = Field(
+        "onnx_onnxv1", description="The protocol's platform name (onnx_onnxv1); 'onnxruntime' is read as the same"
+    )
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     max_batch_size: int = Field(0, ge=0, description="0: the model takes no batch axis and is never batched")

@@ -53,6 +53,12 @@ def wait_ready(client: TestClient, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"server not ready: {client.get('/v2/health/ready').json()}")
 
 
+def wait_loaded(client: TestClient) -> None:
+    """Until every model has been tried (loaded, warmed or FAILED): for repositories with broken
+    models, where the server is, by default, rightly never ready."""
+    client.portal.call(client.app.state.registry.loading_done.wait)
+
+
 def make_client(**overrides) -> TestClient:
     settings = Settings(**{"repository": ROOT / "models", "log_json": False, **overrides})
     return TestClient(create_app(settings))

@@ -306,3 +306,19 @@ async def test_batcher_close_drains_queue_then_refuses_new_requests() -> None:
     results = await asyncio.gather(*pending)
     assert all(len(r.outputs) == 1 for r in results)
     assert sum(len(b) for b in fn.batches) == 7
+
+
+async def test_batcher_chunks_of_a_large_request_each_get_the_deadline_from_when_they_queue() -> None:
+    # Three chunks of 60 ms each under an 80 ms queue deadline: the last chunk starts 120 ms after the
+    # request arrived, but it never waited more than the deadline itself.
+    rng = np.random.default_rng(21)
+
+    def slow(batch: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(0.06)
+        return [r * 2 for r in batch]
+
+    batcher = DynamicBatcher(slow, max_batch_size=2, max_queue_delay_ms=0)
+    data = rows(rng, 6)
+    result = await batcher.submit(data, timeout_s=0.08)
+    assert len(result.outputs) == 6 and np.allclose(result.outputs[5], data[5] * 2)
+    await batcher.close()

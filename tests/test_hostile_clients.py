@@ -88,3 +88,128 @@ def test_a_poisoned_request_the_checks_miss_fails_alone_never_its_batch(tmp_path
     assert all(r.status_code == 200 for r in innocents), [r.text for r in innocents if r.status_code != 200][:2]
     assert all(r.status_code == 500 and r.json()["error_type"] == "inference_failed" for r in poisoned)
     assert all("Gather" not in r.text and "indices" not in r.text for r in poisoned)  # no runtime internals
+
+
+# Protocol conformance (the Open Inference Protocol's REST spec, and HTTP).
+
+
+def mnist_tensor(**extra) -> dict:
+    return {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}], **extra}
+
+
+def test_no_slash_redirect_reflects_the_host_header(client: TestClient) -> None:
+    response = client.get("/v2/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 404 and "location" not in response.headers
+
+
+def test_metadata_names_the_protocol_platform_and_the_extensions_served(client: TestClient) -> None:
+    assert client.get("/v2/models/mnist").json()["platform"] == "onnx_onnxv1"
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+
+
+def test_request_id_is_a_string_and_is_echoed(client: TestClient) -> None:
+    assert client.post("/v2/models/mnist/infer", json=mnist_tensor(id="abc")).json()["id"] == "abc"
+    for bad in (7, ["x"], {"a": 1}, True):
+        response = client.post("/v2/models/mnist/infer", json=mnist_tensor(id=bad))
+        assert response.status_code == 422 and response.json()["error_type"] == "schema_error", bad
+
+
+def test_a_protocol_datatype_the_model_does_not_take_is_a_400(client: TestClient) -> None:
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    response = client.post("/v2/models/mnist/infer", json=body)
+    assert response.status_code == 400 and "does not match the model's FP32" in response.json()["error"]
+
+
+@pytest.mark.parametrize("version", [" 1 ", "01", "+1", "١", "1.0"])
+def test_only_the_versions_name_resolves_it(client: TestClient, version: str) -> None:
+    response = client.get(f"/v2/models/mnist/versions/{version}")
+    assert response.status_code == 404 and response.json()["error_type"] == "model_not_found"
+
+
+def test_header_length_must_be_plain_digits(client: TestClient) -> None:
+    body = b'{"inputs": []}'
+    response = client.post("/v2/models/mnist/infer", content=body, headers={"inference-header-content-length": "1_4"})
+    assert response.status_code == 400 and "is not a number of bytes" in response.json()["error"]
+
+
+def test_method_not_allowed_says_what_is(client: TestClient) -> None:
+    response = client.delete("/v1/sentiment")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [
+        ("/v1/translation", {"texts": ["Hi"], "beam_size": "2"}),
+        ("/v1/translation", {"texts": ["Hi"], "beam_size": True}),
+        ("/v1/recommendations", {"user_id": "1", "k": "3"}),
+        ("/v1/recommendations", {"user_id": "1", "exclude_seen": 1}),
+        ("/v1/image-classification", {"images": ["AAAA"], "top_k": 2.0}),
+    ],
+)
+def test_json_numbers_and_booleans_are_not_coerced(client: TestClient, url: str, body: dict) -> None:
+    response = client.post(url, json=body)
+    assert response.status_code == 422 and response.json()["error_type"] == "schema_error", response.text
+
+
+def test_an_id_with_a_trailing_newline_is_not_an_id(client: TestClient) -> None:
+    response = client.post("/v1/recommendations", json={"user_id": "1\n", "k": 3})
+    assert response.status_code == 400 and response.json()["error_type"] == "invalid_id"
+
+
+def test_every_reference_in_the_openapi_document_resolves(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    for ref in set(refs(document)):
+        target = document
+        for part in ref.removeprefix("#/").split("/"):
+            assert part in target, f"unresolvable {ref}"
+            target = target[part]
+
+
+# Truthful health and errors.
+
+
+def broken_copy(root: Path) -> Path:
+    shutil.copytree(ROOT / "models" / "mnist", root / "mnist")
+    shutil.copytree(ROOT / "models" / "sentiment", root / "sentiment")
+    (root / "sentiment" / "1" / "model.onnx").write_bytes(b"not a graph")
+    spec = json.loads((root / "sentiment" / "model.json").read_text())
+    (root / "sentiment" / "1" / "metadata.json").write_text("{}")  # no sha256 to refuse it earlier
+    (root / "sentiment" / "model.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_a_failed_model_makes_the_replica_not_ready_and_answers_503_with_its_reason(tmp_path: Path) -> None:
+    from tests.conftest import wait_loaded
+
+    repo = broken_copy(tmp_path)
+    with make_client(repository=repo) as client:
+        wait_loaded(client)
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json()["models"] == {"mnist": "READY", "sentiment": "FAILED"}
+        assert "sentiment/1/model.onnx" in ready.json()["failed"]["sentiment"]
+        response = client.post("/v1/sentiment", json={"texts": ["Great film."]})
+        assert response.status_code == 503 and response.json()["error_type"] == "model_not_ready"
+        assert "retry-after" not in response.headers  # it will not recover by itself
+        assert str(tmp_path) not in response.text and str(tmp_path) not in client.get("/v2/models").text
+    with make_client(repository=repo, require_all_models=False) as client:
+        wait_loaded(client)
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.get("/v2/health/ready").json()["failed"].keys() == {"sentiment"}
+
+
+def test_the_active_sequences_gauge_returns_to_zero(client: TestClient) -> None:
+    client.post("/v1/translation", json={"texts": ["Good morning!", "Where is the station?"]})
+    metrics = client.get("/metrics").text
+    assert 'neuroserve_active_sequences{model="translation-en-fr"} 0.0' in metrics

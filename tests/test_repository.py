@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.repository import scan
-from tests.conftest import make_client, wait_ready
+from tests.conftest import make_client, wait_loaded
 from tests.onnx_models import model_json, write_model
 
 
@@ -100,7 +100,7 @@ def test_registry_checks_graph_against_model_json(tmp_path: Path, change: dict, 
     write_model(tmp_path, "good")
     write_model(tmp_path, "bad", spec={**model_json("bad"), **change})
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)
+        wait_loaded(client)
         index = {row["name"]: row for row in client.get("/v2/models").json()}
         assert index["good"]["state"] == "READY"
         assert index["bad"]["state"] == "FAILED"
@@ -113,7 +113,7 @@ def test_broken_model_does_not_stop_the_others(tmp_path: Path) -> None:
     broken = write_model(tmp_path, "corrupt", with_sha=False)
     (broken / "1" / "model.onnx").write_bytes(b"\x08\x01garbage that is not a protobuf graph")
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)  # ready: every model was tried and one serves
+        wait_loaded(client)  # ready: every model was tried and one serves
         ready = client.get("/v2/health/ready").json()
         assert ready["models"] == {"corrupt": "FAILED", "good": "READY"}
         response = client.get("/v2/models/corrupt/ready")
@@ -153,7 +153,7 @@ def test_missing_repository_is_reported_not_ready(tmp_path: Path) -> None:
 def test_every_served_batch_size_is_warmed_before_ready(tmp_path: Path) -> None:
     write_model(tmp_path, "double")
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)
+        wait_loaded(client)
         served = client.app.state.registry.get("double")
         assert served.max_batch_size == 8
         assert served.warmed_batch_sizes == list(range(1, 9))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from service.tasks import TASKS
-from tests.conftest import ROOT, make_client, wait_ready
+from tests.conftest import ROOT, make_client, wait_loaded
 from tests.onnx_models import channel_mean_model, model_json, write_model
 
 CORE = [p for p in (ROOT / "service").rglob("*.py") if "tasks" not in p.parts and "routes" not in p.parts]
@@ -56,7 +56,7 @@ def test_a_misspelt_task_fails_at_load_naming_the_known_tasks(tmp_path: Path) ->
     write_model(tmp_path, "good")
     write_model(tmp_path, "typo", spec=model_json("typo", task="image-clasification"))
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)
+        wait_loaded(client)
         row = states(client)["typo"]
         assert row["state"] == "FAILED"
         assert "unknown task 'image-clasification'" in row["reason"]
@@ -81,7 +81,7 @@ def test_a_model_its_task_cannot_feed_fails_at_load_with_the_reason(
     write_model(tmp_path, "good")
     write_model(tmp_path, "odd", spec=model_json("odd", task=task, parameters=parameters))
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)
+        wait_loaded(client)
         row = states(client)["odd"]
         assert row["state"] == "FAILED" and problem in row["reason"], row
         if not parameters or "special_tokens" in parameters:
@@ -108,7 +108,7 @@ def test_an_rgb_classifier_is_fed_rgb_at_its_size_with_its_normalisation(tmp_pat
     parameters = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]}
     rgb_classifier(tmp_path, "colours", default=True, parameters=parameters)
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)
+        wait_loaded(client)
         image = Image.new("RGB", (40, 30), (255, 128, 0))  # any size: resized to 8x8
         response = client.post("/v1/image-classification", json={"images": [png_b64(image)], "top_k": 3})
         assert response.status_code == 200, response.text
@@ -138,7 +138,7 @@ def test_adding_a_model_never_changes_which_model_answers_a_request_naming_none(
     repo = mnist_repo(tmp_path)
     rgb_classifier(repo, "brightness")  # sorts before mnist; not marked default
     with make_client(repository=repo) as client:
-        wait_ready(client)
+        wait_loaded(client)
         answer = seven(client)
         assert answer["model"] == "mnist" and answer["predictions"][0][0]["label"] == "7"
         assert states(client)["brightness"]["default"] is False and states(client)["mnist"]["default"] is True
@@ -152,13 +152,13 @@ def test_two_defaults_of_one_task_fail_both_and_a_setting_decides(tmp_path: Path
     repo = mnist_repo(tmp_path)
     rgb_classifier(repo, "brightness", default=True)
     with make_client(repository=repo) as client:
-        client.portal.call(client.app.state.registry.loading_done.wait)  # nothing serves: never ready
+        wait_loaded(client)  # nothing serves: never ready
         rows = states(client)
         assert rows["mnist"]["state"] == rows["brightness"]["state"] == "FAILED"
         assert "all marked the default of task image-classification" in rows["mnist"]["reason"]
         assert seven(client)["error_type"] == "model_not_ready"
     with make_client(repository=repo, default_models=["mnist"]) as client:
-        wait_ready(client)
+        wait_loaded(client)
         assert seven(client)["model"] == "mnist"
         assert states(client)["brightness"]["state"] == "READY"
 
@@ -167,7 +167,7 @@ def test_several_models_and_no_default_is_a_clear_404_naming_them(tmp_path: Path
     rgb_classifier(tmp_path, "a")
     rgb_classifier(tmp_path, "b")
     with make_client(repository=tmp_path) as client:
-        wait_ready(client)
+        wait_loaded(client)
         body = seven(client)
         assert body["error_type"] == "no_default_model"
         assert "['a', 'b']" in body["error"]

@@ -135,7 +135,7 @@ def model_config(cfg: Config) -> dict:
         "description": "Handwritten digit classifier (classic MNIST CNN). Input: 28x28 grey pixels in "
         "[0, 1], light ink on dark, digit fitted in 20x20 and centred by centre of mass. "
         "Output: probabilities of the digits 0-9.",
-        "platform": "onnxruntime",
+        "platform": "onnx_onnxv1",
         "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
         "max_batch_size": 64,

@@ -411,7 +411,7 @@ def model_config(cfg: Config, classes: list[str]) -> dict:
         "description": "Single-shot anchor-free detector (CenterNet-style) with its decoding in the graph. "
         f"Input: letterboxed RGB in [0, 1], {s}x{s}; outputs: boxes (x1, y1, x2, y2 in input pixels), "
         "scores and classes of the top detections, best first.",
-        "platform": "onnxruntime",
+        "platform": "onnx_onnxv1",
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, s, s]}],
         "outputs": [
             {"name": "boxes", "datatype": "FP32", "shape": [-1, cfg.max_detections, 4]},

@@ -320,7 +320,7 @@ def model_config(cfg: Config, n_users: int, n_items: int) -> dict:
         "description": f"MovieLens rating predictor (biases, recent drift, embeddings, MLP) for {n_users} users "
         f"and {n_items} movies. Inputs: user and item embedding rows (see recommender.json for the id maps); "
         f"output: predicted rating clipped to [{RATING_MIN}, {RATING_MAX}].",
-        "platform": "onnxruntime",
+        "platform": "onnx_onnxv1",
         "inputs": [
             # The embedding rows: a request beyond them is refused before it can fail a batch.
             {"name": "user", "datatype": "INT64", "shape": [-1], "value_range": [0, n_users - 1]},

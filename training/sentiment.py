@@ -206,7 +206,7 @@ def model_config(cfg: Config, name: str, vocab: int) -> dict:
         "default": True,
         "description": f"Binary sentiment of {language}: text CNN over a WordPiece vocabulary. "
         "Inputs: token ids and attention mask [batch, length]; output: probabilities of negative, positive.",
-        "platform": "onnxruntime",
+        "platform": "onnx_onnxv1",
         "inputs": [
             # Bounds a v2 request is held to, so a bad one never reaches (and fails) a shared batch.
             {

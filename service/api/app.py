@@ -58,6 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=JSONResponse,
     )
+    # No redirect from /v2/ to /v2: it reflected the Host header into Location, and the protocol's
+    # paths have no trailing slash.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics

@@ -7,8 +7,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.errors import (
+    ClientDisconnected,
     DeadlineExceeded,
     InvalidJSON,
     ModelNotReady,
@@ -44,6 +46,11 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(error_for_status(exc.status_code, str(exc.detail), exc.headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left mid-upload: nobody reads this answer; logs and metrics see 499, not a 500.
+        return error_response(ClientDisconnected("the client disconnected before its request body arrived"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service import imaging
-from service.api.schemas import parse_body
+from service.api.schemas import inline_schema, parse_body
 from service.config import Settings
 from service.errors import InvalidInput, SchemaError, TooManyItems, UnsupportedMediaType
 
@@ -63,11 +63,12 @@ def _read_json(body: bytes, settings: Settings, json_model: type[BaseModel]) -> 
 
 def request_doc(json_model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI for an image endpoint: the JSON body, or multipart ``files`` plus the same fields."""
-    fields = {k: v for k, v in json_model.model_json_schema()["properties"].items() if k != "images"}
+    schema = inline_schema(json_model)
+    fields = {k: v for k, v in schema["properties"].items() if k != "images"}
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
     multipart = {"type": "object", "required": ["files"], "properties": {"files": files, **fields}}
     content = {
-        "application/json": {"schema": json_model.model_json_schema()},
+        "application/json": {"schema": schema},
         "multipart/form-data": {"schema": multipart},
     }
     return {"requestBody": {"required": True, "content": content}}

@@ -81,6 +81,25 @@ def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
             raise TextTooLong(f"texts[{i}] has {len(text)} characters; the limit is {max_chars}")
 
 
+def inline_schema(model: type[BaseModel]) -> dict:
+    """``model``'s JSON schema with its ``$defs`` inlined: placed inside the OpenAPI document, a
+    ``#/$defs/...`` reference would point at the document's root, where nothing is."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: object) -> object:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)  # type: ignore[return-value]
+
+
 def json_body_doc(model: type[BaseModel]) -> dict:
     """OpenAPI for a route that parses its JSON body itself (with ``parse_body``)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}

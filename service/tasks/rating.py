@@ -23,7 +23,7 @@ from service.runtime import RuntimeOptions
 from service.tasks.assets import find_asset
 from service.tasks.base import Parameters, Task, require
 
-ID_PATTERN = re.compile(r"^[1-9][0-9]{0,11}$")  # positive integers, as MovieLens ids are
+ID_PATTERN = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)  # positive integers, as MovieLens ids are (whole text)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ TASK = Rating()
 
 def check_id(value: str | int, where: str) -> str:
     text = str(value)
-    if isinstance(value, bool) or not ID_PATTERN.match(text):
+    if isinstance(value, bool) or not ID_PATTERN.fullmatch(text):
         raise InvalidId(f'{where}: {value!r} is not an id (ids are positive integers, e.g. "42")')
     return text
 

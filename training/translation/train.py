@@ -149,7 +149,7 @@ def model_config(cfg: Config, vocab: int) -> dict:
         "description": "English to French (Tatoeba): Transformer encoder-decoder over a joint BPE vocabulary. "
         "Two graphs: encoder.onnx (src_ids -> memory) and this model's decoder step "
         "(tgt_ids, memory, src_ids -> log_probs of the next token).",
-        "platform": "onnxruntime",
+        "platform": "onnx_onnxv1",
         "inputs": [
             # Bounds a v2 request is held to (the graphs' position table, the vocabulary), so a bad
             # one never reaches (and fails) a shared batch.

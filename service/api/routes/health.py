@@ -16,6 +16,9 @@ from service.responses import ModelResponse
 router = APIRouter(tags=["health"])
 
 ModelStateName = Literal["LOADING", "READY", "FAILED"]
+# What is implemented of the protocol's extensions: Triton's binary tensor data. Not
+# "model_repository": its index is served, but load and unload are not.
+EXTENSIONS = ["binary_tensor_data"]
 
 
 class Live(BaseModel):
@@ -25,6 +28,7 @@ class Live(BaseModel):
 class Ready(BaseModel):
     ready: bool
     models: dict[str, ModelStateName] = Field(description="Every model's state, by name.")
+    failed: dict[str, str] = Field(default_factory=dict, description="Why each failed model failed, by name.")
 
 
 class NotReadyResponse(Ready):
@@ -51,8 +55,9 @@ async def live() -> ModelResponse:
 )
 async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     states = {name: status.state.value for name, status in registry.models.items()}
+    failed = {name: status.reason or "" for name, status in registry.models.items() if status.state.value == "FAILED"}
     if registry.ready:
-        return ModelResponse(Ready(ready=True, models=states))
+        return ModelResponse(Ready(ready=True, models=states, failed=failed))
     if not registry.loading_done.is_set():
         reason = "models are still loading"
     elif registry.error is not None:
@@ -60,10 +65,10 @@ async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     else:
         reason = "no model serves" if not settings.require_all_models else "some models failed to load"
     err = NotReady(reason, headers={"Retry-After": str(settings.retry_after_s)})
-    body = NotReadyResponse(**err.to_dict(), ready=False, models=states)
+    body = NotReadyResponse(**err.to_dict(), ready=False, models=states, failed=failed)
     return ModelResponse(body, status_code=err.status_code, headers=err.headers)
 
 
 @router.get("/v2", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata() -> ModelResponse:
-    return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=["model_repository"]))
+    return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=EXTENSIONS))

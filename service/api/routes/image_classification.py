@@ -24,6 +24,7 @@ router = APIRouter(tags=["tasks"])
 class ImageClassificationRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64], "top_k": 3}]},
     )
     images: list[str] = Field(

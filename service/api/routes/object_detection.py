@@ -53,7 +53,9 @@ class DetectionOptions(BaseModel):
 
 
 class ObjectDetectionRequest(DetectionOptions):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64]}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64]}]}
+    )
     images: list[str] = Field(
         min_length=1, description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted."
     )

@@ -19,7 +19,7 @@ Id = StrictStr | StrictInt
 
 
 class RatingPair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     user_id: Id
     item_id: Id
 
@@ -27,6 +27,7 @@ class RatingPair(BaseModel):
 class RatingRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [{"pairs": [{"user_id": "1", "item_id": "1"}, {"user_id": "1", "item_id": "2"}]}]
         },
@@ -51,7 +52,7 @@ class RatingResponse(BaseModel):
 
 class RecommendationRequest(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"user_id": "1", "k": 10, "exclude_seen": True}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"user_id": "1", "k": 10, "exclude_seen": True}]}
     )
     user_id: Id
     k: int = Field(10, ge=1, description="How many items to return.")

@@ -29,6 +29,7 @@ router = APIRouter(tags=["tasks"])
 class TranslationRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"texts": ["I'm hungry.", "Where is the train station?"], "beam_size": 1, "max_new_tokens": 64},
