@@ -9,10 +9,12 @@ import uvicorn
 from service.api.app import create_app
 from service.config import Settings
 from service.logs import configure
+from service.memory import configure_allocator
 
 
 def serve(settings: Settings) -> None:
     configure(settings.log_level, settings.log_json)
+    configure_allocator()
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest single image file.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image in pixels (decompression bombs).")
     max_images_per_request: int = Field(64, ge=1)
+    max_request_pixels: int = Field(
+        48_000_000,
+        ge=1,
+        description="Pixels of all a request's images together (413 beyond), read from their headers before any "
+        "is decoded: with one image of a request decoded at a time, this bounds what one request can make the "
+        "server hold (about 3 bytes a pixel at most, RGB).",
+    )
+    image_decode_slots: int = Field(
+        0, ge=0, description="Images decoding at once in the whole server (0: one per CPU core)."
+    )
     max_top_k: int = Field(100, ge=1)
     max_tensor_elements: int = Field(
         1 << 22, ge=1, description="Values per v2 input tensor (413 beyond): a bound on what one request may queue."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    # How many images decode at once, across every request: each may be a full-size photo.
+    app.state.decode_slots = threading.BoundedSemaphore(settings.image_decode_slots or Settings.cpu_cores())
     install_handlers(app)
     app.add_middleware(
         RequestGuard, max_body_bytes=settings.max_request_bytes, metrics=metrics, access_log=settings.access_log

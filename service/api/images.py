@@ -3,7 +3,9 @@ or JSON with base64 images (``images``), with the same limits and errors either 
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -13,9 +15,13 @@ from starlette.exceptions import HTTPException
 from service import imaging
 from service.api.schemas import inline_schema, parse_body
 from service.config import Settings
-from service.errors import InvalidInput, SchemaError, TooManyItems, UnsupportedMediaType
+from service.errors import ImageTooLarge, InvalidInput, SchemaError, TooManyItems, UnsupportedMediaType
+from service.memory import release_memory
 
 Blobs = list[tuple[str, bytes]]  # (name for error messages, file bytes)
+T = TypeVar("T")
+# After a request this large, freed image memory is handed back to the system at once.
+_TRIM_AFTER_PIXELS = 4_000_000
 
 
 async def read_images(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
@@ -74,9 +80,44 @@ def request_doc(json_model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def decode_all(blobs: Blobs, settings: Settings) -> list:
-    """Every file decoded (PIL images, EXIF orientation applied), in order; limits checked first."""
-    return [
-        imaging.decode_image(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, name=name)
-        for name, data in blobs
-    ]
+def decode_each(
+    blobs: Blobs,
+    settings: Settings,
+    slots: threading.Semaphore,
+    prepare: Callable[[imaging.Decoded], T],
+    *,
+    reduce_to: int | None = None,
+) -> list[T]:
+    """Every file decoded (upright, a JPEG at a reduced scale when ``reduce_to`` allows) and turned
+    by ``prepare`` into what the model takes, one at a time, in order.
+
+    Memory cannot be amplified: every header is read first and the request's pixels summed against
+    ``max_request_pixels`` (a 35 KB PNG can hold 36 megapixels); then only one full-size image of
+    the request lives at a time, and ``slots`` bounds how many decode at once in the whole server.
+    Runs in a worker thread."""
+    total = 0
+    for name, data in blobs:
+        width, height = imaging.open_image(
+            data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, name=name
+        ).size
+        total += width * height
+    if total > settings.max_request_pixels:
+        raise ImageTooLarge(
+            f"the request's {len(blobs)} images hold {total} pixels; the limit is {settings.max_request_pixels} "
+            "per request (send fewer or smaller images)"
+        )
+    out = []
+    for name, data in blobs:
+        with slots:
+            decoded = imaging.decode(
+                data,
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+                name=name,
+                reduce_to=reduce_to,
+            )
+            out.append(prepare(decoded))
+            del decoded
+    if total > _TRIM_AFTER_PIXELS:
+        release_memory()
+    return out

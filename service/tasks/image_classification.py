@@ -129,25 +129,34 @@ class ImageClassification(Task[ImageClassificationParameters]):
 TASK = ImageClassification()
 
 
+def decode_size(input_shape: Sequence[int], parameters: ImageClassificationParameters) -> int:
+    """The fewest pixels a side of the decoded image needs (a JPEG decodes at a reduced scale down
+    to this): the digit analysis's working size, else twice the model's input side."""
+    if parameters.preprocessing == "mnist":
+        return _ANALYSIS_MAX_SIDE
+    return 2 * max(input_shape[2], input_shape[3])
+
+
+def prepare(image: Image.Image, input_shape: Sequence[int], parameters: ImageClassificationParameters) -> np.ndarray:
+    """One decoded image to the model's input ``[C, H, W]`` float32 (the shape ``check`` accepted)."""
+    _, channels, height, width = input_shape
+    if parameters.preprocessing == "mnist":
+        return mnist_like(imaging.to_gray(image, max_side=_ANALYSIS_MAX_SIDE))[None]
+    out = resized(image, channels, height, width)
+    if parameters.invert:
+        out = 1.0 - out
+    if parameters.mean is not None:
+        out -= np.asarray(parameters.mean, dtype=np.float32).reshape(-1, 1, 1)
+    if parameters.std is not None:
+        out /= np.asarray(parameters.std, dtype=np.float32).reshape(-1, 1, 1)
+    return out
+
+
 def preprocess(
     images: Sequence[Image.Image], input_shape: Sequence[int], parameters: ImageClassificationParameters
 ) -> np.ndarray:
-    """Decoded images to the model's input batch ``[n, C, H, W]`` float32 (the shape ``check`` accepted)."""
-    _, channels, height, width = input_shape
-    batch = np.empty((len(images), channels, height, width), dtype=np.float32)
-    for i, image in enumerate(images):
-        if parameters.preprocessing == "mnist":
-            batch[i, 0] = mnist_like(imaging.to_gray(image, max_side=_ANALYSIS_MAX_SIDE))
-            continue
-        batch[i] = resized(image, channels, height, width)
-    if parameters.preprocessing == "resize":
-        if parameters.invert:
-            batch = 1.0 - batch
-        if parameters.mean is not None:
-            batch -= np.asarray(parameters.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        if parameters.std is not None:
-            batch /= np.asarray(parameters.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return batch
+    """Decoded images to the model's input batch ``[n, C, H, W]`` float32."""
+    return np.stack([prepare(image, input_shape, parameters) for image in images])
 
 
 def scores(outputs: np.ndarray, parameters: ImageClassificationParameters) -> np.ndarray:

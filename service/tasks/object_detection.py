@@ -82,10 +82,14 @@ class Letterbox:
         return np.clip(out, 0, np.array([self.width, self.height, self.width, self.height], dtype=np.float32))
 
 
-def letterbox(image: Image.Image, size: int, pad_value: float) -> tuple[np.ndarray, Letterbox]:
-    """An upright PIL image to ``[3, size, size]`` float32 RGB in [0, 1], keeping its aspect ratio."""
+def letterbox(
+    image: Image.Image, size: int, pad_value: float, original: tuple[int, int] | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """An upright PIL image to ``[3, size, size]`` float32 RGB in [0, 1], keeping its aspect ratio.
+    ``original``: the image's size as sent, when ``image`` was decoded at a reduced scale (boxes map
+    back to the original's pixels; the letterbox is the same as from the original)."""
     rgb = image.convert("RGB")
-    w, h = rgb.size
+    w, h = original or rgb.size
     scale = min(size / w, size / h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     resized = np.asarray(rgb.resize((nw, nh), Image.BILINEAR), dtype=np.float32) / 255.0

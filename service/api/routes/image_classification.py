@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.images import Blobs, decode_all, read_images, request_doc
+from service.api.images import Blobs, decode_each, read_images, request_doc
 from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64
 from service.config import Settings
 from service.errors import SchemaError
@@ -58,9 +58,16 @@ def _top_k(value: Any, settings: Settings) -> int:
 
 
 def _prepare(
-    blobs: Blobs, input_shape: list[int], parameters: task.ImageClassificationParameters, settings: Settings
+    request: Request, blobs: Blobs, input_shape: list[int], parameters: task.ImageClassificationParameters
 ) -> np.ndarray:
-    return task.preprocess(decode_all(blobs, settings), input_shape, parameters)
+    rows = decode_each(
+        blobs,
+        request.app.state.settings,
+        request.app.state.decode_slots,
+        lambda decoded: task.prepare(decoded.image, input_shape, parameters),
+        reduce_to=task.decode_size(input_shape, parameters),
+    )
+    return np.stack(rows)
 
 
 @router.post(
@@ -76,7 +83,7 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
     served = registry.for_task(task.TASK.name, model if isinstance(model, str) and model else None)
     parameters: task.ImageClassificationParameters = served.parameters  # type: ignore[assignment]
     spec_input, spec_output = served.spec.inputs[0], served.spec.outputs[0]
-    batch = await run_in_threadpool(_prepare, blobs, spec_input.shape, parameters, settings)
+    batch = await run_in_threadpool(_prepare, request, blobs, spec_input.shape, parameters)
     result = await unless_disconnected(request, served.infer({spec_input.name: batch}))
     scores = task.scores(result.outputs[spec_output.name], parameters)
     body = ImageClassificationResponse(

@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from service import imaging
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.images import Blobs, decode_all, read_images, request_doc
+from service.api.images import Blobs, decode_each, read_images, request_doc
 from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, validate
-from service.config import Settings
 from service.errors import SchemaError
 from service.responses import ModelResponse
 from service.tasks import object_detection as task
@@ -87,10 +87,16 @@ class ObjectDetectionResponse(BaseModel):
     images: list[ImageDetections] = Field(description="One entry per image, in request order.")
 
 
-def _prepare(blobs: Blobs, size: int, pad_value: float, settings: Settings):
-    images = decode_all(blobs, settings)
-    boxed = [task.letterbox(image, size, pad_value) for image in images]
-    return images, np.stack([b[0] for b in boxed]), [b[1] for b in boxed]
+def _prepare(request: Request, blobs: Blobs, size: int, pad_value: float, render: bool):
+    def boxed(decoded: imaging.Decoded):
+        array, box = task.letterbox(decoded.image, size, pad_value, original=(decoded.width, decoded.height))
+        return array, box, decoded.image if render else None
+
+    # Rendering draws on the image as sent, so it is decoded in full; else a JPEG decodes reduced.
+    out = decode_each(
+        blobs, request.app.state.settings, request.app.state.decode_slots, boxed, reduce_to=None if render else size
+    )
+    return [o[2] for o in out], np.stack([o[0] for o in out]), [o[1] for o in out]
 
 
 @router.post(
@@ -113,7 +119,9 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
         raise SchemaError(f"render: send exactly one image to render, got {len(blobs)}")
     size = task.TASK.input_size(served.spec, parameters)
     score_threshold = parameters.score_threshold if options.score_threshold is None else options.score_threshold
-    images, batch, boxes = await run_in_threadpool(_prepare, blobs, size, parameters.pad_value, settings)
+    images, batch, boxes = await run_in_threadpool(
+        _prepare, request, blobs, size, parameters.pad_value, options.render != "none"
+    )
     result = await unless_disconnected(request, served.infer({served.spec.inputs[0].name: batch}))
     out_boxes, out_scores, out_classes = (result.outputs[t.name] for t in served.spec.outputs)
     found = [
@@ -127,7 +135,7 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
             iou_threshold=options.iou_threshold,
             max_detections=max_detections,
         )
-        for i in range(len(images))
+        for i in range(len(boxes))
     ]
     headers = result.timing_headers()
     if options.render != "none":

@@ -1,0 +1,50 @@
+"""Giving memory back to the system after a spike (glibc only; a no-op elsewhere).
+
+Decoded images are large, short-lived allocations. glibc's malloc serves a large block from mmap
+(returned to the system on free) only above a threshold that it raises, after each such free, up
+to 32 MiB: after a few big images, later ones come from the heap, which it rarely shrinks, so a
+replica kept gigabytes after one burst of large images. :func:`configure_allocator` pins the
+threshold (blocks of 1 MiB and more always come from mmap) and :func:`release_memory` trims
+what the heap holds free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_libc = None
+
+
+def _glibc():  # type: ignore[no-untyped-def]
+    global _libc
+    if _libc is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt  # noqa: B018 - glibc's, absent elsewhere (musl)
+            libc.malloc_trim  # noqa: B018
+            _libc = libc
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+def configure_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 8 << 20) -> bool:
+    """Fixed thresholds instead of glibc's sliding ones; True when applied."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    log.debug("malloc thresholds: mmap %d, trim %d (%s)", mmap_threshold, trim_threshold, ok)
+    return ok
+
+
+def release_memory() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
