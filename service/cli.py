@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-import uvicorn
-
 from service.api.app import create_app
 from service.config import Settings
 from service.logs import configure
 from service.memory import configure_allocator
+from service.server import ConnectionLimits, run
 
 
 def serve(settings: Settings) -> None:
     configure(settings.log_level, settings.log_json)
     configure_allocator()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        timeout_keep_alive=30,
+    limits = ConnectionLimits(
+        keep_alive_s=settings.keep_alive_s,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        max_connections=settings.max_connections,
     )
+    run(create_app(settings), host=settings.host, port=settings.port, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,12 +7,13 @@ read at import time.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -27,6 +28,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
     access_log: bool = Field(True, description="Log every request (errors are always logged).")
+
+    # Connections (service/server.py): what one client can hold without making a request.
+    keep_alive_s: float = Field(30.0, gt=0, description="Idle time a connection may stay open without a request.")
+    header_timeout_s: float = Field(10.0, gt=0, description="Time for a request's line and headers, once begun (408).")
+    body_timeout_s: float = Field(15.0, gt=0, description="Longest silence between two pieces of a request body (408).")
+    max_header_bytes: int = Field(65536, ge=1024, description="Bytes of a request's line and headers (431 beyond).")
+    max_headers: int = Field(100, ge=8, description="Headers per request (431 beyond).")
+    max_connections: int = Field(
+        2048, ge=1, description="Open connections; beyond, a new one gets 503 and is closed at once."
+    )
 
     # onnxruntime.
     providers: list[str] = Field(
@@ -119,11 +130,22 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run dummy batches of every size before reporting ready.")
 
-    default_models: list[str] = Field(
+    default_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Models that are their task's default (a JSON list of names), overriding model.json's "
         "default flag within their task.",
     )
+
+    @field_validator("default_models", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        """A JSON list or comma-separated names (``mnist,sentiment-zh``)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
 
     @staticmethod
     def cpu_cores() -> int:

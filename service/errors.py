@@ -133,6 +133,22 @@ class ShuttingDown(Overloaded):
     error_type = "shutting_down"
 
 
+class TooManyConnections(ModelNotReady):
+    error_type = "too_many_connections"  # the server's connection cap: another replica can take it
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
+    error_type = "request_timeout"
+    summary = "The request's headers or body did not arrive in time; the connection is closed"
+
+
+class HeadersTooLarge(ServiceError):
+    status_code = 431
+    error_type = "headers_too_large"
+    summary = "The request's headers are over the server's size or count limit"
+
+
 class DeadlineExceeded(ServiceError):
     status_code = 504
     error_type = "deadline_exceeded"

@@ -84,6 +84,32 @@ def check_bounds(name: str, array: np.ndarray, spec: TensorSpec, batched: bool) 
             raise InvalidTensor(f"input {name!r}: value {bad.item()} is out of the model's range [{low:g}, {high:g}]")
 
 
+def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """JSON numbers as ``dtype``, refusing what would change them: a fraction for an integer
+    tensor (5.7 is not 5), a boolean for a number, a number for a boolean."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are caught below
+            given = np.asarray(data)
+            if given.dtype.kind == "f" and dtype.kind in "iu" and not np.array_equal(given, np.trunc(given)):
+                raise InvalidTensor(f"input {name!r}: {datatype} data has fractional values")
+            if (given.dtype.kind == "b") != (dtype.kind == "b") and given.size:
+                raise InvalidTensor(
+                    f"input {name!r}: {datatype} data must be {'booleans' if dtype.kind == 'b' else 'numbers'}"
+                )
+            if given.dtype.kind not in "biuf" and given.size:
+                raise ValueError(given.dtype)
+            # numpy reads [true, 2] as [1, 2]; a flat list (the usual form) is checked for booleans.
+            if dtype.kind != "b" and given.ndim == 1 and any(type(v) is bool for v in data):
+                raise InvalidTensor(f"input {name!r}: {datatype} data must be numbers, not booleans")
+            if dtype.kind in "iu" and given.size:
+                info = np.iinfo(dtype)
+                if given.min() < info.min or given.max() > info.max:
+                    raise InvalidTensor(f"input {name!r}: values out of the {datatype} range")
+            return given.astype(dtype) if given.size else np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidTensor(f"input {name!r}: data must be {datatype} numbers in a flat or nested list") from None
+
+
 def _tensor(
     raw: Any, index: int, spec: TensorSpec | None, batched: bool, binary: _BinaryReader, max_elements: int
 ) -> np.ndarray:
@@ -127,11 +153,7 @@ def _tensor(
             )
         array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype)  # a copy, native order
     else:
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are caught below
-                array = np.asarray(data, dtype=dtype)
-        except (ValueError, TypeError, OverflowError):
-            raise InvalidTensor(f"input {name!r}: data must be {datatype} numbers in a flat or nested list") from None
+        array = _json_array(name, data, datatype, dtype)
     if array.size != expected:
         raise InvalidTensor(f"input {name!r}: {array.size} values for shape {shape} ({expected} expected)")
     if array.dtype.kind == "f" and not np.isfinite(array).all():

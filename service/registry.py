@@ -207,6 +207,19 @@ class ServedModel:
             ),
         )
 
+    async def infer_rows(self, feeds: Mapping[str, np.ndarray]) -> Inference:
+        """Like :meth:`infer` for inputs whose first axis counts items (images, texts): a model
+        without a batch axis (``max_batch_size`` 0, a fixed first axis of 1) runs them one at a time."""
+        first = {t.shape[0] for t in self.spec.inputs}
+        rows = {a.shape[0] for a in feeds.values()}
+        if self.batched or first != {1} or rows == {1} or len(rows) != 1:
+            return await self.infer(feeds)
+        parts = [await self.infer({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(rows.pop())]
+        outputs = {name: np.concatenate([p.outputs[name] for p in parts]) for name in parts[0].outputs}
+        return Inference(
+            outputs, sum(p.queue_ms for p in parts), sum(p.compute_ms for p in parts), max(p.batch_size for p in parts)
+        )
+
     async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
         with self.observer.track():
@@ -330,9 +343,13 @@ class ModelRegistry:
             if status.state is ModelState.LOADING and status.task != V2_ONLY and status.task is not None:
                 groups.setdefault((status.task, status.scope), []).append(status)
         named = set(self.settings.default_models)
-        named_tasks = {s.task for s in self.models.values() if s.name in named}
+        unknown = sorted(named - set(self.models))
+        if unknown:
+            log.error("NEUROSERVE_DEFAULT_MODELS names models that are not in the repository: %s", unknown)
+        named_scopes = {(s.task, s.scope) for s in self.models.values() if s.name in named}
         for (task, scope), members in groups.items():
-            if task in named_tasks:
+            by_setting = (task, scope) in named_scopes
+            if by_setting:
                 chosen = [s for s in members if s.name in named]
             else:
                 chosen = [s for s in members if s.entry is not None and s.entry.spec and s.entry.spec.default]
@@ -341,8 +358,9 @@ class ModelRegistry:
             elif len(chosen) > 1:
                 names = ", ".join(s.name for s in chosen)
                 where = f" ({scope})" if scope else ""
+                how = "named by NEUROSERVE_DEFAULT_MODELS" if by_setting else 'marked "default": true'
                 for status in chosen:
-                    self._fail(status, f"models {names} are all marked the default of task {task}{where}; mark one")
+                    self._fail(status, f"models {names} are all {how} for task {task}{where}; keep one")
 
     async def load_all(self) -> None:
         """Load and warm every discovered model, one at a time, off the event loop."""
@@ -467,11 +485,16 @@ class ModelRegistry:
         e.g. a language). A request that names no model never gets a model that is not a default,
         so adding a model never changes which model answers it."""
         if name is not None:
-            served = self.get(name)
-            if served.spec.task != task:
-                raise ModelNotFound(f"model {name!r} serves {served.spec.task!r}, not {task!r}")
-            return served
+            named = self.status(name)
+            if named.task != task:  # before its state: a failed model of another task is still not this task's
+                raise ModelNotFound(f"model {name!r} serves {named.task!r}, not {task!r}")
+            return self.get(name)
         members = [s for s in self.models.values() if s.task == task and s.scope == scope]
+        if not members and scope is not None:
+            # No model of this scope (a language): a scope-less model of the task may take it.
+            if any(s.task == task and s.scope is None for s in self.models.values()):
+                return self.for_task(task)
+            raise ModelNotFound(f"no model for task {task!r} ({scope}) in this repository")
         for status in members:
             if status.default:
                 return self.get(status.name)  # raises ModelNotReady with its reason
@@ -481,5 +504,5 @@ class ModelRegistry:
             raise ModelNotFound(f"no model for task {task!r}{where} in this repository")
         if failed and len(failed) == len(members):
             return self.get(failed[0])  # raises ModelNotReady with why it failed
-        names = sorted(s.name for s in members)
+        names = sorted(s.name for s in members if s.state is not ModelState.FAILED)
         raise NoDefaultModel(f"task {task!r}{where} has several models and no default; name one with 'model': {names}")

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import ModelLoadError
+from service.errors import InvalidTensor, ModelLoadError
 
 log = logging.getLogger(__name__)
+_InvalidArgument = ort.capi.onnxruntime_pybind11_state.InvalidArgument
 
 # KServe v2 datatypes <-> numpy <-> onnxruntime type strings.
 V2_TO_NUMPY: dict[str, np.dtype] = {
@@ -111,7 +112,13 @@ class OnnxModel:
         return self.providers[0]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.session.run(self._output_names, dict(feeds))
+        try:
+            results = self.session.run(self._output_names, dict(feeds))
+        except _InvalidArgument:
+            # onnxruntime refused the inputs themselves (shapes that do not fit together, say): the
+            # caller's mistake, a 400, told without the graph's internals.
+            shapes = {name: list(array.shape) for name, array in feeds.items()}
+            raise InvalidTensor(f"the model cannot run inputs of these shapes and values: {shapes}") from None
         return dict(zip(self._output_names, results, strict=True))
 
     def dummy_feeds(self, batch_size: int, dynamic_dim: int = 1) -> dict[str, np.ndarray]:

@@ -169,3 +169,33 @@ def channel_mean_model(path: Path, channels: int = 3, size: int = 8) -> None:
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+
+
+def text_classifier(path: Path, classes: int = 2, length: int | str = "length") -> None:
+    """``input_ids, attention_mask [batch, length]`` (INT64) -> ``scores [batch, classes]``, each
+    the number of tokens: a stand-in text classifier with the sentiment task's interface."""
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        n("ReduceSum", ["mask_f", "axes"], ["count"], keepdims=1),  # [B, 1]
+        n("Tile", ["count", "reps"], ["scores"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        numpy_helper.from_array(np.array([1, classes], dtype=np.int64), "reps"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "text_classifier",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", length]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", length]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))

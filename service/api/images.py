@@ -28,7 +28,7 @@ async def read_images(request: Request, settings: Settings, json_model: type[Bas
     """The image files and the other fields (form fields as strings, JSON fields as parsed)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _read_multipart(request, settings)
+        return await _read_multipart(request, settings, json_model)
     if content_type in ("application/json", ""):
         return _read_json(await request.body(), settings, json_model)
     raise UnsupportedMediaType(
@@ -36,7 +36,7 @@ async def read_images(request: Request, settings: Settings, json_model: type[Bas
     )
 
 
-async def _read_multipart(request: Request, settings: Settings) -> tuple[Blobs, dict]:
+async def _read_multipart(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
     try:
         form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=16)
     except HTTPException as exc:  # Starlette's multipart errors (too many files, malformed body)
@@ -53,7 +53,18 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[Blobs, 
                 raise SchemaError(f"files[{i}] must be a file part, not a text field")
             data = await upload.read(settings.max_image_bytes + 1)
             blobs.append((f"files[{i}] ({upload.filename})", data))
-        fields = {k: v for k, v in form.multi_items() if k not in ("files", "file") and isinstance(v, str)}
+        fields: dict[str, str] = {}
+        allowed = set(json_model.model_fields) - {"images"}
+        for key, value in form.multi_items():
+            if key in ("files", "file"):
+                continue
+            if key not in allowed:  # as in JSON: a misspelt field must not be silently ignored
+                raise SchemaError(f"{key}: unknown form field; this endpoint takes files and {sorted(allowed)}")
+            if key in fields:
+                raise SchemaError(f"{key}: given more than once")
+            if not isinstance(value, str):
+                raise SchemaError(f"{key}: must be a text field, not a file")
+            fields[key] = value
         return blobs, fields
     finally:
         await form.close()  # spooled temporary files

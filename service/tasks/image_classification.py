@@ -115,6 +115,10 @@ class ImageClassification(Task[ImageClassificationParameters]):
         channels = image.shape[1]
         if parameters.preprocessing == "mnist":
             require(image.shape[1:] == [1, 28, 28], f"mnist preprocessing needs a [1, 28, 28] input, not {image.shape}")
+            given = [k for k in ("mean", "std") if getattr(parameters, k) is not None] + (
+                ["invert"] if parameters.invert else []
+            )
+            require(not given, f"mnist preprocessing sets its own scale and polarity: drop {', '.join(given)}")
         for key in ("mean", "std"):
             values = getattr(parameters, key)
             require(

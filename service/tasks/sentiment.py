@@ -69,7 +69,21 @@ class Sentiment(Task[SentimentParameters]):
         require(names == ["attention_mask", "input_ids"], f"inputs must be input_ids and attention_mask, not {names}")
         for t in spec.inputs:
             require(t.datatype == "INT64" and len(t.shape) == 2, f"input {t.name!r} must be INT64 [batch, length]")
-        require(len(spec.outputs[0].shape) == 2, f"output {spec.outputs[0].name!r} must be [batch, classes]")
+        lengths = {t.shape[1] for t in spec.inputs}
+        require(
+            len(lengths) == 1, f"input_ids and attention_mask must have the same length axis, not {sorted(lengths)}"
+        )
+        fixed = lengths.pop()
+        require(
+            fixed == -1 or set(parameters.buckets) == {fixed},
+            f"the length axis is fixed at {fixed}: length_buckets must be [{fixed}], not {list(parameters.buckets)}",
+        )
+        output = spec.outputs[0]
+        require(len(output.shape) == 2, f"output {output.name!r} must be [batch, classes]")
+        require(
+            spec.labels is not None or output.shape[1] != -1,
+            f"output {output.name!r} has a dynamic class axis: name its classes in 'labels'",
+        )
         super().check(spec, parameters)
 
     def default_scope(self, parameters: SentimentParameters) -> str | None:

@@ -86,6 +86,10 @@ class DecodingParameters(Parameters):
         overrides = {key: getattr(settings, f"decode_{key}") for key in type(self).model_fields}
         return self.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
+    def max_beam(self, max_source_tokens: int) -> int:
+        """The widest beam any request can be admitted with: its rows, of the longest source, fit."""
+        return max(1, min(self.max_rows, self.max_tokens // (max_source_tokens + 1)))
+
     @property
     def parallelism(self) -> int:
         return self.threads or Settings.cpu_cores()
@@ -176,6 +180,14 @@ class Translation(Task[TranslationParameters]):
         options: RuntimeOptions,
         settings: Settings,
     ) -> TranslationAssets:
+        decoding = parameters.decoding.with_overrides(settings)
+        longest = parameters.max_source_tokens + 1  # a greedy row of the longest source, at admission
+        if decoding.max_tokens < longest:
+            raise ModelLoadError(
+                version_dir.parent / "model.json",
+                f"decoding.max_tokens {decoding.max_tokens} (or NEUROSERVE_DECODE_MAX_TOKENS) cannot hold one sequence "
+                f"of the longest source ({longest} tokens)",
+            )
         cached = {}
         if parameters.encoder_kv and parameters.decoder_cached:
             cached = {
@@ -190,7 +202,7 @@ class Translation(Task[TranslationParameters]):
             max_new_tokens=parameters.max_new_tokens,
             source_language=parameters.source_language,
             target_language=parameters.target_language,
-            decoding=parameters.decoding.with_overrides(settings),
+            decoding=decoding,
             **cached,
         )
 

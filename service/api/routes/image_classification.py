@@ -84,7 +84,7 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
     parameters: task.ImageClassificationParameters = served.parameters  # type: ignore[assignment]
     spec_input, spec_output = served.spec.inputs[0], served.spec.outputs[0]
     batch = await run_in_threadpool(_prepare, request, blobs, spec_input.shape, parameters)
-    result = await unless_disconnected(request, served.infer({spec_input.name: batch}))
+    result = await unless_disconnected(request, served.infer_rows({spec_input.name: batch}))
     scores = task.scores(result.outputs[spec_output.name], parameters)
     body = ImageClassificationResponse(
         model=served.name, version=str(served.version), predictions=task.top_k(scores, served.spec.labels, k)

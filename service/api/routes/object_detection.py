@@ -122,7 +122,7 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
     images, batch, boxes = await run_in_threadpool(
         _prepare, request, blobs, size, parameters.pad_value, options.render != "none"
     )
-    result = await unless_disconnected(request, served.infer({served.spec.inputs[0].name: batch}))
+    result = await unless_disconnected(request, served.infer_rows({served.spec.inputs[0].name: batch}))
     out_boxes, out_scores, out_classes = (result.outputs[t.name] for t in served.spec.outputs)
     found = [
         task.detections(

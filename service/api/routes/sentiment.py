@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
@@ -32,10 +31,11 @@ class SentimentRequest(BaseModel):
     )
     texts: list[StrictStr] = Field(min_length=1, description="One prediction per text, in order.")
     model: str | None = Field(None, description="A sentiment model by name, e.g. sentiment-zh.")
-    language: Literal["auto", "en", "zh"] = Field(
+    language: str = Field(
         "auto",
-        description="Picks the model of that language when 'model' is not given; 'auto' detects Chinese "
-        "text by text, so a request may mix languages.",
+        pattern=r"^(auto|[a-z]{2,3})$",
+        description="Picks the default model of that language (a code such as en, zh) when 'model' is not "
+        "given; 'auto' detects Chinese text by text (else English), so a request may mix languages.",
     )
 
 
@@ -95,8 +95,9 @@ async def _classify(
 ) -> tuple[list[SentimentPrediction], Inference]:
     encoded = await run_in_threadpool(task.encode, served.assets, texts)
     result = await unless_disconnected(
-        request, served.infer({"input_ids": encoded.ids, "attention_mask": encoded.mask})
+        request, served.infer_rows({"input_ids": encoded.ids, "attention_mask": encoded.mask})
     )
     probabilities = result.outputs[served.spec.outputs[0].name]
-    rows = task.predictions(probabilities, served.spec.labels or ["0", "1"], encoded)
+    labels = served.spec.labels or [str(i) for i in range(probabilities.shape[1])]
+    rows = task.predictions(probabilities, labels, encoded)
     return [SentimentPrediction(model=served.name, **row) for row in rows], result

@@ -77,7 +77,7 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
         raise SchemaError("stream: token streaming needs greedy decoding (beam_size 1); a beam's best changes")
     served = registry.for_task(task.TASK.name, body.model)
     engine: task.TranslationEngine = served.engine  # type: ignore[assignment]
-    max_beam = min(settings.max_beam_size, engine.config.max_rows)
+    max_beam = min(settings.max_beam_size, engine.config.max_beam(engine.assets.max_source_tokens))
     if body.beam_size > max_beam:
         raise SchemaError(f"beam_size: at most {max_beam} for model {served.name}, got {body.beam_size}")
     assets: task.TranslationAssets = served.assets

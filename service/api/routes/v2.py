@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match, Route
 
@@ -97,9 +97,6 @@ _INFER_DOC = {
 }
 
 
-_INDEX = TypeAdapter(list[IndexRow])
-
-
 @router.get("/v2/models", summary="Every model in the repository with its state", response_model=list[IndexRow])
 @router.post(
     "/v2/repository/index", summary="Model repository index (Triton's extension)", response_model=list[IndexRow]
@@ -118,7 +115,9 @@ async def repository_index(registry: RegistryDep) -> Response:
                     reason=status.reason,
                 )
             )
-    return Response(_INDEX.dump_json(rows, exclude_none=True), media_type="application/json")
+    # "version" and "reason" only where there is one; "task" always (null: model.json unreadable).
+    dumped = [{k: v for k, v in row.model_dump().items() if v is not None or k == "task"} for row in rows]
+    return JSONResponse(dumped)
 
 
 @router.get(

@@ -1,0 +1,165 @@
+"""The HTTP server: uvicorn with httptools, and connection limits in the process itself.
+
+uvicorn bounds a keep-alive connection's idle time after a response, but not a connection that
+never sends a request, nor one that sends its headers or body slowly (slowloris), nor the size
+and count of headers, nor the number of open connections: a few clients could hold every file
+descriptor, or megabytes each, without ever making a request. :class:`GuardedProtocol` (a
+subclass of uvicorn's httptools protocol, so the fast C parser stays) adds:
+
+* an idle timeout from the moment a connection opens (as after each response);
+* a deadline for a request's line and headers once they begin (``header_timeout_s``), and a
+  limit on their bytes and count (``max_header_bytes``, ``max_headers``): 408 / 431, then close;
+* a limit on the silence between two pieces of a body (``body_timeout_s``): 408, then close;
+* a cap on open connections (``max_connections``): beyond it a new connection gets 503 at once
+  and is closed, before it can hold a descriptor for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service.errors import HeadersTooLarge, RequestTimeout, ServiceError, TooManyConnections
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    keep_alive_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 15.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_connections: int = 2048
+
+
+def _reply(transport: asyncio.BaseTransport, error: ServiceError) -> None:
+    body = orjson.dumps(error.to_dict())
+    status = error.status_code
+    transport.write(  # type: ignore[attr-defined]
+        STATUS_LINE[status]
+        + b"content-type: application/json\r\nconnection: close\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    transport.close()
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    limits = ConnectionLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_bytes = 0
+        self._header_count = 0
+        self._rejected = False
+        self._phase_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.limits.max_connections:
+            self._reject(TooManyConnections("the server has too many open connections; retry later"))
+            return
+        # No request yet: the same idle limit as between two requests.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_phase()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._rejected:  # a refusal of ours already answered and closed
+            super().send_400_response(msg)
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float, message: str) -> None:
+        self._cancel_phase()
+        self._phase_timer = self.loop.call_later(seconds, self._reject, RequestTimeout(message))
+
+    def _cancel_phase(self) -> None:
+        if getattr(self, "_phase_timer", None) is not None:
+            self._phase_timer.cancel()  # type: ignore[union-attr]
+            self._phase_timer = None
+
+    def _reject(self, error: ServiceError) -> None:
+        if self._rejected or self.transport.is_closing():
+            return
+        self._rejected = True
+        self._cancel_phase()
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # the answer has begun: nothing else can be said
+        else:
+            if self.cycle is not None:
+                self.cycle.disconnected = True  # the application sees the client gone
+                self.cycle.message_event.set()
+            _reply(self.transport, error)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = self._header_count = 0
+        self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
+
+    def on_url(self, url: bytes) -> None:
+        self._header_bytes += len(url)
+        self._check_headers()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        self._header_count += 1
+        self._check_headers()
+        super().on_header(name, value)
+
+    def _check_headers(self) -> None:
+        if self._header_bytes > self.limits.max_header_bytes or self._header_count > self.limits.max_headers:
+            self._reject(
+                HeadersTooLarge(
+                    f"request headers over the limit ({self.limits.max_headers} headers, "
+                    f"{self.limits.max_header_bytes} bytes)"
+                )
+            )
+            raise _Refused
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
+
+    def on_body(self, body: bytes) -> None:
+        self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._cancel_phase()
+        super().on_message_complete()
+
+
+class _Refused(Exception):
+    """Stops the parser after a refusal (httptools reports it as a parser error, ignored then)."""
+
+
+def protocol_class(limits: ConnectionLimits) -> type[GuardedProtocol]:
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+
+
+def run(app, *, host: str, port: int, limits: ConnectionLimits) -> None:  # type: ignore[no-untyped-def]
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        http=protocol_class(limits),  # type: ignore[arg-type]
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=int(limits.keep_alive_s),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )

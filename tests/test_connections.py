@@ -1,0 +1,106 @@
+"""Connection limits in the server process itself: what a client can hold without making a
+request. Raw sockets to a real server on 127.0.0.1, every limit set to about a second."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import pytest
+
+from bench.harness import neuroserve
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+LIMITS = {
+    "NEUROSERVE_KEEP_ALIVE_S": "1",
+    "NEUROSERVE_HEADER_TIMEOUT_S": "1",
+    "NEUROSERVE_BODY_TIMEOUT_S": "1",
+    "NEUROSERVE_MAX_HEADER_BYTES": "8192",
+    "NEUROSERVE_MAX_HEADERS": "50",
+    "NEUROSERVE_MAX_CONNECTIONS": "40",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(ROOT / "models" / "mnist", repo / "mnist")
+    with neuroserve(repo, **LIMITS) as running:
+        yield running
+
+
+def connect(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    return sock
+
+
+def answer(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    started, chunks = time.monotonic(), []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks), time.monotonic() - started
+
+
+def test_a_connection_that_never_sends_a_request_is_closed(server) -> None:
+    with connect(server) as sock:
+        data, seconds = answer(sock)
+    assert data == b"" and 0.5 < seconds < 5
+
+
+def test_headers_sent_slowly_get_408(server) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"X-Slow: 1\r\n")  # and never the blank line
+        data, seconds = answer(sock)
+    assert data.startswith(b"HTTP/1.1 408") and b'"error_type":"request_timeout"' in data and seconds < 5
+
+
+def test_a_declared_body_that_never_comes_gets_408(server) -> None:
+    with connect(server) as sock:
+        head = b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(head + b"Content-Length: 30000000\r\n\r\n" + b'{"inputs": [}')
+        data, seconds = answer(sock)
+    assert data.startswith(b"HTTP/1.1 408") and seconds < 5
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [b"X-Big: " + b"a" * 20_000 + b"\r\n", b"".join(b"X-%d: 1\r\n" % i for i in range(200))],
+    ids=["one huge header", "too many headers"],
+)
+def test_oversized_headers_get_431(server, headers: bytes) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        data, _ = answer(sock)
+    assert data.startswith(b"HTTP/1.1 431") and b"headers_too_large" in data
+
+
+def test_connections_beyond_the_cap_are_refused_and_the_server_still_serves(server) -> None:
+    held = [connect(server) for _ in range(40)]
+    try:
+        time.sleep(0.2)
+        with connect(server) as extra:
+            data, _ = answer(extra)
+        assert data.startswith(b"HTTP/1.1 503") and b"too many open connections" in data
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    status, body, _ = server.request("GET", "/v2/health/live")
+    assert status == 200 and body == {"live": True}
+
+
+def test_a_normal_keep_alive_client_is_unaffected(server) -> None:
+    with connect(server) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b'{"live":true}'):
+                reply += sock.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)  # well within the idle limit between requests
