@@ -123,6 +123,11 @@ class DynamicBatcher(Generic[T, R]):
     # -- public API -------------------------------------------------------------------------
 
     @property
+    def saturated(self) -> bool:
+        """The queue is full: a new request would be refused."""
+        return len(self._queue) >= self.max_queue_size
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

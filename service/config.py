@@ -56,7 +56,12 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float | None = Field(
         None, ge=0, description="Force this queue delay on every model (default: each model.json's, else 0)."
     )
-    max_queue_size: int = Field(256, ge=1, description="Requests waiting per model before new ones get 429.")
+    max_queue_size: int = Field(
+        256,
+        ge=1,
+        description="Requests waiting per model before new ones get 429 (for a decoding model: decoder rows, a "
+        "beam of 5 counting 5, and a request is admitted or refused whole).",
+    )
     request_timeout_ms: float = Field(10_000, gt=0, description="Deadline for a request to start running.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503 answers.")
 
@@ -120,6 +125,11 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Most rows that take extra steps in one iteration (and at most a quarter of the batch's).",
+    )
+    decode_fair: bool | None = Field(
+        None,
+        description="Requests share a decode batch's rows (max_rows divided among the requests present); "
+        "false: pure arrival order.",
     )
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a translation request may ask for.")
 

@@ -92,10 +92,11 @@ class DecodeStats:
 
 
 class _Entry(Generic[S]):
-    __slots__ = ("admitted", "deadline", "future", "max_rows", "seq", "steps", "submitted", "timeout_s")
+    __slots__ = ("admitted", "deadline", "future", "group", "max_rows", "seq", "steps", "submitted", "timeout_s")
 
-    def __init__(self, seq: S, deadline: float, timeout_s: float | None, future: asyncio.Future) -> None:
+    def __init__(self, seq: S, deadline: float, timeout_s: float | None, future: asyncio.Future, group: object) -> None:
         self.timeout_s = timeout_s
+        self.group = group  # the request it belongs to (fair shares); the sequence itself if none
         self.seq = seq
         # Timings on perf_counter (the event loop's clock has 1 ms resolution under uvloop);
         # the deadline on the loop's clock, which the loop checks it against.
@@ -123,6 +124,7 @@ class StepScheduler(Generic[S]):
         boost_after: int = 0,
         boost_steps: int = 0,
         boost_rows: int = 8,
+        fair: bool = True,
     ) -> None:
         if max_rows < 1 or max_tokens < 1:
             raise ValueError("max_rows and max_tokens must be >= 1")
@@ -132,6 +134,7 @@ class StepScheduler(Generic[S]):
         self.max_rows, self.max_tokens = max_rows, max_tokens
         self.max_queue_size = max_queue_size
         self.mode = mode
+        self.fair = fair  # requests share max_rows (see _admit)
         self.name = name
         # Extra steps for old sequences (step mode only; 0 turns it off).
         self.boost_after, self.boost_steps, self.boost_rows = boost_after, boost_steps, boost_rows
@@ -156,11 +159,15 @@ class StepScheduler(Generic[S]):
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"decoder-{self.name}")
 
-    async def submit(self, seq: S, *, timeout_s: float | None = None) -> DecodeStats:
+    async def submit(
+        self, seq: S, *, timeout_s: float | None = None, group: object = None, admitted: bool = False
+    ) -> DecodeStats:
         """Decode ``seq`` to its end (it is updated in place) and say how it went.
 
         ``timeout_s`` bounds the whole decode, waiting included: past it the sequence leaves the
-        batch and this raises :class:`DeadlineExceeded`.
+        batch and this raises :class:`DeadlineExceeded`. ``group``: the request the sequence is
+        part of; requests share the batch's rows fairly (see :meth:`_admit`). ``admitted``: the
+        caller already passed the whole request through :meth:`admit`.
         """
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
@@ -169,15 +176,12 @@ class StepScheduler(Generic[S]):
                 f"a sequence of {seq.rows} rows x {seq.tokens} tokens exceeds model {self.name}'s decode batch "
                 f"({self.max_rows} rows, {self.max_tokens} tokens)"
             )
-        if len(self._waiting) >= self.max_queue_size:
-            raise Overloaded(
-                f"model {self.name} has {len(self._waiting)} sequences waiting (limit {self.max_queue_size})",
-                headers=self._retry_after,
-            )
+        if not admitted:
+            self.admit(seq.rows)
         self.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s if timeout_s is not None else float("inf")
-        entry = _Entry(seq, deadline, timeout_s, loop.create_future())
+        entry = _Entry(seq, deadline, timeout_s, loop.create_future(), seq if group is None else group)
         self._waiting.append(entry)
         self._observer.on_queue_depth(len(self._waiting))
         self._wake.set()
@@ -187,6 +191,46 @@ class StepScheduler(Generic[S]):
             # Caller gone: leave the line or the batch now (the loop also checks, between steps).
             self._discard(entry)
             raise
+
+    @property
+    def saturated(self) -> bool:
+        """The waiting line is full: even a request of one row would be refused."""
+        return self._ahead(1) is not None
+
+    @property
+    def waiting_rows(self) -> int:
+        return sum(e.seq.rows for e in self._waiting)
+
+    def admit(self, rows: int) -> None:
+        """Raise :class:`Overloaded` unless a request of ``rows`` rows may wait. Call it with a whole
+        request's rows before submitting any of them: it is refused whole, before any decodes.
+
+        The line is bounded by cost, in rows (a beam of 5 waits as 5), and by what is ahead of
+        *this* request: with fair shares a request overtakes the waiting requests larger than
+        itself, so only the no-larger ones count against ``max_queue_size``. A short request is
+        not refused because a 320-row one is waiting; a large one is refused while anything
+        waits that it would have to wait behind. Everything waiting together stays within four
+        times the limit."""
+        if self._closing:
+            raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
+        ahead = self._ahead(rows)
+        if ahead is not None:
+            raise Overloaded(
+                f"model {self.name} has {ahead} decoder rows waiting ahead of a request of {rows} "
+                f"(limit {self.max_queue_size}); retry later",
+                headers=self._retry_after,
+            )
+
+    def _ahead(self, rows: int) -> int | None:
+        """The rows that keep a request of ``rows`` out of the line, or None when it may wait."""
+        by_group: dict[object, int] = {}
+        for entry in self._waiting:
+            by_group[entry.group] = by_group.get(entry.group, 0) + entry.seq.rows
+        total = sum(by_group.values())
+        ahead = sum(r for r in by_group.values() if r <= rows) if self.fair else total
+        if (ahead and ahead + rows > self.max_queue_size) or (total and total + rows > 4 * self.max_queue_size):
+            return ahead
+        return None
 
     async def close(self, *, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Stop taking sequences; with ``drain`` finish those waiting and decoding first."""
@@ -311,21 +355,34 @@ class StepScheduler(Generic[S]):
         self._active = [e for e in self._active if e not in entries]
 
     def _admit(self, now: float) -> list[_Entry[S]]:
+        """Waiting sequences into the batch, in arrival order, while it stays within ``max_rows``
+        and ``max_tokens``, and while each request (``group``) stays within its fair share of rows:
+        ``max_rows`` divided among the requests present. A request past its share waits and the
+        next request's sequences go ahead of its others; a sequence that does not fit the batch
+        stops admission (nobody smaller slips past it, so a large one is never starved)."""
         if self.mode == "request" and self._active:
             return []  # a static batch runs to its end
         rows = sum(e.seq.rows for e in self._active)
         tokens = sum(e.seq.tokens * e.seq.rows for e in self._active)
+        held: dict[object, int] = {}
+        for e in self._active:
+            held[e.group] = held.get(e.group, 0) + e.seq.rows
+        groups = set(held) | {e.group for e in self._waiting}
+        share = max(1, self.max_rows // max(1, len(groups))) if self.fair else self.max_rows
         new: list[_Entry[S]] = []
-        while self._waiting:
-            head = self._waiting[0]
-            need_rows, need_tokens = head.seq.rows, head.seq.tokens * head.seq.rows
+        for entry in list(self._waiting):
+            need_rows, need_tokens = entry.seq.rows, entry.seq.tokens * entry.seq.rows
             if rows + need_rows > self.max_rows or tokens + need_tokens > self.max_tokens:
-                break  # arrival order: nobody jumps the line
-            self._waiting.popleft()
-            head.admitted = now
+                break
+            mine = held.get(entry.group, 0)
+            if mine and mine + need_rows > share:
+                continue  # this request has its share: the next request's turn
+            self._waiting.remove(entry)
+            entry.admitted = now
             rows += need_rows
             tokens += need_tokens
-            new.append(head)
+            held[entry.group] = mine + need_rows
+            new.append(entry)
         if new:
             self._observer.on_queue_depth(len(self._waiting))
         return new

@@ -30,6 +30,7 @@ from service.errors import (
     ModelNotFound,
     ModelNotReady,
     NoDefaultModel,
+    Overloaded,
     describe_validation,
 )
 from service.metrics import Metrics, ModelObserver
@@ -206,6 +207,11 @@ class ServedModel:
                 sha256=self.entry.metadata.get("sha256"),
             ),
         )
+
+    @property
+    def saturated(self) -> bool:
+        """Its queue (or its engine's) is full: a new request would get 429."""
+        return self.engine.saturated if self.engine is not None else self.batcher.saturated
 
     async def infer_rows(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Like :meth:`infer` for inputs whose first axis counts items (images, texts): a model
@@ -479,6 +485,25 @@ class ModelRegistry:
             raise ModelNotFound(
                 f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
             ) from None
+
+    def shed(self, task: str) -> None:
+        """429 before a task request is read, parsed or tokenised, when every model of the task
+        that serves is saturated: refusing must cost less than the work it saves, or overload
+        feeds on itself. (Which model a request names is only known after parsing; when some model
+        of the task has room, the request goes on and that model's own queue decides.)"""
+        serving = [
+            served
+            for status in self.models.values()
+            if status.task == task and status.state is ModelState.READY
+            for served in status.versions.values()
+        ]
+        if serving and all(served.saturated for served in serving):
+            chosen = next((s for s in serving if s.default), serving[0])
+            chosen.observer.on_request(Overloaded.error_type, 0.0)
+            raise Overloaded(
+                f"every model of task {task!r} has a full queue; retry after {self.settings.retry_after_s} s",
+                headers={"Retry-After": str(self.settings.retry_after_s), "Connection": "close"},
+            )
 
     def for_task(self, task: str, name: str | None = None, *, scope: str | None = None) -> ServedModel:
         """The model a task endpoint uses: the one named, else the task's default (in ``scope``,

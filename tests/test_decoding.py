@@ -313,3 +313,41 @@ def test_jobs_stop_at_max_new_tokens_and_at_eos() -> None:
     ended = _job(1)
     ended.advance(_lp([{2: 0.9}]))
     assert ended.done and ended.result() == []
+
+
+@pytest.mark.parametrize("fair", [True, False])
+async def test_a_heavy_request_cannot_hold_every_row_while_a_light_one_waits(fair: bool) -> None:
+    # One request of 20 sequences of 4 rows (beams) each, 10 steps long, in a batch of 16 rows;
+    # then a one-row, one-step request. Fair shares admit it as soon as the first heavy sequences
+    # leave; arrival order alone makes it wait for all but the last of the heavy ones.
+    model = FakeModel(delay_s=0.0005)
+    sched = model.scheduler(max_rows=16, max_queue_size=1000, fair=fair)
+    heavy_group = object()
+    heavy = [FakeSeq(f"h{i}", 10, rows=4) for i in range(20)]
+    heavy_tasks = [asyncio.ensure_future(sched.submit(s, group=heavy_group)) for s in heavy]
+    await wait_until(lambda: sched.active > 0)
+    light = FakeSeq("light", 1)
+    await sched.submit(light, group=object())
+    first_light_step = model.steps_with("light")[0]
+    await asyncio.gather(*heavy_tasks)
+    if fair:
+        assert first_light_step <= 12, first_light_step
+    else:
+        assert first_light_step >= 40, first_light_step
+    await sched.close()
+
+
+async def test_the_waiting_line_is_bounded_by_rows_and_a_request_is_refused_whole() -> None:
+    model = FakeModel(gate=threading.Event())
+    sched = model.scheduler(max_rows=4, max_queue_size=10)
+    running = asyncio.ensure_future(sched.submit(FakeSeq("busy", 3, rows=4)))
+    await wait_until(lambda: sched.active == 1)
+    waiting = [asyncio.ensure_future(sched.submit(FakeSeq(f"w{i}", 1, rows=4))) for i in range(2)]
+    await wait_until(lambda: sched.waiting == 2)
+    with pytest.raises(Overloaded, match="8 decoder rows waiting ahead of a request of 4"):
+        sched.admit(4)  # 8 + 4 > 10: the whole request is refused before any of it queues
+    sched.admit(2)
+    sched.admit(1)  # waiting requests larger than it do not count against a small one
+    model.gate.set()
+    await asyncio.gather(running, *waiting)
+    await sched.close()

@@ -186,3 +186,29 @@ def test_harness_reports_a_server_that_exits_before_it_is_ready() -> None:
     server = Server([sys.executable, "-c", "print('no model repository'); raise SystemExit(3)"])
     with pytest.raises(ServerError, match=r"exited with 3:\nno model repository"), server:
         pass
+
+
+def test_overload_is_refused_before_the_body_is_read(slow_repo: Path) -> None:
+    import socket
+
+    with serve(slow_repo, NEUROSERVE_MAX_QUEUE_SIZE="2", NEUROSERVE_MAX_BATCH_SIZE="1") as server:
+        with ThreadPoolExecutor(8) as pool:
+            busy = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(8)]
+            deadline = time.monotonic() + 20
+            while server.metric('neuroserve_queue_depth{model="slow"}') < 2 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            # Headers of a large body, and not one byte of it: the answer cannot wait for the body.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                started = time.monotonic()
+                sock.sendall(
+                    b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 5000000\r\n\r\n"
+                )
+                reply = b""
+                while b"\r\n\r\n" not in reply:
+                    reply += sock.recv(65536)
+                elapsed = time.monotonic() - started
+            assert reply.startswith(b"HTTP/1.1 429") and b"connection: close" in reply.lower(), reply
+            assert elapsed < 1.0
+            assert all(f.result()[0] in (200, 429) for f in busy)
+        server.stop_cleanly()

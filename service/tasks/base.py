@@ -40,6 +40,8 @@ class Engine(Protocol):
 
     def start(self) -> None: ...
     async def close(self, *, drain: bool = True) -> None: ...
+    @property
+    def saturated(self) -> bool: ...  # its waiting line is full: a new request would be refused
 
 
 class Parameters(BaseModel):

@@ -81,6 +81,7 @@ class DecodingParameters(Parameters):
     boost_after: int = Field(0, ge=0, description="Sequences this many steps old take extra steps (0: off)")
     boost_steps: int = Field(3, ge=0, description="Extra steps per iteration for those old sequences")
     boost_rows: int = Field(16, ge=1, description="Most rows that take extra steps in one iteration")
+    fair: bool = Field(True, description="Requests share max_rows (else pure arrival order)")
 
     def with_overrides(self, settings: Settings) -> DecodingParameters:
         overrides = {key: getattr(settings, f"decode_{key}") for key in type(self).model_fields}
@@ -483,10 +484,15 @@ class TranslationEngine:
             boost_after=config.boost_after,
             boost_steps=config.boost_steps,
             boost_rows=config.boost_rows,
+            fair=config.fair,
         )
 
     def start(self) -> None:
         self.scheduler.start()
+
+    @property
+    def saturated(self) -> bool:
+        return self.scheduler.saturated
 
     async def close(self, *, drain: bool = True) -> None:
         await self.scheduler.close(drain=drain)
@@ -501,15 +507,47 @@ class TranslationEngine:
         return TranslationJob(source, search)
 
     async def translate(
-        self, source: Source, *, beam_size: int, max_new_tokens: int, on_token: Callable[[int], None] | None = None
+        self,
+        source: Source,
+        *,
+        beam_size: int,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+        group: object = None,
     ) -> tuple[TranslationJob, DecodeStats]:
         job = self.new_job(source, beam_size=beam_size, max_new_tokens=max_new_tokens, on_token=on_token)
+        submit = self.scheduler.submit(job, timeout_s=self.timeout_s, group=group, admitted=group is not None)
         if self.observer is None:
-            return job, await self.scheduler.submit(job, timeout_s=self.timeout_s)
+            return job, await submit
         with self.observer.track():
-            stats = await self.scheduler.submit(job, timeout_s=self.timeout_s)
+            stats = await submit
         self.observer.on_tokens(len(job.result()))
         return job, stats
+
+    async def translate_all(
+        self,
+        sources: Sequence[Source],
+        *,
+        beam_size: int,
+        max_new_tokens: int,
+        on_token: Callable[[int], Callable[[int], None]] | None = None,
+    ) -> list[tuple[TranslationJob, DecodeStats]]:
+        """A request's texts, admitted (or refused, 429) as one before any decodes, then decoded as
+        one group that shares the batch's rows fairly with other requests; if one fails, all do."""
+        self.scheduler.admit(len(sources) * beam_size)
+        group = object()
+        return await gather_all(
+            [
+                self.translate(
+                    source,
+                    beam_size=beam_size,
+                    max_new_tokens=max_new_tokens,
+                    on_token=on_token(i) if on_token is not None else None,
+                    group=group,
+                )
+                for i, source in enumerate(sources)
+            ]
+        )
 
     def detokenize(self, ids: list[int]) -> str:
         return self.assets.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -71,6 +71,7 @@ class TranslationResponse(BaseModel):
     openapi_extra=json_body_doc(TranslationRequest),
 )
 async def translate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+    registry.shed(task.TASK.name)
     body = parse_body(await request.body(), TranslationRequest)
     check_texts(body.texts, settings.max_texts_per_request, settings.max_text_chars)
     if body.stream and body.beam_size > 1:
@@ -97,13 +98,14 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
             )
     head = {"model": served.name, "version": str(served.version)}
     if body.stream:
+        engine.scheduler.admit(len(sources))  # refused (429) here, before the stream's 200 begins
         return StreamingResponse(
             _stream(engine, sources, max_new, head),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-    jobs = [engine.translate(s, beam_size=body.beam_size, max_new_tokens=max_new) for s in sources]
-    results = await unless_disconnected(request, task.gather_all(jobs))
+    work = engine.translate_all(sources, beam_size=body.beam_size, max_new_tokens=max_new)
+    results = await unless_disconnected(request, work)
     translations = [_translation(engine, job) for job, _ in results]
     stats = [s for _, s in results]
     headers = {
@@ -144,14 +146,7 @@ async def _stream(
         # Called in the decode thread after each step.
         return lambda token: loop.call_soon_threadsafe(queue.put_nowait, (index, token))
 
-    work = asyncio.ensure_future(
-        task.gather_all(
-            [
-                engine.translate(s, beam_size=1, max_new_tokens=max_new, on_token=listener(i))
-                for i, s in enumerate(sources)
-            ]
-        )
-    )
+    work = asyncio.ensure_future(engine.translate_all(sources, beam_size=1, max_new_tokens=max_new, on_token=listener))
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())
