@@ -487,10 +487,16 @@ class ModelRegistry:
             ) from None
 
     def shed(self, task: str) -> None:
-        """429 before a task request is read, parsed or tokenised, when every model of the task
-        that serves is saturated: refusing must cost less than the work it saves, or overload
-        feeds on itself. (Which model a request names is only known after parsing; when some model
-        of the task has room, the request goes on and that model's own queue decides.)"""
+        """Raise :meth:`refusal`'s 429, if there is one."""
+        refusal = self.refusal(task)
+        if refusal is not None:
+            raise refusal
+
+    def refusal(self, task: str) -> Overloaded | None:
+        """A 429 for a task request before it is read, parsed or tokenised, when every model of
+        the task that serves is saturated: refusing must cost less than the work it saves, or
+        overload feeds on itself. (Which model a request names is only known after parsing; when
+        some model of the task has room, the request goes on and that model's own queue decides.)"""
         serving = [
             served
             for status in self.models.values()
@@ -500,10 +506,20 @@ class ModelRegistry:
         if serving and all(served.saturated for served in serving):
             chosen = next((s for s in serving if s.default), serving[0])
             chosen.observer.on_request(Overloaded.error_type, 0.0)
-            raise Overloaded(
+            return Overloaded(
                 f"every model of task {task!r} has a full queue; retry after {self.settings.retry_after_s} s",
-                headers={"Retry-After": str(self.settings.retry_after_s), "Connection": "close"},
+                headers={"Retry-After": str(self.settings.retry_after_s)},
             )
+        return None
+
+    def infer_refusal(self, name: str) -> Overloaded | None:
+        """The same for a v2 inference request to model ``name`` (its latest version)."""
+        status = self.models.get(name)
+        served = status.latest if status is not None and status.state is ModelState.READY else None
+        if served is None or not served.batcher.saturated:
+            return None
+        served.observer.on_request(Overloaded.error_type, 0.0)
+        return Overloaded(f"model {name} has a full queue", headers={"Retry-After": str(self.settings.retry_after_s)})
 
     def for_task(self, task: str, name: str | None = None, *, scope: str | None = None) -> ServedModel:
         """The model a task endpoint uses: the one named, else the task's default (in ``scope``,

@@ -32,6 +32,31 @@ carry `x-queue-time-ms`, `x-inference-time-ms` and `x-batch-size` headers.
 """
 
 
+def _refusals(registry: ModelRegistry):  # type: ignore[no-untyped-def]
+    """What the middleware asks of each request before routing: a 429 when the task (or the v2
+    model) it is for has every queue full. The task of each POST path is read off its router."""
+    task_of = {
+        route.path: task.name
+        for task in TASKS.values()
+        if (router := task.router()) is not None
+        for route in router.routes
+        if "POST" in getattr(route, "methods", ())
+    }
+
+    def refuse(method: str, path: str):  # type: ignore[no-untyped-def]
+        if method != "POST":
+            return None
+        task = task_of.get(path)
+        if task is not None:
+            return registry.refusal(task)
+        parts = path.split("/")  # /v2/models/<name>/infer
+        if len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "infer":
+            return registry.infer_refusal(parts[3])
+        return None
+
+    return refuse
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -69,7 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.decode_slots = threading.BoundedSemaphore(settings.image_decode_slots or Settings.cpu_cores())
     install_handlers(app)
     app.add_middleware(
-        RequestGuard, max_body_bytes=settings.max_request_bytes, metrics=metrics, access_log=settings.access_log
+        RequestGuard,
+        max_body_bytes=settings.max_request_bytes,
+        metrics=metrics,
+        access_log=settings.access_log,
+        refuse=_refusals(registry),
     )
     app.router.routes.extend(v2.fast_routes)
     for router in (health.router, v2.router, *(task.router() for task in TASKS.values()), metrics_routes.router):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.handlers import error_response
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, ServiceError
 from service.metrics import Metrics
 
 log = logging.getLogger("neuroserve.access")
@@ -20,8 +21,18 @@ _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        metrics: Metrics,
+        access_log: bool = True,
+        refuse: Callable[[str, str], ServiceError | None] | None = None,
+    ) -> None:
         self.app = app
+        # Load shedding before routing: a 429 under overload must cost less than the work it saves.
+        self.refuse = refuse
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -41,6 +52,12 @@ class RequestGuard:
             response.headers["connection"] = "close"
             await response(scope, receive, send)
             self._record(scope, 413, started)
+            return
+
+        refusal = self.refuse(scope["method"], scope["path"]) if self.refuse is not None else None
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            self._record(scope, refusal.status_code, started)
             return
 
         received = 0

@@ -17,7 +17,7 @@ from service.api.deps import RegistryDep
 from service.api.disconnect import unless_disconnected
 from service.api.routes.health import ModelStateName
 from service.api.schemas import ERROR_RESPONSES, ErrorType
-from service.errors import ModelNotReady, Overloaded
+from service.errors import ModelNotReady
 from service.registry import ModelState, ModelVersionMetadata
 from service.responses import JSONResponse, ModelResponse
 
@@ -159,12 +159,9 @@ async def infer_endpoint(request: Request) -> Response:
     is what limits throughput on a small CPU machine."""
     params = request.path_params
     served = request.app.state.registry.get(params["model"], params.get("version"))
-    if served.batcher.saturated:  # refused before the body is read or parsed
-        served.observer.on_request(Overloaded.error_type, 0.0)
-        raise Overloaded(
-            f"model {served.name} has a full queue",
-            headers={"Retry-After": str(request.app.state.settings.retry_after_s), "Connection": "close"},
-        )
+    refusal = request.app.state.registry.infer_refusal(served.name) if params.get("version") is None else None
+    if refusal is not None:  # before the body is read or parsed
+        raise refusal
     header, binary = protocol.split_binary(await request.body(), request.headers.get("inference-header-content-length"))
     settings = request.app.state.settings
     parse = functools.partial(_parse, header, binary, served.spec, served.batched, settings.max_tensor_elements)
