@@ -264,7 +264,14 @@ def scrape(port: int, model: str) -> dict[str, float]:
 
 
 def run_wrk(
-    port: int, path: str, body_file: Path, content_type: str, concurrency: int, seconds: float, header_length: str = ""
+    port: int,
+    path: str,
+    body_file: Path,
+    content_type: str,
+    concurrency: int,
+    seconds: float,
+    header_length: str = "",
+    headers: dict[str, str] | None = None,
 ) -> dict:
     cmd = [
         "wrk",
@@ -278,6 +285,7 @@ def run_wrk(
         f"http://127.0.0.1:{port}{path}",
     ]
     env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type, "HEADER_LENGTH": header_length}
+    env["EXTRA_HEADERS"] = "\n".join(f"{k}: {v}" for k, v in (headers or {}).items())
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRK_JSON "))
     raw = json.loads(line[len("WRK_JSON ") :])

@@ -9,6 +9,15 @@ if header_length and header_length ~= "" then
   wrk.headers["Inference-Header-Content-Length"] = header_length
 end
 
+-- EXTRA_HEADERS: "Name: value" pairs separated by newlines (an API key, an Origin).
+local extra = os.getenv("EXTRA_HEADERS")
+if extra and extra ~= "" then
+  for line in extra:gmatch("[^\n]+") do
+    local name, value = line:match("^([^:]+):%s*(.*)$")
+    if name then wrk.headers[name] = value end
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

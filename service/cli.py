@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
 
 from service.api.app import create_app
+from service.api.auth import add_key
 from service.config import Settings
 from service.logs import configure
 from service.memory import configure_allocator
@@ -14,6 +18,12 @@ from service.server import ConnectionLimits, run
 def serve(settings: Settings) -> None:
     configure(settings.log_level, settings.log_json)
     configure_allocator()
+    if settings.api_keys_file is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("neuroserve").warning(
+            "serving on %s without API keys: anyone who can reach it can use every model "
+            "(set NEUROSERVE_API_KEYS_FILE; create keys with `neuroserve keys add NAME --scope infer`)",
+            settings.host,
+        )
     limits = ConnectionLimits(
         keep_alive_s=settings.keep_alive_s,
         header_timeout_s=settings.header_timeout_s,
@@ -32,7 +42,22 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("--repository", help="model repository folder (NEUROSERVE_REPOSITORY)")
     p_serve.add_argument("--host", help="interface to bind (NEUROSERVE_HOST)")
     p_serve.add_argument("--port", type=int, help="port (NEUROSERVE_PORT)")
+    p_keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
+    p_add = keys_sub.add_parser("add", help="make a key: printed once, its hash appended to the keys file")
+    p_add.add_argument("name", help="who the key is for (shown in errors and rate headers, never the key)")
+    p_add.add_argument("--scope", action="append", choices=["infer", "metrics", "admin"], required=True)
+    p_add.add_argument("--requests-per-minute", type=int, default=None)
+    p_add.add_argument("--file", type=Path, help="keys file (default: NEUROSERVE_API_KEYS_FILE, else keys.json)")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        path = args.file or Settings().api_keys_file or Path("keys.json")
+        key = add_key(path, args.name, args.scope, args.requests_per_minute)
+        print(key)
+        print(
+            f"added {args.name!r} ({', '.join(args.scope)}) to {path}; the key is shown only this once", file=sys.stderr
+        )
+        return
     if args.command in (None, "serve"):
         overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
         serve(Settings(**overrides))

@@ -29,6 +29,20 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
     access_log: bool = Field(True, description="Log every request (errors are always logged).")
 
+    # Clients on the web: who may call, from which origins.
+    api_keys_file: Path | None = Field(
+        None,
+        description="JSON list of API keys' hashes and scopes (neuroserve keys add); unset: every route is open.",
+    )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins browsers may call from (a JSON list or comma-separated; empty: no cross-origin access).",
+    )
+    cors_max_age_s: int = Field(600, ge=0, description="How long a browser may cache a CORS preflight answer.")
+    gzip_min_bytes: int = Field(
+        1024, ge=0, description="JSON answers at least this large are gzip-compressed for clients that accept it."
+    )
+
     # Connections (service/server.py): what one client can hold without making a request.
     keep_alive_s: float = Field(30.0, gt=0, description="Idle time a connection may stay open without a request.")
     header_timeout_s: float = Field(10.0, gt=0, description="Time for a request's line and headers, once begun (408).")
@@ -146,7 +160,7 @@ class Settings(BaseSettings):
         "default flag within their task.",
     )
 
-    @field_validator("default_models", mode="before")
+    @field_validator("default_models", "cors_allow_origins", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:
         """A JSON list or comma-separated names (``mnist,sentiment-zh``)."""

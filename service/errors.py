@@ -50,6 +50,18 @@ class UnsupportedText(InvalidInput):
     error_type = "unsupported_text"
 
 
+class Unauthenticated(ServiceError):
+    status_code = 401
+    error_type = "unauthenticated"
+    summary = "No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key)"
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    error_type = "forbidden"
+    summary = "The API key does not have the scope this route needs"
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     error_type = "model_not_found"
@@ -126,6 +138,10 @@ class Overloaded(ServiceError):
     status_code = 429
     error_type = "overloaded"
     summary = "Overloaded: the model's queue is full; retry after Retry-After seconds"
+
+
+class RateLimited(Overloaded):
+    error_type = "rate_limited"  # this API key is over its requests per minute (RateLimit headers say)
 
 
 class ShuttingDown(Overloaded):

@@ -214,3 +214,15 @@ def test_the_active_sequences_gauge_returns_to_zero(client: TestClient) -> None:
     client.post("/v1/translation", json={"texts": ["Good morning!", "Where is the station?"]})
     metrics = client.get("/metrics").text
     assert 'neuroserve_active_sequences{model="translation-en-fr"} 0.0' in metrics
+
+
+def test_a_crafted_path_cannot_forge_a_plain_text_log_line() -> None:
+    import logging
+
+    from service.logs import PlainFormatter
+
+    record = logging.makeLogRecord(
+        {"msg": "%s %s %d", "args": ("GET", "/v2/x\n2026-12-02 INFO service: forged", 404), "levelname": "INFO"}
+    )
+    line = PlainFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert "\n" not in line and "\\n2026-12-02 INFO service: forged" in line

@@ -188,10 +188,13 @@ def test_harness_reports_a_server_that_exits_before_it_is_ready() -> None:
         pass
 
 
-def test_overload_is_refused_before_the_body_is_read(slow_repo: Path) -> None:
+def test_overload_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
     import socket
 
-    with serve(slow_repo, NEUROSERVE_MAX_QUEUE_SIZE="2", NEUROSERVE_MAX_BATCH_SIZE="1") as server:
+    # Ten times the slow model's layers: the queue stays full while the probe is sent.
+    spec = model_json("slow", width=WIDTH, max_batch_size=4, dynamic_batching={"max_queue_delay_ms": 0})
+    write_model(tmp_path, "slow", slow=True, width=WIDTH, layers=400, spec=spec)
+    with serve(tmp_path, NEUROSERVE_MAX_QUEUE_SIZE="2", NEUROSERVE_MAX_BATCH_SIZE="1") as server:
         with ThreadPoolExecutor(8) as pool:
             busy = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(8)]
             deadline = time.monotonic() + 20

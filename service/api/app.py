@@ -9,8 +9,11 @@ import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 
 from service import __version__
+from service.api.auth import KeyStore, load_keys
 from service.api.handlers import install_handlers
 from service.api.middleware import RequestGuard
 from service.api.routes import health, v2
@@ -30,6 +33,19 @@ repository, and task endpoints for web and mobile clients that send files and te
 Errors always have the shape `{"error": "...", "error_type": "..."}`. Responses that ran a batch
 carry `x-queue-time-ms`, `x-inference-time-ms` and `x-batch-size` headers.
 """
+
+
+# What a browser page may read of an answer besides the body.
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-queue-time-ms",
+    "x-inference-time-ms",
+    "x-batch-size",
+    "x-decode-steps",
+]
 
 
 def _refusals(registry: ModelRegistry):  # type: ignore[no-untyped-def]
@@ -93,13 +109,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # How many images decode at once, across every request: each may be a full-size photo.
     app.state.decode_slots = threading.BoundedSemaphore(settings.image_decode_slots or Settings.cpu_cores())
     install_handlers(app)
+    # Innermost first: compression, then the request guard (ids, limits, keys, shedding), then
+    # CORS outermost, so that preflights need no key and every answer, errors too, is readable
+    # by an allowed origin.
+    app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)  # never on event streams
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_request_bytes,
         metrics=metrics,
         access_log=settings.access_log,
         refuse=_refusals(registry),
+        keys=KeyStore(load_keys(settings.api_keys_file)) if settings.api_keys_file else None,
     )
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id", "traceparent"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=settings.cors_max_age_s,
+        )
     app.router.routes.extend(v2.fast_routes)
     for router in (health.router, v2.router, *(task.router() for task in TASKS.values()), metrics_routes.router):
         if router is not None:

@@ -7,16 +7,21 @@ streams in for chunked uploads), records HTTP metrics by route template, and wri
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.auth import KeyStore, presented_key, scope_of
 from service.api.handlers import error_response
 from service.errors import PayloadTooLarge, ServiceError
+from service.logs import REQUEST_ID
 from service.metrics import Metrics
 
 log = logging.getLogger("neuroserve.access")
+_REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 
 
@@ -29,8 +34,10 @@ class RequestGuard:
         metrics: Metrics,
         access_log: bool = True,
         refuse: Callable[[str, str], ServiceError | None] | None = None,
+        keys: KeyStore | None = None,
     ) -> None:
         self.app = app
+        self.keys = keys  # None: no keys file, every route open (as before keys existed)
         # Load shedding before routing: a 429 under overload must cost less than the work it saves.
         self.refuse = refuse
         self.access_log = access_log
@@ -43,22 +50,50 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        request_id = _request_id(scope)
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        outer_send = send
+
+        async def send(message: Message) -> None:  # every answer, errors included, carries the id
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra_headers]
+            await outer_send(message)
+
+        token = REQUEST_ID.set(request_id)
+        try:
+            refusal = self._refusal(scope, extra_headers)
+            if refusal is not None:
+                response = error_response(refusal)
+                if isinstance(refusal, PayloadTooLarge):
+                    response.headers["connection"] = "close"
+                await response(scope, receive, send)
+                self._record(scope, refusal.status_code, started, request_id)
+                return
+            await self._serve(scope, receive, send, started, request_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+    def _refusal(self, scope: Scope, extra_headers: list[tuple[bytes, bytes]]) -> ServiceError | None:
+        """What is refused before the application sees the request: a declared body over the
+        limit, a missing or wrong key, and load shedding."""
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            return PayloadTooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes}")
+        if self.keys is not None:
+            needed = scope_of(scope["method"], scope["path"])
+            if needed is not None:
+                try:
+                    _, rate = self.keys.authorize(presented_key(scope["headers"]), needed)
+                except ServiceError as exc:
+                    return exc
+                extra_headers += [(k.lower().encode(), v.encode()) for k, v in rate.items()]
+        if self.refuse is not None:
+            return self.refuse(scope["method"], scope["path"])
+        return None
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, started: float, request_id: str) -> None:
         status = 500
         limit = self.max_body_bytes
-
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            response = error_response(PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}"))
-            response.headers["connection"] = "close"
-            await response(scope, receive, send)
-            self._record(scope, 413, started)
-            return
-
-        refusal = self.refuse(scope["method"], scope["path"]) if self.refuse is not None else None
-        if refusal is not None:
-            await error_response(refusal)(scope, receive, send)
-            self._record(scope, refusal.status_code, started)
-            return
 
         received = 0
 
@@ -80,9 +115,9 @@ class RequestGuard:
         try:
             await self.app(scope, limited_receive, tracking_send)
         finally:
-            self._record(scope, status, started)
+            self._record(scope, status, started, request_id)
 
-    def _record(self, scope: Scope, status: int, started: float) -> None:
+    def _record(self, scope: Scope, status: int, started: float, request_id: str = "-") -> None:
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
@@ -103,12 +138,29 @@ class RequestGuard:
                 scope["path"],
                 status,
                 extra={
+                    "request_id": request_id,
+                    "traceparent": _header(scope, b"traceparent"),
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 3),
                     "route": template,
                     "client": (scope.get("client") or ("-",))[0],
                 },
             )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token, else a new one."""
+    given = _header(scope, b"x-request-id")
+    if given and len(given) <= 128 and _REQUEST_ID_CHARS.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,0 +1,125 @@
+"""The web and mobile edge: API keys with scopes and rates, CORS for allowed origins only,
+request ids on every answer, compression of large JSON answers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.api.auth import add_key
+from service.api.schemas import SEVEN_PNG_BASE64
+from tests.conftest import ROOT, make_client, wait_ready
+
+ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("edge")
+    repo = root / "models"
+    shutil.copytree(ROOT / "models" / "mnist", repo / "mnist")
+    keys = root / "keys.json"
+    infer = add_key(keys, "app", ["infer"], None)
+    ops = add_key(keys, "ops", ["metrics", "admin"], None)
+    slow = add_key(keys, "slow", ["infer"], 3)
+    assert json.loads(keys.read_text())[0]["sha256"] != infer  # only the hash is stored
+    with make_client(repository=repo, api_keys_file=keys, cors_allow_origins=[ORIGIN]) as client:
+        wait_ready(client)
+        yield client, {"infer": infer, "ops": ops, "slow": slow}
+
+
+def classify(client, **headers):  # type: ignore[no-untyped-def]
+    return client.post("/v1/image-classification", json={"images": [SEVEN_PNG_BASE64]}, headers=headers)
+
+
+def test_inference_needs_a_key_with_its_scope(edge) -> None:
+    client, keys = edge
+    assert classify(client).status_code == 401 and classify(client).json()["error_type"] == "unauthenticated"
+    assert classify(client, **{"x-api-key": "ns_wrong"}).status_code == 401
+    answer = classify(client, authorization=f"Bearer {keys['infer']}")
+    assert answer.status_code == 200 and answer.json()["predictions"][0][0]["label"] == "7"
+    assert classify(client, **{"x-api-key": keys["infer"]}).status_code == 200
+    refused = classify(client, **{"x-api-key": keys["ops"]})
+    assert refused.status_code == 403 and refused.json()["error_type"] == "forbidden"
+    assert keys["ops"] not in refused.text
+
+
+def test_probes_stay_open_and_operations_need_their_scopes(edge) -> None:
+    client, keys = edge
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"x-api-key": keys["infer"]}).status_code == 403
+    assert client.get("/metrics", headers={"x-api-key": keys["ops"]}).status_code == 200
+    assert client.get("/v2/models", headers={"x-api-key": keys["ops"]}).status_code == 200
+    assert client.get("/v2/models/mnist").status_code == 401  # file hashes, training commands
+
+
+def test_a_key_over_its_rate_gets_429_with_ratelimit_headers(edge) -> None:
+    client, keys = edge
+    answers = [classify(client, **{"x-api-key": keys["slow"]}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["ratelimit-policy"] == '"slow";q=3;w=60'
+    assert answers[0].headers["ratelimit"].startswith('"slow";r=2;t=')
+    last = answers[3]
+    assert last.json()["error_type"] == "rate_limited" and int(last.headers["retry-after"]) >= 1
+
+
+def test_an_allowed_origin_gets_cors_and_a_foreign_one_does_not(edge) -> None:
+    client, keys = edge
+    preflight = client.options(
+        "/v1/image-classification",
+        headers={
+            "origin": ORIGIN,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type, x-api-key",
+        },
+    )
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in preflight.headers["access-control-allow-headers"]
+    answer = classify(client, origin=ORIGIN, **{"x-api-key": keys["infer"]})
+    assert answer.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in answer.headers["access-control-expose-headers"]
+    refused = classify(client, origin=ORIGIN)  # an error is readable by the page too
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
+    foreign = classify(client, origin="https://evil.example", **{"x-api-key": keys["infer"]})
+    assert "access-control-allow-origin" not in foreign.headers
+    foreign_preflight = client.options(
+        "/v1/image-classification", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
+    )
+    assert "access-control-allow-origin" not in foreign_preflight.headers
+
+
+def test_every_answer_carries_a_request_id(edge) -> None:
+    client, keys = edge
+    mine = classify(client, **{"x-api-key": keys["infer"], "x-request-id": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    made = classify(client)  # an error, and no id given
+    assert made.status_code == 401 and len(made.headers["x-request-id"]) == 32
+    odd = classify(client, **{"x-api-key": keys["infer"], "x-request-id": "bad id\twith tab"})
+    assert odd.headers["x-request-id"] != "bad id\twith tab"
+
+
+def test_large_json_answers_are_compressed_for_clients_that_accept_it(edge) -> None:
+    client, keys = edge
+    body = {"images": [SEVEN_PNG_BASE64] * 40, "top_k": 10}
+    headers = {"x-api-key": keys["infer"], "accept-encoding": "gzip"}
+    answer = client.post("/v1/image-classification", json=body, headers=headers)
+    assert answer.headers["content-encoding"] == "gzip" and len(answer.json()["predictions"]) == 40
+    raw = client.post("/v1/image-classification", json=body, headers={**headers, "accept-encoding": "identity"})
+    assert "content-encoding" not in raw.headers
+    assert gzip.compress(raw.content) and int(answer.headers["content-length"]) < len(raw.content)
+
+
+def test_without_a_keys_file_everything_stays_open(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "models" / "mnist", tmp_path / "mnist")
+    with make_client(repository=tmp_path) as client:
+        wait_ready(client)
+        assert classify(client).status_code == 200
+        preflight = client.options(
+            "/v1/image-classification", headers={"origin": ORIGIN, "access-control-request-method": "POST"}
+        )
+        assert "access-control-allow-origin" not in preflight.headers
