@@ -188,30 +188,42 @@ def test_harness_reports_a_server_that_exits_before_it_is_ready() -> None:
         pass
 
 
-def test_overload_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
+def test_overload_is_refused_before_the_body_is_read(slow_repo: Path) -> None:
     import socket
+    import threading
 
-    # Ten times the slow model's layers: the queue stays full while the probe is sent.
-    spec = model_json("slow", width=WIDTH, max_batch_size=4, dynamic_batching={"max_queue_delay_ms": 0})
-    write_model(tmp_path, "slow", slow=True, width=WIDTH, layers=400, spec=spec)
-    with serve(tmp_path, NEUROSERVE_MAX_QUEUE_SIZE="2", NEUROSERVE_MAX_BATCH_SIZE="1") as server:
+    def probe(port: int) -> bytes | None:
+        """Headers of a large body and not one byte of it: the answer, if one comes within a second."""
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(
+                b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000000\r\n\r\n"
+            )
+            reply = b""
+            try:
+                while b"\r\n\r\n" not in reply:
+                    reply += sock.recv(65536)
+            except TimeoutError:
+                return None  # the server is waiting for the body: it was not refused up front
+            return reply
+
+    with serve(slow_repo, NEUROSERVE_MAX_QUEUE_SIZE="2", NEUROSERVE_MAX_BATCH_SIZE="1") as server:
+        stop = threading.Event()
+
+        def keep_busy(seed: int) -> None:  # resubmits at once: the queue stays full
+            while not stop.is_set():
+                server.request("POST", "/v2/models/slow/infer", body(seed))
+
         with ThreadPoolExecutor(8) as pool:
-            busy = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(8)]
+            busy = [pool.submit(keep_busy, i) for i in range(8)]
             deadline = time.monotonic() + 20
             while server.metric('neuroserve_queue_depth{model="slow"}') < 2 and time.monotonic() < deadline:
                 time.sleep(0.002)
-            # Headers of a large body, and not one byte of it: the answer cannot wait for the body.
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                started = time.monotonic()
-                sock.sendall(
-                    b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 5000000\r\n\r\n"
-                )
-                reply = b""
-                while b"\r\n\r\n" not in reply:
-                    reply += sock.recv(65536)
-                elapsed = time.monotonic() - started
-            assert reply.startswith(b"HTTP/1.1 429"), reply
-            assert elapsed < 1.0
-            assert all(f.result()[0] in (200, 429) for f in busy)
+            # The queue can be one short for an instant between two requests: a few tries.
+            replies = [probe(server.port) for _ in range(5)]
+            stop.set()
+            for future in busy:
+                future.result()
+        refused = [r for r in replies if r is not None and r.startswith(b"HTTP/1.1 429")]
+        assert refused, replies
         server.stop_cleanly()
