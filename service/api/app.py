@@ -16,6 +16,7 @@ from service import __version__
 from service.api.auth import KeyStore, load_keys
 from service.api.handlers import install_handlers
 from service.api.middleware import RequestGuard
+from service.api.pages import mount_pages
 from service.api.routes import health, v2
 from service.api.routes import metrics as metrics_routes
 from service.config import Settings
@@ -99,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        docs_url=None,  # served below from this package's own files: no CDN, works offline
+        redoc_url=None,
     )
     # No redirect from /v2/ to /v2: it reflected the Host header into Location, and the protocol's
     # paths have no trailing slash.
@@ -131,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=settings.cors_max_age_s,
         )
     app.router.routes.extend(v2.fast_routes)
+    mount_pages(app)
     for router in (health.router, v2.router, *(task.router() for task in TASKS.values()), metrics_routes.router):
         if router is not None:
             app.include_router(router)

@@ -1,0 +1,227 @@
+// The playground: every panel calls this server's API the way an app would (same origin, the API
+// key from the field above when one is set), and shows the answer, the timing headers, or the error
+// in words.
+"use strict";
+
+const keyField = document.getElementById("api-key");
+keyField.value = localStorage.getItem("neuroserve-key") || "";
+keyField.addEventListener("change", () => localStorage.setItem("neuroserve-key", keyField.value));
+
+function headers(extra) {
+  const out = Object.assign({}, extra || {});
+  if (keyField.value) out["X-API-Key"] = keyField.value;
+  return out;
+}
+
+function timing(response) {
+  const parts = [];
+  const names = { "x-inference-time-ms": "inference", "x-queue-time-ms": "queue", "x-batch-size": "batch" };
+  for (const [header, label] of Object.entries(names)) {
+    const value = response.headers.get(header);
+    if (value !== null) parts.push(`${label} ${value}${header.endsWith("ms") ? " ms" : ""}`);
+  }
+  const id = response.headers.get("x-request-id");
+  if (id) parts.push(`request ${id}`);
+  return parts.join(" · ");
+}
+
+async function call(path, init) {
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (err) {
+    throw new Error(`the server could not be reached (${err.message})`);
+  }
+  if (!response.ok) {
+    let message = `HTTP ${response.status}`;
+    try {
+      const body = await response.json();
+      message = `${body.error} (${body.error_type})`;
+    } catch (_) { /* not the error shape: keep the status */ }
+    if (response.status === 401 || response.status === 403) message += " — check the API key above";
+    if (response.status === 429) message += ` — retry in ${response.headers.get("retry-after") || "a few"} s`;
+    throw new Error(message);
+  }
+  return response;
+}
+
+function showError(target, meta, err) {
+  target.textContent = err.message;
+  target.classList.add("error");
+  if (meta) meta.textContent = "";
+}
+
+function clearError(...elements) {
+  for (const el of elements) el.classList.remove("error");
+}
+
+// --- Handwritten digit -------------------------------------------------------------------------
+const pad = document.getElementById("pad");
+const ink = pad.getContext("2d");
+function clearPad() {
+  ink.fillStyle = "#fff";
+  ink.fillRect(0, 0, pad.width, pad.height);
+}
+clearPad();
+let drawing = false;
+function point(event) {
+  const box = pad.getBoundingClientRect();
+  return [(event.clientX - box.left) * (pad.width / box.width), (event.clientY - box.top) * (pad.height / box.height)];
+}
+pad.addEventListener("pointerdown", (event) => {
+  drawing = true;
+  pad.setPointerCapture(event.pointerId);
+  ink.beginPath();
+  ink.moveTo(...point(event));
+});
+pad.addEventListener("pointermove", (event) => {
+  if (!drawing) return;
+  ink.lineWidth = 18;
+  ink.lineCap = "round";
+  ink.lineJoin = "round";
+  ink.strokeStyle = "#111";
+  ink.lineTo(...point(event));
+  ink.stroke();
+});
+pad.addEventListener("pointerup", () => { drawing = false; });
+document.getElementById("digit-clear").addEventListener("click", clearPad);
+
+async function classify(blob, name) {
+  const result = document.getElementById("digit-result");
+  const meta = document.getElementById("digit-meta");
+  clearError(result);
+  result.textContent = "…";
+  const form = new FormData();
+  form.append("files", blob, name);
+  form.append("top_k", "3");
+  try {
+    const response = await call("/v1/image-classification", { method: "POST", body: form, headers: headers() });
+    const body = await response.json();
+    result.innerHTML = "";
+    for (const { label, score } of body.predictions[0]) {
+      const item = document.createElement("li");
+      item.textContent = `${label} (${(score * 100).toFixed(1)} %)`;
+      result.appendChild(item);
+    }
+    meta.textContent = `${body.model} v${body.version} · ${timing(response)}`;
+  } catch (err) {
+    showError(result, meta, err);
+  }
+}
+document.getElementById("digit-classify").addEventListener("click", () => {
+  pad.toBlob((blob) => classify(blob, "drawing.png"), "image/png");
+});
+document.getElementById("digit-file").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) classify(file, file.name);
+});
+
+// --- Detection ---------------------------------------------------------------------------------
+document.getElementById("detect-file").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  const image = document.getElementById("detect-image");
+  const meta = document.getElementById("detect-meta");
+  if (!file) return;
+  clearError(meta);
+  meta.textContent = "…";
+  const form = new FormData();
+  form.append("files", file, file.name);
+  form.append("render", "jpeg");
+  try {
+    const response = await call("/v1/object-detection", { method: "POST", body: form, headers: headers() });
+    image.src = URL.createObjectURL(await response.blob());
+    image.hidden = false;
+    meta.textContent = timing(response);
+  } catch (err) {
+    image.hidden = true;
+    showError(meta, null, err);
+  }
+});
+
+// --- Sentiment ---------------------------------------------------------------------------------
+document.getElementById("sentiment-run").addEventListener("click", async () => {
+  const result = document.getElementById("sentiment-result");
+  const meta = document.getElementById("sentiment-meta");
+  clearError(result);
+  result.textContent = "…";
+  const texts = document.getElementById("sentiment-text").value.split("\n").filter((t) => t.trim());
+  try {
+    const response = await call("/v1/sentiment", {
+      method: "POST",
+      body: JSON.stringify({ texts }),
+      headers: headers({ "Content-Type": "application/json" }),
+    });
+    const body = await response.json();
+    result.textContent = body.predictions
+      .map((p) => `${p.label} (${(p.score * 100).toFixed(1)} %, ${p.model})`)
+      .join(" · ");
+    meta.textContent = timing(response);
+  } catch (err) {
+    showError(result, meta, err);
+  }
+});
+
+// --- Translation, streamed ----------------------------------------------------------------------
+document.getElementById("translate-run").addEventListener("click", async () => {
+  const result = document.getElementById("translate-result");
+  const meta = document.getElementById("translate-meta");
+  clearError(result);
+  result.textContent = "";
+  meta.textContent = "…";
+  const text = document.getElementById("translate-text").value;
+  try {
+    const response = await call("/v1/translation", {
+      method: "POST",
+      body: JSON.stringify({ texts: [text], stream: true }),
+      headers: headers({ "Content-Type": "application/json" }),
+    });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const name = (event.match(/^event: (.*)$/m) || [])[1];
+        const data = JSON.parse((event.match(/^data: (.*)$/m) || [null, "{}"])[1]);
+        if (name === "token") result.textContent = data.text;
+        if (name === "done") {
+          result.textContent = data.translations[0].text;
+          meta.textContent = `${data.model} v${data.version} · ${data.translations[0].generated_tokens} tokens`;
+        }
+        if (name === "error") throw new Error(`${data.error} (${data.error_type})`);
+      }
+    }
+  } catch (err) {
+    showError(result, meta, err);
+  }
+});
+
+// --- Recommendations ---------------------------------------------------------------------------
+document.getElementById("recommend-run").addEventListener("click", async () => {
+  const result = document.getElementById("recommend-result");
+  const meta = document.getElementById("recommend-meta");
+  clearError(result);
+  result.textContent = "…";
+  try {
+    const response = await call("/v1/recommendations", {
+      method: "POST",
+      body: JSON.stringify({ user_id: document.getElementById("recommend-user").value, k: 5 }),
+      headers: headers({ "Content-Type": "application/json" }),
+    });
+    const body = await response.json();
+    result.innerHTML = "";
+    for (const item of body.items) {
+      const li = document.createElement("li");
+      li.textContent = `${item.title || item.item_id} (${item.score.toFixed(1)})`;
+      result.appendChild(li);
+    }
+    meta.textContent = `${body.cold_start ? "popular movies (unknown user) · " : ""}${timing(response)}`;
+  } catch (err) {
+    showError(result, meta, err);
+  }
+});

@@ -1,0 +1,155 @@
+"""The playground and the API in a real browser (Debian's Chromium, driven by Playwright): the page
+loads with no console error and no request off this machine, a drawn digit is classified, a
+translation streams in, every panel answers; a page on another, allowed origin calls the API with a
+key, a foreign origin cannot. Screenshots at desktop and phone width go to $NEUROSERVE_SCREENSHOTS
+(default: the test's temporary folder)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from bench.harness import free_port, neuroserve
+from service.api.auth import add_key
+from service.api.schemas import SEVEN_PNG_BASE64
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with neuroserve(ROOT / "models") as running:
+        yield running
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("NEUROSERVE_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def open_page(browser, server, width: int, height: int):  # type: ignore[no-untyped-def]
+    page = browser.new_page(viewport={"width": width, "height": height})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("request", lambda r: problems.append(f"off-machine request {r.url}") if "127.0.0.1" not in r.url else None)
+    page.goto(server.url("/"))
+    return page, problems
+
+
+def draw_a_one(page) -> None:  # type: ignore[no-untyped-def]
+    box = page.locator("#pad").bounding_box()
+    x = box["x"] + box["width"] * 0.5
+    page.mouse.move(x, box["y"] + box["height"] * 0.15)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x, box["y"] + box["height"] * (0.15 + 0.07 * i))
+    page.mouse.up()
+
+
+def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, server, shots: Path) -> None:
+    for name, width, height in (("desktop", 1280, 900), ("phone", 375, 812)):
+        page, problems = open_page(browser, server, width, height)
+        draw_a_one(page)
+        page.click("#digit-classify")
+        page.wait_for_selector("#digit-result li")
+        assert page.locator("#digit-result li").first.inner_text().startswith("1"), page.inner_text("#digit-result")
+        assert "inference" in page.inner_text("#digit-meta")
+
+        page.fill("#translate-text", "Where is the train station?")
+        page.click("#translate-run")
+        page.wait_for_function("document.getElementById('translate-meta').textContent.includes('tokens')")
+        assert "gare" in page.inner_text("#translate-result")
+
+        page.click("#sentiment-run")
+        page.wait_for_function("document.getElementById('sentiment-result').textContent.includes('positive')")
+
+        page.click("#recommend-run")
+        page.wait_for_function("document.querySelectorAll('#recommend-result li').length === 5")
+
+        assert problems == [], problems  # before the deliberate mistake below (its 415 is logged too)
+        page.set_input_files("#detect-file", str(ROOT / "models" / "mnist" / "1" / "metadata.json"))
+        page.wait_for_function("document.getElementById('detect-meta').classList.contains('error')")
+        assert "not an image" in page.inner_text("#detect-meta")  # the error in words, not a code
+
+        page.screenshot(path=str(shots / f"playground-{name}.png"), full_page=True)
+        width_used = page.evaluate("document.documentElement.scrollWidth")
+        assert width_used <= width, f"the page is wider than the {name} screen ({width_used} px)"
+        page.close()
+
+
+def test_the_docs_render_with_no_internet(browser, server, shots: Path) -> None:
+    page, problems = open_page(browser, server, 1280, 900)
+    page.goto(server.url("/docs"))
+    page.wait_for_selector(".swagger-ui .information-container", timeout=20_000)
+    assert "neuroserve" in page.inner_text(".swagger-ui .information-container")
+    page.screenshot(path=str(shots / "docs.png"))
+    assert problems == [], problems
+    page.close()
+
+
+CROSS_ORIGIN_PAGE = """<!doctype html><html><body><script>
+fetch("{api}/v1/image-classification", {{
+  method: "POST",
+  headers: {{"Content-Type": "application/json", "X-API-Key": "{key}"}},
+  body: JSON.stringify({{images: ["{image}"], top_k: 1}}),
+}}).then(r => r.json()).then(b => {{ document.title = "label " + b.predictions[0][0].label; }})
+  .catch(e => {{ document.title = "refused " + e.name; }});
+</script></body></html>"""
+
+
+def serve_page(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def test_a_page_on_an_allowed_origin_calls_the_api_with_a_key_and_a_foreign_one_cannot(browser, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "mnist", repo / "mnist")
+    key = add_key(tmp_path / "keys.json", "web-app", ["infer"], None)
+    allowed_dir, foreign_dir = tmp_path / "allowed", tmp_path / "foreign"
+    allowed_dir.mkdir()
+    foreign_dir.mkdir()
+    allowed, allowed_origin = serve_page(allowed_dir)
+    foreign, _ = serve_page(foreign_dir)
+    try:
+        env = {"NEUROSERVE_API_KEYS_FILE": str(tmp_path / "keys.json"), "NEUROSERVE_CORS_ALLOW_ORIGINS": allowed_origin}
+        with neuroserve(repo, **env) as api:
+            page_html = CROSS_ORIGIN_PAGE.format(api=api.url(""), key=key, image=SEVEN_PNG_BASE64)
+            for folder in (allowed_dir, foreign_dir):
+                (folder / "index.html").write_text(page_html)
+            page = browser.new_page()
+            page.goto(f"{allowed_origin}/index.html")
+            page.wait_for_function("document.title !== ''")
+            assert page.title() == "label 7"
+            page.goto(f"http://127.0.0.1:{foreign.server_address[1]}/index.html")
+            page.wait_for_function("document.title !== ''")
+            assert page.title().startswith("refused")
+            page.close()
+    finally:
+        for httpd in (allowed, foreign):
+            httpd.shutdown()
+            httpd.server_close()
