@@ -29,6 +29,7 @@ serve: $(VENV)/.serve
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error
 	NEUROSERVE_TEST_DATA=$(DATA) $(BIN)/pytest -q
 
 # The deployment for real (needs a Docker engine; ../shared/docker/with-docker.sh provides one):

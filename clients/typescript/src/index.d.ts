@@ -1,0 +1,22 @@
+import type { Client } from "openapi-fetch";
+import type { components, paths } from "./schema";
+
+export type { components, paths };
+export type TranslationResponse = components["schemas"]["TranslationResponse"];
+export interface TokenEvent {
+  index: number;
+  token_id: number;
+  text: string;
+  end: boolean;
+}
+
+export function createNeuroserve(
+  baseUrl: string,
+  options?: { apiKey?: string; fetch?: typeof fetch },
+): Client<paths>;
+
+export function translateStream(
+  baseUrl: string,
+  body: { texts: string[]; max_new_tokens?: number; model?: string },
+  options?: { apiKey?: string; onToken?: (event: TokenEvent) => void; signal?: AbortSignal },
+): Promise<TranslationResponse>;
