@@ -160,6 +160,12 @@ class Settings(BaseSettings):
         "default flag within their task.",
     )
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """An empty variable (compose's "${VAR:-}") means no keys file, not the current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("default_models", "cors_allow_origins", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:

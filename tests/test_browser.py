@@ -17,7 +17,6 @@ import pytest
 
 from bench.harness import free_port, neuroserve
 from service.api.auth import add_key
-from service.api.schemas import SEVEN_PNG_BASE64
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -109,16 +108,6 @@ def test_the_docs_render_with_no_internet(browser, server, shots: Path) -> None:
     page.close()
 
 
-CROSS_ORIGIN_PAGE = """<!doctype html><html><body><script>
-fetch("{api}/v1/image-classification", {{
-  method: "POST",
-  headers: {{"Content-Type": "application/json", "X-API-Key": "{key}"}},
-  body: JSON.stringify({{images: ["{image}"], top_k: 1}}),
-}}).then(r => r.json()).then(b => {{ document.title = "label " + b.predictions[0][0].label; }})
-  .catch(e => {{ document.title = "refused " + e.name; }});
-</script></body></html>"""
-
-
 def serve_page(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
@@ -126,28 +115,48 @@ def serve_page(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
-def test_a_page_on_an_allowed_origin_calls_the_api_with_a_key_and_a_foreign_one_cannot(browser, tmp_path: Path) -> None:
+def test_the_playground_on_another_allowed_origin_works_with_a_key_and_a_foreign_origin_is_refused(
+    browser, tmp_path: Path
+) -> None:
+    # The playground's own files, hosted by a second web server (another origin), calling the API
+    # server named by ?api=; the API needs a key and allows only the first of two such origins.
     repo = tmp_path / "models"
-    shutil.copytree(ROOT / "models" / "mnist", repo / "mnist")
+    for model in ("mnist", "translation-en-fr"):
+        (repo / model).parent.mkdir(parents=True, exist_ok=True)
+        (repo / model).symlink_to(ROOT / "models" / model)
     key = add_key(tmp_path / "keys.json", "web-app", ["infer"], None)
-    allowed_dir, foreign_dir = tmp_path / "allowed", tmp_path / "foreign"
-    allowed_dir.mkdir()
-    foreign_dir.mkdir()
-    allowed, allowed_origin = serve_page(allowed_dir)
-    foreign, _ = serve_page(foreign_dir)
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "service" / "static" / "playground", site / "static" / "playground")
+    shutil.copy(site / "static" / "playground" / "index.html", site / "index.html")
+    allowed, allowed_origin = serve_page(site)
+    foreign, foreign_origin = serve_page(site)
     try:
         env = {"NEUROSERVE_API_KEYS_FILE": str(tmp_path / "keys.json"), "NEUROSERVE_CORS_ALLOW_ORIGINS": allowed_origin}
         with neuroserve(repo, **env) as api:
-            page_html = CROSS_ORIGIN_PAGE.format(api=api.url(""), key=key, image=SEVEN_PNG_BASE64)
-            for folder in (allowed_dir, foreign_dir):
-                (folder / "index.html").write_text(page_html)
             page = browser.new_page()
-            page.goto(f"{allowed_origin}/index.html")
-            page.wait_for_function("document.title !== ''")
-            assert page.title() == "label 7"
-            page.goto(f"http://127.0.0.1:{foreign.server_address[1]}/index.html")
-            page.wait_for_function("document.title !== ''")
-            assert page.title().startswith("refused")
+            page.goto(f"{allowed_origin}/index.html?api={api.url('')}")
+            page.click("#digit-classify")  # no key yet: refused, in words
+            page.wait_for_function("document.getElementById('digit-result').classList.contains('error')")
+            assert "unauthenticated" in page.inner_text("#digit-result")
+            page.fill("#api-key", key)
+            page.dispatch_event("#api-key", "change")
+            draw_a_one(page)
+            page.click("#digit-classify")
+            page.wait_for_selector("#digit-result li")
+            assert page.locator("#digit-result li").first.inner_text().startswith("1")
+            page.fill("#translate-text", "Where is the train station?")
+            page.click("#translate-run")
+            page.wait_for_function("document.getElementById('translate-meta').textContent.includes('tokens')")
+            assert "gare" in page.inner_text("#translate-result")
+            page.close()
+
+            page = browser.new_page()
+            page.goto(f"{foreign_origin}/index.html?api={api.url('')}")
+            page.fill("#api-key", key)
+            page.dispatch_event("#api-key", "change")
+            page.click("#digit-classify")
+            page.wait_for_function("document.getElementById('digit-result').classList.contains('error')")
+            assert "could not be reached" in page.inner_text("#digit-result")  # the browser refused it
             page.close()
     finally:
         for httpd in (allowed, foreign):

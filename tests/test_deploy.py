@@ -108,3 +108,14 @@ def test_gpu_image_is_in_step_with_the_cpu_image() -> None:
     for dockerfile in ("Dockerfile", "Dockerfile.gpu", "deploy/nginx/Dockerfile"):
         text = (ROOT / dockerfile).read_text()
         assert "# syntax=" not in text and "--mount" not in text  # the classic builder runs in CI
+
+
+def test_the_keys_override_gives_every_replica_the_keys_secret_and_cors() -> None:
+    override = yaml.safe_load((ROOT / "deploy" / "compose.keys.yml").read_text())
+    replicas = {name for name in COMPOSE["services"] if name.startswith("neuroserve-") and name != "neuroserve-gpu"}
+    assert set(override["services"]) == replicas
+    for service in override["services"].values():
+        assert service["environment"]["NEUROSERVE_API_KEYS_FILE"] == "/run/secrets/neuroserve_keys"
+        assert "NEUROSERVE_CORS_ALLOW_ORIGINS" in service["environment"]
+        assert service["secrets"] == ["neuroserve_keys"]
+    assert "file" in override["secrets"]["neuroserve_keys"]

@@ -65,6 +65,28 @@ def test_the_service_answers_as_its_openapi_document_says(server) -> None:  # ty
     assert run_every_operation(schema, server.url(""), check) == []
 
 
+def test_with_api_keys_the_service_still_answers_as_documented(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from service.api.auth import add_key
+
+    key = add_key(tmp_path / "keys.json", "schemathesis", ["infer", "metrics", "admin"], None)
+    env = {
+        "NEUROSERVE_API_KEYS_FILE": str(tmp_path / "keys.json"),
+        "NEUROSERVE_CORS_ALLOW_ORIGINS": "https://a.example",
+    }
+    repo = tmp_path / "models"
+    for model in ("mnist", "sentiment", "rating"):
+        (repo / model).parent.mkdir(parents=True, exist_ok=True)
+        (repo / model).symlink_to(ROOT / "models" / model)
+    with neuroserve(repo, **env) as keyed:
+        schema = schemathesis.openapi.from_url(keyed.url("/openapi.json"))
+        checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+        def check(case, base_url: str) -> None:  # type: ignore[no-untyped-def]
+            case.call_and_validate(base_url=base_url, headers={"X-API-Key": key}, checks=checks, excluded_checks=[])
+
+        assert run_every_operation(schema, keyed.url(""), check) == []
+
+
 def test_the_service_answers_the_published_protocol(server) -> None:  # type: ignore[no-untyped-def]
     if not OIP_SPEC.is_file():
         pytest.skip(f"the protocol's spec is not at {OIP_SPEC}")

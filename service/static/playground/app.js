@@ -3,6 +3,10 @@
 // in words.
 "use strict";
 
+// The API this page calls: this server, or the one named by ?api= (the page hosted on another
+// origin, which the server must allow with NEUROSERVE_CORS_ALLOW_ORIGINS).
+const API = (new URLSearchParams(location.search).get("api") || "").replace(/\/$/, "");
+
 const keyField = document.getElementById("api-key");
 keyField.value = localStorage.getItem("neuroserve-key") || "";
 keyField.addEventListener("change", () => localStorage.setItem("neuroserve-key", keyField.value));
@@ -28,7 +32,7 @@ function timing(response) {
 async function call(path, init) {
   let response;
   try {
-    response = await fetch(path, init);
+    response = await fetch(API + path, init);
   } catch (err) {
     throw new Error(`the server could not be reached (${err.message})`);
   }
