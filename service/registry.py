@@ -486,12 +486,6 @@ class ModelRegistry:
                 f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
             ) from None
 
-    def shed(self, task: str) -> None:
-        """Raise :meth:`refusal`'s 429, if there is one."""
-        refusal = self.refusal(task)
-        if refusal is not None:
-            raise refusal
-
     def refusal(self, task: str) -> Overloaded | None:
         """A 429 for a task request before it is read, parsed or tokenised, when every model of
         the task that serves is saturated: refusing must cost less than the work it saves, or

@@ -78,7 +78,6 @@ def _prepare(
     openapi_extra=request_doc(ImageClassificationRequest),
 )
 async def classify(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    registry.shed(task.TASK.name)
     blobs, fields = await read_images(request, settings, ImageClassificationRequest)
     k, model = _top_k(fields.get("top_k"), settings), fields.get("model")
     served = registry.for_task(task.TASK.name, model if isinstance(model, str) and model else None)

@@ -107,7 +107,6 @@ def _prepare(request: Request, blobs: Blobs, size: int, pad_value: float, render
     openapi_extra=request_doc(ObjectDetectionRequest),
 )
 async def detect(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    registry.shed(task.TASK.name)
     blobs, fields = await read_images(request, settings, ObjectDetectionRequest)
     options = validate(DetectionOptions, fields)
     served = registry.for_task(task.TASK.name, options.model)

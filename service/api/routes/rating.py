@@ -83,7 +83,6 @@ class RecommendationResponse(BaseModel):
     openapi_extra=json_body_doc(RatingRequest),
 )
 async def predict_ratings(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    registry.shed(task.TASK.name)
     body = parse_body(await request.body(), RatingRequest)
     if len(body.pairs) > settings.max_pairs_per_request:
         raise TooManyItems(f"{len(body.pairs)} pairs; at most {settings.max_pairs_per_request} per request")
@@ -122,7 +121,6 @@ async def predict_ratings(request: Request, registry: RegistryDep, settings: Set
     openapi_extra=json_body_doc(RecommendationRequest),
 )
 async def recommend(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    registry.shed(task.TASK.name)
     body = parse_body(await request.body(), RecommendationRequest)
     if body.k > settings.max_recommendations:
         raise SchemaError(f"k must be between 1 and {settings.max_recommendations}, got {body.k}")

@@ -62,7 +62,6 @@ class SentimentResponse(BaseModel):
     openapi_extra=json_body_doc(SentimentRequest),
 )
 async def classify_sentiment(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    registry.shed(task.TASK.name)
     body = parse_body(await request.body(), SentimentRequest)
     texts = body.texts
     check_texts(texts, settings.max_texts_per_request, settings.max_text_chars)

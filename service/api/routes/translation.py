@@ -71,7 +71,6 @@ class TranslationResponse(BaseModel):
     openapi_extra=json_body_doc(TranslationRequest),
 )
 async def translate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    registry.shed(task.TASK.name)
     body = parse_body(await request.body(), TranslationRequest)
     check_texts(body.texts, settings.max_texts_per_request, settings.max_text_chars)
     if body.stream and body.beam_size > 1:

@@ -159,9 +159,6 @@ async def infer_endpoint(request: Request) -> Response:
     is what limits throughput on a small CPU machine."""
     params = request.path_params
     served = request.app.state.registry.get(params["model"], params.get("version"))
-    refusal = request.app.state.registry.infer_refusal(served.name) if params.get("version") is None else None
-    if refusal is not None:  # before the body is read or parsed
-        raise refusal
     header, binary = protocol.split_binary(await request.body(), request.headers.get("inference-header-content-length"))
     settings = request.app.state.settings
     parse = functools.partial(_parse, header, binary, served.spec, served.batched, settings.max_tensor_elements)
