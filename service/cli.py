@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from service.api.app import create_app
 from service.api.auth import add_key
 from service.config import Settings
-from service.logs import configure
+from service.logs import LogWriter, configure
 from service.memory import configure_allocator
 from service.server import ConnectionLimits, run
 
 
 def serve(settings: Settings) -> None:
-    configure(settings.log_level, settings.log_json)
+    writer = configure(settings.log_level, settings.log_json)
+    _write_logs_before_signal_exit(writer)
     configure_allocator()
     if settings.api_keys_file is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("neuroserve").warning(
@@ -33,6 +35,20 @@ def serve(settings: Settings) -> None:
         max_connections=settings.max_connections,
     )
     run(create_app(settings), host=settings.host, port=settings.port, limits=limits)
+
+
+def _write_logs_before_signal_exit(writer: LogWriter) -> None:
+    """uvicorn ends a graceful shutdown by raising the signal again under the handler it found,
+    and the default handler ends the process without ``atexit``: the log writer's last lines
+    (the queues drained, the server finished) would be lost. This handler writes them first."""
+
+    def write_then_exit(sig: int, _frame: object) -> None:
+        writer.stop()
+        signal.signal(sig, signal.SIG_DFL)
+        signal.raise_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, write_then_exit)
 
 
 def main(argv: list[str] | None = None) -> None:

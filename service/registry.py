@@ -278,7 +278,7 @@ class ModelRegistry:
         self.loading_done = asyncio.Event()
         self.options = RuntimeOptions(
             providers=settings.providers,
-            intra_op_threads=settings.intra_op_threads,
+            intra_op_threads=settings.intra_op_threads_or_default(),
             inter_op_threads=settings.inter_op_threads,
             graph_optimization=settings.graph_optimization,
         )

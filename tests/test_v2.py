@@ -118,10 +118,12 @@ GOOD = {"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0
         ("/v2/models/mnist/infer", {"content": b"", "headers": {}}, 400, "invalid_json"),
     ],
 )
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])  # identity: the fast path (v2.fast_path)
 def test_v2_bad_requests_get_clear_4xx(
-    client: TestClient, url: str, kwargs: dict, status: int, error_type: str
+    client: TestClient, url: str, kwargs: dict, status: int, error_type: str, encoding: str
 ) -> None:
-    response = client.post(url, **kwargs)
+    headers = {**kwargs.get("headers", {}), "accept-encoding": encoding}
+    response = client.post(url, **{**kwargs, "headers": headers})
     assert response.status_code == status, response.text
     assert response.json()["error_type"] == error_type
     assert response.json()["error"]

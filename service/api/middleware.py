@@ -6,10 +6,11 @@ streams in for chunked uploads), records HTTP metrics by route template, and wri
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,10 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.auth import KeyStore, presented_key, scope_of
 from service.api.handlers import error_response
 from service.errors import PayloadTooLarge, ServiceError
-from service.logs import REQUEST_ID
+from service.logs import REQUEST_ID, log_request
 from service.metrics import Metrics
 
-log = logging.getLogger("neuroserve.access")
 _REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 
@@ -35,8 +35,11 @@ class RequestGuard:
         access_log: bool = True,
         refuse: Callable[[str, str], ServiceError | None] | None = None,
         keys: KeyStore | None = None,
+        fast: Callable[[Scope], ASGIApp | None] | None = None,
     ) -> None:
         self.app = app
+        # Routes served straight from here, past the inner middleware (see v2.fast_path).
+        self.fast = fast
         self.keys = keys  # None: no keys file, every route open (as before keys existed)
         # Load shedding before routing: a 429 under overload must cost less than the work it saves.
         self.refuse = refuse
@@ -112,8 +115,9 @@ class RequestGuard:
                 status = message["status"]
             await send(message)
 
+        app = (self.fast(scope) if self.fast is not None else None) or self.app
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await app(scope, limited_receive, tracking_send)
         finally:
             self._record(scope, status, started, request_id)
 
@@ -132,12 +136,12 @@ class RequestGuard:
         series[0].inc()
         series[1].observe(elapsed)
         if status >= 400 or (self.access_log and scope["path"] not in _QUIET_PATHS):
-            log.info(
-                "%s %s %d",
+            log_request(
+                logging.INFO,
                 method,
                 scope["path"],
                 status,
-                extra={
+                {
                     "request_id": request_id,
                     "traceparent": _header(scope, b"traceparent"),
                     "status": status,
@@ -155,12 +159,26 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# A new id is this process's random prefix and a counter: unique across replicas and restarts
+# without uuid4's cost per request (3 % of the event loop's time at 64 clients, py-spy).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_prefix() -> None:  # a forked worker must not repeat its parent's ids
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def _request_id(scope: Scope) -> str:
     """The client's ``X-Request-ID`` when it is a sane token, else a new one."""
     given = _header(scope, b"x-request-id")
     if given and len(given) <= 128 and _REQUEST_ID_CHARS.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,0 +1,132 @@
+"""What makes the default configuration fast (bench/run.py measures it): the v2 infer route served
+straight from the request guard, the access log written off the event loop, the loaded heap out of
+the garbage collector's reach, one onnxruntime thread per core beyond the event loop's, cheap
+request ids. Each keeps the behaviour it replaced."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from service import logs
+from service.api.routes import v2
+from service.config import Settings
+
+INFER = "/v2/models/mnist/infer"
+
+
+def digits_body(images: np.ndarray) -> dict:
+    x = (images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+def test_v2_infer_answers_the_same_on_the_fast_path_as_through_every_middleware(client: TestClient, mnist_test) -> None:
+    images, labels = mnist_test
+    body = digits_body(images[:8])
+    fast = client.post(INFER, json=body, headers={"accept-encoding": "identity"})
+    slow = client.post(INFER, json=body, headers={"accept-encoding": "gzip"})
+    assert fast.status_code == slow.status_code == 200
+    assert fast.json()["outputs"] == slow.json()["outputs"]
+    assert "content-encoding" not in fast.headers
+    assert fast.headers["x-batch-size"] and fast.headers["x-request-id"]
+    predicted = np.argmax(np.asarray(fast.json()["outputs"][0]["data"]).reshape(8, 10), axis=1)
+    assert (predicted == labels[:8]).mean() >= 0.875
+
+
+def test_the_fast_path_takes_only_infer_posts_from_clients_that_do_not_ask_for_gzip() -> None:
+    dispatch = v2.fast_path({v2.HTTPException: object()})
+
+    def scope(method: str, path: str, encoding: bytes = b"identity") -> dict:
+        return {"type": "http", "method": method, "path": path, "headers": [(b"accept-encoding", encoding)]}
+
+    assert dispatch(scope("POST", "/v2/models/mnist/infer")) is not None
+    assert dispatch(scope("POST", "/v2/models/mnist/versions/1/infer")) is not None
+    assert dispatch(scope("POST", "/v2/models/mnist/infer", b"gzip, deflate, br")) is None
+    assert dispatch(scope("GET", "/v2/models/mnist/infer")) is None
+    assert dispatch(scope("POST", "/v1/image-classification")) is None
+    taken = scope("POST", "/v2/models/mnist/infer")
+    dispatch(taken)
+    assert taken["path_params"] == {"model": "mnist"} and taken["route"].path == "/v2/models/{model}/infer"
+
+
+def test_fast_path_requests_are_counted_under_their_route_template(client: TestClient, mnist_test) -> None:
+    series = 'neuroserve_http_requests_total{method="POST",route="/v2/models/{model}/infer",status="200"}'
+
+    def count() -> float:
+        line = next((ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(series)), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = count()
+    for _ in range(3):
+        client.post(INFER, json=digits_body(mnist_test[0][:1]), headers={"accept-encoding": "identity"})
+    assert count() == before + 3
+
+
+def test_the_access_log_is_written_by_its_own_thread_with_each_request_id(client: TestClient, mnist_test) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    writer = logs.configure("info", json_lines=True, stream=stream)
+    try:
+        ids = []
+        for i in range(5):
+            answer = client.post(
+                INFER,
+                json=digits_body(mnist_test[0][i : i + 1]),
+                headers={"accept-encoding": "identity", "x-request-id": f"test-{i}"},
+            )
+            ids.append(answer.headers["x-request-id"])
+        client.post(INFER, content=b"{", headers={"x-request-id": "broken-one"})
+    finally:
+        writer.stop()
+        logs._writer = None
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    access = {line["request_id"]: line for line in lines if line["logger"] == "neuroserve.access"}
+    assert ids == [f"test-{i}" for i in range(5)]
+    for request_id in ids:
+        line = access[request_id]
+        assert line["message"] == f"POST {INFER} 200" and line["status"] == 200 and line["duration_ms"] > 0
+        assert line["route"] == "/v2/models/{model}/infer"
+    assert access["broken-one"]["status"] == 400
+
+
+def test_the_writer_writes_what_is_queued_when_stopped_and_survives_a_bad_record() -> None:
+    stream = io.StringIO()
+    writer = logs.LogWriter(stream, logs.PlainFormatter("%(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    writer.start()
+    record = logging.makeLogRecord({"msg": "%d things", "args": ("not a number",), "levelname": "INFO"})
+    writer.queue.put(record)
+    for i in range(200):
+        writer.queue.put((0.0, logging.INFO, "GET", f"/x/{i}\nforged", 200, {"request_id": f"r{i}"}))
+    writer.stop()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 201 and lines[0].startswith("(unformattable log record")
+    assert lines[-1] == "INFO neuroserve.access [r199]: GET /x/199\\nforged 200"
+
+
+def test_request_ids_are_unique_and_a_clients_sane_id_is_kept(client: TestClient) -> None:
+    made = {client.get("/v2/health/live").headers["x-request-id"] for _ in range(200)}
+    assert len(made) == 200 and all(len(i) == 32 for i in made)
+    assert client.get("/v2/health/live", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    bad = client.get("/v2/health/live", headers={"x-request-id": "a b\tc"}).headers["x-request-id"]
+    assert bad != "a b\tc" and len(bad) == 32
+
+
+def test_the_loaded_heap_is_frozen_out_of_the_collectors_reach(client: TestClient) -> None:
+    # Every object alive once the models are loaded: FastAPI, pydantic, numpy, onnx, the models.
+    assert gc.get_freeze_count() > 100_000
+
+
+def test_onnxruntime_gets_one_thread_per_core_beyond_the_event_loops(monkeypatch) -> None:
+    for cores, threads in ((1, 1), (2, 1), (4, 3), (16, 15)):
+        monkeypatch.setattr(Settings, "cpu_cores", staticmethod(lambda cores=cores: cores))
+        assert Settings().intra_op_threads_or_default() == threads
+    assert Settings(intra_op_threads=0).intra_op_threads_or_default() == 0  # onnxruntime's own choice
+    assert Settings(intra_op_threads=2).intra_op_threads_or_default() == 2
