@@ -1,31 +1,39 @@
-"""MNIST serving benchmark, every configuration in one run (absolute figures drift on shared machines;
-compare within a run):
+"""MNIST serving benchmark: neuroserve as users run it (no settings at all) beside a tuned
+configuration and its peers, in one interleaved run (absolute figures drift on a shared machine:
+every server is started once and the rounds alternate between them, so drift touches them alike).
 
-1. the raw in-process onnxruntime ceiling, batch 1 to 64;
-2. over HTTP with wrk at each concurrency, on the v2 JSON endpoint: a plain FastAPI app running
-   onnxruntime once per request on the event loop, neuroserve with batching off
-   (``max_batch_size`` 1) and on, and Triton (PyTriton) when ``--triton`` points at its Python;
-3. the image endpoint (multipart PNG) with batching off and on.
+1. ceilings: raw in-process onnxruntime, batch 1 to 64; the image endpoint's own decoding ceiling
+   (multipart parsing, PNG decoding and preprocessing of the same request, in-process, one thread);
+2. the v2 JSON endpoint with wrk, ``--rounds`` rounds of every server at each concurrency:
+   neuroserve as shipped, tuned (access log off), with batching off; Triton's dynamic batcher
+   (PyTriton), LitServe (batch 64, 1 ms) and a plain FastAPI app running onnxruntime once per request
+   on its event loop (``bench/plain_app.py``), each peer with one intra-op thread;
+3. the image endpoint (multipart PNG): neuroserve as shipped and tuned, interleaved the same way.
 
-For neuroserve runs the server-side split (mean queue time per request, mean compute time per
-batch, mean batch size) comes from its own Prometheus metrics, scraped before and after each run.
+For neuroserve the server-side split (queue ms per request, compute ms per batch, mean batch) of
+each run comes from its own Prometheus metrics. The summary is the median of the rounds with their
+spread, and the ratios of neuroserve as shipped to Triton and to the plain app.
 
-    python -m bench.run [--duration 10] [--concurrency 1 16 64] [--triton .peers/triton/bin/python]
+    python -m bench.run [--duration 10] [--rounds 3] [--concurrency 1 64] [--skip-image]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import io
 import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,22 +43,22 @@ from PIL import Image
 from bench.harness import (
     ROOT,
     Server,
-    format_table,
     free_port,
     load_arguments,
-    measure,
-    neuroserve,
     raw_ceiling,
+    run_wrk,
+    scrape,
     write_multipart,
 )
 from training.idx import load_mnist
 
-NEUROSERVE_CONFIGS = (
-    ("neuroserve, batching off", {"NEUROSERVE_MAX_BATCH_SIZE": "1"}),
-    ("neuroserve, batching on, delay 0", {"NEUROSERVE_MAX_QUEUE_DELAY_MS": "0"}),
-    ("neuroserve, batching on, delay 2 ms", {"NEUROSERVE_MAX_QUEUE_DELAY_MS": "2"}),
-)
 JSON = "application/json"
+SHIPPED = "neuroserve as shipped"
+TUNED = "neuroserve tuned (access log off)"
+BATCHING_OFF = "neuroserve, batching off"
+TRITON = "Triton (PyTriton) dynamic batcher"
+LITSERVE = "LitServe (batch 64, 1 ms)"
+PLAIN = "plain FastAPI + ORT per request"
 
 
 @dataclass
@@ -94,128 +102,233 @@ def write_bodies(digit: np.ndarray, folder: Path) -> Bodies:
     return Bodies(v2_json, v2_binary, str(len(binary_header)), image, image_type)
 
 
-def ceiling_phase(onnx_path: Path, threads: int) -> list[dict]:
-    """1. The raw in-process onnxruntime ceiling, batch 1 to 64."""
-    print(f"raw onnxruntime ceiling ({onnx_path}, {threads} intra-op thread(s)):", flush=True)
-    ceiling = raw_ceiling(onnx_path, threads)
-    for row in ceiling:
-        print(f"  batch {row['batch']:>3}: {row['ms_per_batch']:7.3f} ms/batch  {row['images_per_s']:9.0f} images/s")
-    return ceiling
+# -- ceilings ---------------------------------------------------------------------------------
 
 
-def plain_runs(args: argparse.Namespace, onnx_path: Path, bodies: Bodies) -> list[dict]:
-    """The baseline: a plain FastAPI app, onnxruntime once per request, on the v2 JSON endpoint."""
+def image_ceiling(body: bytes, content_type: str, model_dir: Path, seconds: float = 2.0) -> dict:
+    """The image endpoint's own work for one request, in-process on one thread: Starlette's
+    multipart parser, then the service's decoding (``decode_each``) and the preprocessing that
+    ``model_dir``'s model.json asks for (MNIST's: find, crop and centre the digit)."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartParser
+
+    from service.api.images import decode_each
+    from service.config import Settings
+    from service.tasks import image_classification as task
+
+    settings = Settings()
+    spec = json.loads((model_dir / "model.json").read_text())
+    parameters = task.ImageClassificationParameters(**spec.get("parameters", {}))
+    shape = [1, 1, 28, 28]
+    slots = threading.BoundedSemaphore(1)
+    headers = Headers({"content-type": content_type, "content-length": str(len(body))})
+
+    async def parse() -> list[tuple[str, bytes]]:
+        async def stream():  # type: ignore[no-untyped-def]
+            yield body
+
+        form = await MultiPartParser(headers, stream()).parse()
+        return [(f.filename or "file", await f.read()) for f in form.getlist("files")]
+
+    def decode(blobs: list[tuple[str, bytes]]) -> None:
+        decode_each(
+            blobs,
+            settings,
+            slots,
+            lambda decoded: task.prepare(decoded.image, shape, parameters),
+            reduce_to=task.decode_size(shape, parameters),
+        )
+
+    async def timed() -> tuple[int, float, float]:
+        parse_s = decode_s = 0.0
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or n < 50:
+            t0 = time.perf_counter()
+            blobs = await parse()
+            t1 = time.perf_counter()
+            decode(blobs)
+            parse_s, decode_s, n = parse_s + t1 - t0, decode_s + time.perf_counter() - t1, n + 1
+        return n, parse_s, decode_s
+
+    asyncio.run(timed())  # warm-up
+    n, parse_s, decode_s = asyncio.run(timed())
+    return {
+        "requests_per_s": n / (parse_s + decode_s),
+        "parse_ms": 1000 * parse_s / n,
+        "decode_and_prepare_ms": 1000 * decode_s / n,
+    }
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+def neuroserve_server(args: argparse.Namespace, label: str, **env: str) -> Server:
+    """``python -m service serve`` with only the repository and port set (and ``env``): the
+    defaults users get, access log included (written to the harness's log file)."""
+    port = free_port()
+    settings = {"NEUROSERVE_REPOSITORY": str(args.repository), "NEUROSERVE_PORT": str(port), **env}
+    return Server([sys.executable, "-m", "service", "serve"], settings, label=label, port=port)
+
+
+def peer_servers(args: argparse.Namespace, onnx_path: Path) -> list[Server]:
+    servers = []
+    if args.triton.exists():
+        port = free_port()
+        cmd = [str(args.triton), "../shared/peers/triton_onnx.py", str(onnx_path), "--name", args.model]
+        cmd += ["--port", str(port), "--threads", "1", "--max-batch", "64", "--delay-ms", "0"]
+        servers.append(
+            Server(
+                cmd,
+                {"LD_LIBRARY_PATH": sysconfig.get_config_var("LIBDIR") or ""},
+                label=TRITON,
+                port=port,
+                ready_path=f"/v2/models/{args.model}/ready",
+                stop_signal=signal.SIGINT,
+            )
+        )
+    else:
+        print(f"(Triton skipped: {args.triton} not found; see ../shared/peers/install-triton.sh)")
+    if args.litserve.exists():
+        port = free_port()
+        cmd = [str(args.litserve), "../shared/peers/litserve_onnx.py", str(onnx_path), args.model, str(port)]
+        servers.append(Server([*cmd, "64", "0.001", "1"], label=LITSERVE, port=port, ready_path="/health"))
+    else:
+        print(f"(LitServe skipped: {args.litserve} not found; see ../shared/peers/install-litserve.sh)")
     port = free_port()
     uvicorn = ["-m", "uvicorn", "bench.plain_app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    server = Server(
-        [sys.executable, *uvicorn],
-        {"MODEL": str(onnx_path), "THREADS": str(args.threads)},
-        label="plain FastAPI + ORT per request",
-        port=port,
-        ready_path="/docs",
-    )
-    with server:
-        return measure(server, v2_path(args), bodies.v2_json, JSON, args.concurrency, args.duration, None)
-
-
-def json_runs(server: Server, args: argparse.Namespace, bodies: Bodies) -> list[dict]:
-    """One neuroserve configuration on the v2 endpoint: JSON, and for delay 0 binary tensors too."""
-    rows = measure(server, v2_path(args), bodies.v2_json, JSON, args.concurrency, args.duration, args.model)
-    if "delay 0" in server.label:
-        rows += measure(
-            server,
-            v2_path(args),
-            bodies.v2_binary,
-            "application/octet-stream",
-            args.concurrency,
-            args.duration,
-            args.model,
-            header_length=bodies.binary_header_length,
-            label=server.label + ", binary tensors",
+    servers.append(
+        Server(
+            [sys.executable, *uvicorn],
+            {"MODEL": str(onnx_path), "THREADS": "1"},
+            label=PLAIN,
+            port=port,
+            ready_path="/docs",
         )
+    )
+    return servers
+
+
+# -- interleaved rounds -------------------------------------------------------------------------
+
+
+def one_run(server: Server, path: str, body: Path, ctype: str, c: int, seconds: float, model: str | None) -> dict:
+    """One wrk run; for neuroserve (``model`` given) with the server-side split from its metrics."""
+    before = scrape(server.port, model) if model else None
+    result = run_wrk(server.port, path, body, ctype, c, seconds)
+    if model and before is not None:
+        after = scrape(server.port, model)
+        d = {k: after[k] - before[k] for k in after}
+        result["queue_ms"] = 1000 * d["queue_duration_seconds_sum"] / max(d["queue_duration_seconds_count"], 1)
+        result["compute_ms"] = 1000 * d["compute_duration_seconds_sum"] / max(d["compute_duration_seconds_count"], 1)
+        result["mean_batch"] = d["batch_size_sum"] / max(d["batch_size_count"], 1)
+    return result
+
+
+def interleaved(
+    servers: list[Server],
+    path: str,
+    body: Path,
+    ctype: str,
+    args: argparse.Namespace,
+    is_neuroserve: Callable[[Server], bool],
+) -> list[dict]:
+    """A warm-up of each, then ``args.rounds`` rounds; in each, every concurrency, every server."""
+    for server in servers:
+        run_wrk(server.port, path, body, ctype, max(args.concurrency), min(2.0, args.duration))
+    rows = []
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            for server in servers:
+                model = args.model if is_neuroserve(server) else None
+                result = one_run(server, path, body, ctype, c, args.duration, model)
+                rows.append({"server": server.label, "round": r, "concurrency": c, **result})
+                print(
+                    f"  round {r} {server.label:<36} c={c:<3} {result['rps']:7.0f} req/s  "
+                    f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors {result['errors']}",
+                    flush=True,
+                )
     return rows
 
 
-def image_runs(server: Server, args: argparse.Namespace, bodies: Bodies) -> list[dict]:
-    """3. One neuroserve configuration on the image endpoint (multipart PNG)."""
-    return measure(
-        server, "/v1/image-classification", bodies.image, bodies.image_type, args.concurrency, args.duration, args.model
-    )
-
-
-def triton_runs(args: argparse.Namespace, onnx_path: Path, bodies: Bodies) -> list[dict]:
-    """Triton (PyTriton) with its dynamic batcher on the v2 JSON endpoint, if its Python is there."""
-    if not args.triton.exists():
-        print(f"(Triton skipped: {args.triton} not found; see ../shared/peers/install-triton.sh)")
-        return []
-    port = free_port()
-    cmd = [
-        str(args.triton),
-        "../shared/peers/triton_onnx.py",
-        str(onnx_path),
-        "--name",
-        args.model,
-        "--port",
-        str(port),
-    ]
-    cmd += ["--threads", str(args.threads), "--max-batch", "64", "--delay-ms", "2"]
-    triton = Server(
-        cmd,
-        {"LD_LIBRARY_PATH": sysconfig.get_config_var("LIBDIR") or ""},
-        label="Triton (PyTriton) dynamic batcher",
-        port=port,
-        ready_path=f"/v2/models/{args.model}/ready",
-        stop_signal=signal.SIGINT,
-    )
-    with triton:
-        return measure(triton, v2_path(args), bodies.v2_json, JSON, args.concurrency, args.duration, None)
-
-
-def http_phase(args: argparse.Namespace, onnx_path: Path, bodies: Bodies) -> tuple[list[dict], list[dict]]:
-    """2. and 3. Every server over HTTP: the rows of the v2 JSON endpoint and of the image endpoint
-    (each neuroserve configuration serves both from one process)."""
-    print("\nv2 JSON endpoint, one 28x28 image per request:", flush=True)
-    v2_rows, image_rows = plain_runs(args, onnx_path, bodies), []
-    for label, env in NEUROSERVE_CONFIGS:
-        with neuroserve(args.repository, label=label, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env) as server:
-            v2_rows += json_runs(server, args, bodies)
-            if not args.skip_image:
-                image_rows += image_runs(server, args, bodies)
-    v2_rows += triton_runs(args, onnx_path, bodies)
-    return v2_rows, image_rows
-
-
-def report(results: dict, output: Path, model: str) -> Path:
-    """The tables, and the results as JSON in ``output``."""
-    print("\n### raw onnxruntime (in-process)\n")
-    print("| batch | ms/batch | images/s |\n|---:|---:|---:|")
-    for row in results["raw_onnxruntime"]:
-        print(f"| {row['batch']} | {row['ms_per_batch']:.3f} | {row['images_per_s']:.0f} |")
-    print("\n### v2 JSON endpoint\n")
-    print(format_table(results["v2_json"], server_side=True))
-    if results["image_multipart"]:
-        print("\n### /v1/image-classification (multipart PNG)\n")
-        print(format_table(results["image_multipart"], server_side=True))
-    output.mkdir(parents=True, exist_ok=True)
-    out = output / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per server and concurrency: the median of the rounds, their spread, the errors summed."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["server"], row["concurrency"]), []).append(row)
+    out = []
+    for (server, c), runs in groups.items():
+        summary = {
+            "server": server,
+            "concurrency": c,
+            "rounds": len(runs),
+            "rps": statistics.median(r["rps"] for r in runs),
+            "rps_min": min(r["rps"] for r in runs),
+            "rps_max": max(r["rps"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "p99_min_ms": min(r["p99_ms"] for r in runs),
+            "p99_max_ms": max(r["p99_ms"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+        }
+        if "mean_batch" in runs[0]:
+            for key in ("queue_ms", "compute_ms", "mean_batch"):
+                summary[key] = statistics.median(r[key] for r in runs)
+        out.append(summary)
     return out
 
 
-def v2_path(args: argparse.Namespace) -> str:
-    return f"/v2/models/{args.model}/infer"
+def verdicts(summary: list[dict], c: int) -> list[str]:
+    """neuroserve as shipped against Triton (>= 1.3x throughput, p99 <= 1.1x) and the plain app
+    (>= 1.5x throughput, p99 no worse), at concurrency ``c``."""
+    at = {row["server"]: row for row in summary if row["concurrency"] == c}
+    shipped = at.get(SHIPPED)
+    lines = []
+    for peer, throughput, tail in ((TRITON, 1.3, 1.1), (PLAIN, 1.5, 1.0)):
+        if shipped is None or peer not in at:
+            continue
+        rps, p99 = shipped["rps"] / at[peer]["rps"], shipped["p99_ms"] / at[peer]["p99_ms"]
+        ok = rps >= throughput and p99 <= tail and shipped["errors"] == 0
+        lines.append(
+            f"c={c}: as shipped / {peer}: throughput {rps:.2f}x (target >= {throughput}x), "
+            f"p99 {p99:.2f}x (target <= {tail}x), errors {shipped['errors']}: {'met' if ok else 'NOT met'}"
+        )
+    return lines
+
+
+def format_summary(summary: list[dict]) -> str:
+    lines = [
+        "| server | concurrency | req/s (median) | req/s min-max | p50 ms | p99 ms (median) | p99 min-max "
+        "| errors | queue ms/req | compute ms/batch | mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        side = (
+            f"{r['queue_ms']:.2f} | {r['compute_ms']:.2f} | {r['mean_batch']:.1f}" if "mean_batch" in r else "- | - | -"
+        )
+        lines.append(
+            f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['rps_min']:.0f}-{r['rps_max']:.0f} "
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_min_ms']:.1f}-{r['p99_max_ms']:.1f} "
+            f"| {r['errors']} | {side} |"
+        )
+    return "\n".join(lines)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = load_arguments(__doc__)
+    p.set_defaults(concurrency=[1, 64])
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every server, alternating")
     p.add_argument("--model", default="mnist")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, same for every server")
     p.add_argument(
         "--triton",
         type=Path,
         default=ROOT / ".peers" / "triton" / "bin" / "python",
         help="Python of a PyTriton venv (../shared/peers/install-triton.sh); skipped if missing",
+    )
+    p.add_argument(
+        "--litserve",
+        type=Path,
+        default=ROOT / ".peers" / "litserve" / "bin" / "python",
+        help="Python of a LitServe venv (../shared/peers/install-litserve.sh); skipped if missing",
     )
     p.add_argument("--skip-image", action="store_true", help="only the v2 JSON endpoint")
     return p.parse_args(argv)
@@ -234,12 +347,67 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu_count": os.cpu_count(),
         "model": str(onnx_path),
-        "raw_onnxruntime": ceiling_phase(onnx_path, args.threads),
     }
-    results["v2_json"], results["image_multipart"] = http_phase(args, onnx_path, bodies)
-    report(results, args.output, args.model)
+    print(f"raw onnxruntime ceiling ({onnx_path}, 1 intra-op thread):", flush=True)
+    results["raw_onnxruntime"] = raw_ceiling(onnx_path, 1)
+    for row in results["raw_onnxruntime"]:
+        print(f"  batch {row['batch']:>3}: {row['ms_per_batch']:7.3f} ms/batch  {row['images_per_s']:9.0f} images/s")
+    results["image_ceiling"] = image_ceiling(bodies.image.read_bytes(), bodies.image_type, args.repository / args.model)
+    print(f"image endpoint's decoding ceiling (one thread): {results['image_ceiling']}", flush=True)
+
+    neuroserves = [
+        neuroserve_server(args, SHIPPED),
+        neuroserve_server(args, TUNED, NEUROSERVE_ACCESS_LOG="false"),
+        neuroserve_server(args, BATCHING_OFF, NEUROSERVE_MAX_BATCH_SIZE="1"),
+    ]
+    servers = [*neuroserves, *peer_servers(args, onnx_path)]
+    ours = {id(s) for s in neuroserves}
+    try:
+        for server in servers:
+            server.start()
+        print("\nv2 JSON endpoint, one 28x28 image per request:", flush=True)
+        path = f"/v2/models/{args.model}/infer"
+        results["v2_json_runs"] = interleaved(servers, path, bodies.v2_json, JSON, args, lambda s: id(s) in ours)
+        results["image_multipart_runs"] = []
+        if not args.skip_image:
+            print("\n/v1/image-classification, one PNG per multipart request:", flush=True)
+            results["image_multipart_runs"] = interleaved(
+                neuroserves[:2], "/v1/image-classification", bodies.image, bodies.image_type, args, lambda s: True
+            )
+    finally:
+        for server in servers:
+            server.stop()
+    report(results, args)
     shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def report(results: dict, args: argparse.Namespace) -> Path:
+    results["v2_json"] = summarise(results["v2_json_runs"])
+    results["image_multipart"] = summarise(results["image_multipart_runs"])
+    results["verdicts"] = [line for c in args.concurrency for line in verdicts(results["v2_json"], c)]
+    print("\n### raw onnxruntime (in-process, 1 intra-op thread)\n")
+    print("| batch | ms/batch | images/s |\n|---:|---:|---:|")
+    for row in results["raw_onnxruntime"]:
+        print(f"| {row['batch']} | {row['ms_per_batch']:.3f} | {row['images_per_s']:.0f} |")
+    print(f"\n### v2 JSON endpoint (median of {args.rounds} interleaved rounds of {args.duration:.0f} s)\n")
+    print(format_summary(results["v2_json"]))
+    if results["image_multipart"]:
+        ceiling = results["image_ceiling"]
+        print(
+            f"\n### /v1/image-classification (multipart PNG); its decoding ceiling on one thread: "
+            f"{ceiling['requests_per_s']:.0f} requests/s (parse {ceiling['parse_ms']:.3f} ms, "
+            f"decode and prepare {ceiling['decode_and_prepare_ms']:.3f} ms)\n"
+        )
+        print(format_summary(results["image_multipart"]))
+    print()
+    for line in results["verdicts"]:
+        print(line)
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         "is decoded: with one image of a request decoded at a time, this bounds what one request can make the "
         "server hold (about 3 bytes a pixel at most, RGB).",
     )
+    inline_decode_pixels: int = Field(
+        65_536,
+        ge=0,
+        description="A request whose images hold at most this many pixels together is decoded on the event loop "
+        "(cheaper than a worker thread for small images); larger ones decode on worker threads.",
+    )
     image_decode_slots: int = Field(
         0, ge=0, description="Images decoding at once in the whole server (0: one per CPU core)."
     )

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import atexit
 import contextvars
-import json
 import logging
 import queue
 import sys
 import threading
 import time
 from typing import Any, TextIO
+
+import orjson
 
 # The request a log line belongs to (set by the request guard, carried into worker threads).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -40,10 +41,14 @@ class RequestIdFilter(logging.Filter):
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -51,7 +56,19 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return orjson.dumps(entry, default=str).decode()
+
+    def access(self, created: float, level: int, method: str, path: str, status: int, fields: dict) -> str:
+        """The line :meth:`format` would write for this access-log entry, without building a
+        LogRecord for it (a third of the writer's time per line)."""
+        entry = {
+            "ts": _timestamp(created),
+            "level": logging.getLevelName(level).lower(),
+            "logger": ACCESS.name,
+            "message": f"{method} {path} {status}",
+            **fields,
+        }
+        return orjson.dumps(entry, default=str).decode()
 
 
 class PlainFormatter(logging.Formatter):
@@ -116,8 +133,12 @@ class LogWriter(threading.Thread):
                 stop = True
                 continue
             try:
-                record = item if isinstance(item, logging.LogRecord) else _access_record(*item)
-                lines.append(self.formatter.format(record))
+                if isinstance(item, logging.LogRecord):
+                    lines.append(self.formatter.format(item))
+                elif isinstance(self.formatter, JsonFormatter):
+                    lines.append(self.formatter.access(*item))
+                else:
+                    lines.append(self.formatter.format(_access_record(*item)))
             except Exception:  # one unformattable record must not stop the log
                 lines.append(f"(unformattable log record {item!r:.200})")
         if lines:

@@ -130,3 +130,38 @@ def test_onnxruntime_gets_one_thread_per_core_beyond_the_event_loops(monkeypatch
         assert Settings().intra_op_threads_or_default() == threads
     assert Settings(intra_op_threads=0).intra_op_threads_or_default() == 0  # onnxruntime's own choice
     assert Settings(intra_op_threads=2).intra_op_threads_or_default() == 2
+
+
+def png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_small_images_decode_on_the_event_loop_and_large_or_broken_ones_on_worker_threads() -> None:
+    from service.api.images import decode_inline
+
+    settings = Settings()
+    digit = png(np.zeros((28, 28), np.uint8))
+    assert decode_inline([("a.png", digit)] * 8, settings)
+    assert not decode_inline([("big.png", png(np.zeros((600, 600), np.uint8)))], settings)
+    assert not decode_inline([("a.png", digit)] * 100, Settings(inline_decode_pixels=28 * 28 * 99))
+    assert not decode_inline([("broken.png", b"not an image")], settings)
+
+
+def test_a_digit_is_classified_the_same_decoded_inline_or_on_a_worker_thread(mnist_test, tmp_path) -> None:
+    from tests.conftest import ROOT, make_client, wait_ready
+
+    (tmp_path / "mnist").symlink_to(ROOT / "models" / "mnist")
+    images, _ = mnist_test
+    files = [("files", (f"{i}.png", png(images[i]), "image/png")) for i in range(4)]
+    answers = []
+    for pixels in (65_536, 0):  # 0: every request goes to a worker thread
+        with make_client(inline_decode_pixels=pixels, repository=tmp_path) as client:
+            wait_ready(client)
+            response = client.post("/v1/image-classification", files=files)
+            assert response.status_code == 200, response.text
+            answers.append(response.json()["predictions"])
+    assert answers[0] == answers[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.images import Blobs, decode_each, read_images, request_doc
+from service.api.images import Blobs, decode_each, decode_inline, read_images, request_doc
 from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64
 from service.config import Settings
 from service.errors import SchemaError
@@ -83,7 +84,8 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
     served = registry.for_task(task.TASK.name, model if isinstance(model, str) and model else None)
     parameters: task.ImageClassificationParameters = served.parameters  # type: ignore[assignment]
     spec_input, spec_output = served.spec.inputs[0], served.spec.outputs[0]
-    batch = await run_in_threadpool(_prepare, request, blobs, spec_input.shape, parameters)
+    prepare = functools.partial(_prepare, request, blobs, spec_input.shape, parameters)
+    batch = prepare() if decode_inline(blobs, settings) else await run_in_threadpool(prepare)
     result = await unless_disconnected(request, served.infer_rows({spec_input.name: batch}))
     scores = task.scores(result.outputs[spec_output.name], parameters)
     body = ImageClassificationResponse(
