@@ -149,6 +149,7 @@ def test_small_images_decode_on_the_event_loop_and_large_or_broken_ones_on_worke
     assert not decode_inline([("big.png", png(np.zeros((600, 600), np.uint8)))], settings)
     assert not decode_inline([("a.png", digit)] * 100, Settings(inline_decode_pixels=28 * 28 * 99))
     assert not decode_inline([("broken.png", b"not an image")], settings)
+    assert not decode_inline([("padded.png", digit + b"\0" * 300_000)], settings)  # bytes bound it too
 
 
 def test_a_digit_is_classified_the_same_decoded_inline_or_on_a_worker_thread(mnist_test, tmp_path) -> None:

@@ -22,6 +22,7 @@ Blobs = list[tuple[str, bytes]]  # (name for error messages, file bytes)
 T = TypeVar("T")
 # After a request this large, freed image memory is handed back to the system at once.
 _TRIM_AFTER_PIXELS = 4_000_000
+_INLINE_DECODE_BYTES = 256 * 1024
 
 
 async def read_images(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
@@ -97,7 +98,10 @@ def decode_inline(blobs: Blobs, settings: Settings) -> bool:
     a worker thread cost more than the decoding (0.26 ms), and with 64 clients the worker threads'
     many short numpy calls queued on the GIL: the image endpoint served 490 requests/s with them,
     against a one-thread ceiling of 3,800 (bench/run.py). A header that cannot be read is left to
-    the worker thread, which reports it."""
+    the worker thread, which reports it, and so are files over 256 KB together, whatever their
+    pixels (a small picture can come with megabytes of chunks or frames to skip)."""
+    if sum(len(data) for _, data in blobs) > _INLINE_DECODE_BYTES:
+        return False
     total = 0
     for name, data in blobs:
         try:
