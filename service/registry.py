@@ -228,6 +228,7 @@ class ServedModel:
 
     async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
+        self.runtime.check_shared_axes(feeds)
         with self.observer.track():
             result = await self._submit(feeds)
         if self.batched:

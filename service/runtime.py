@@ -51,6 +51,9 @@ class TensorInfo:
     name: str
     datatype: str  # KServe v2 name, e.g. FP32
     shape: tuple[int, ...]  # -1 for dynamic axes
+    # The graph's names for its dynamic axes (None where it has none): inputs that share a name
+    # must agree on that axis's size, or onnxruntime fails inside the graph.
+    symbols: tuple[str | None, ...] = ()
 
     @property
     def dtype(self) -> np.dtype:
@@ -80,7 +83,8 @@ def _tensor_infos(args: Sequence[ort.NodeArg], path: Path) -> list[TensorInfo]:
         if arg.type not in ORT_TO_V2:
             raise ModelLoadError(path, f"tensor {arg.name!r} has unsupported type {arg.type}")
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
-        infos.append(TensorInfo(arg.name, ORT_TO_V2[arg.type], shape))
+        symbols = tuple(d if isinstance(d, str) and d else None for d in (arg.shape or ()))
+        infos.append(TensorInfo(arg.name, ORT_TO_V2[arg.type], shape, symbols))
     return infos
 
 
@@ -120,6 +124,26 @@ class OnnxModel:
             shapes = {name: list(array.shape) for name, array in feeds.items()}
             raise InvalidTensor(f"the model cannot run inputs of these shapes and values: {shapes}") from None
         return dict(zip(self._output_names, results, strict=True))
+
+    def check_shared_axes(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Inputs whose axes the graph names alike (``length`` of ``input_ids`` and of
+        ``attention_mask``) must have the same size there: else onnxruntime fails deep in the
+        graph, which read as a server error. A client's mistake, told before it is queued."""
+        seen: dict[str, tuple[str, int, int]] = {}
+        for info in self.inputs:
+            array = feeds.get(info.name)
+            if array is None:
+                continue
+            for axis, symbol in enumerate(info.symbols[: array.ndim]):
+                if symbol is None:
+                    continue
+                size = array.shape[axis]
+                first = seen.setdefault(symbol, (info.name, axis, size))
+                if first[2] != size:
+                    raise InvalidTensor(
+                        f"input {info.name!r} axis {axis} is {size} but input {first[0]!r} axis {first[1]} is "
+                        f"{first[2]}: the model takes the same size for both ({symbol!r})"
+                    )
 
     def dummy_feeds(self, batch_size: int, dynamic_dim: int = 1) -> dict[str, np.ndarray]:
         """Zeros of every input at ``batch_size`` (other dynamic axes set to ``dynamic_dim``)."""

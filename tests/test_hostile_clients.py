@@ -47,6 +47,20 @@ def ints(name: str, values: list, shape: list[int]) -> dict:
             ],
             "axis 1 is 128, the model takes at most 65",
         ),
+        (  # axes the graph names alike must agree: onnxruntime failed inside the graph (a 500)
+            "sentiment",
+            [ints("input_ids", [5] * 5, [1, 5]), ints("attention_mask", [1] * 7, [1, 7])],
+            "input 'attention_mask' axis 1 is 7 but input 'input_ids' axis 1 is 5",
+        ),
+        (
+            "translation-en-fr",
+            [
+                ints("tgt_ids", [1], [1, 1]),
+                {"name": "memory", "datatype": "FP32", "shape": [1, 4, 256], "data": [0.0] * 1024},
+                ints("src_ids", [5, 6, 7], [1, 3]),
+            ],
+            "input 'src_ids' axis 1 is 3 but input 'memory' axis 1 is 4",
+        ),
     ],
 )
 def test_v2_tensors_the_graph_cannot_take_are_a_400_before_they_are_queued(
