@@ -240,3 +240,26 @@ def test_a_crafted_path_cannot_forge_a_plain_text_log_line() -> None:
     )
     line = PlainFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     assert "\n" not in line and "\\n2026-12-02 INFO service: forged" in line
+
+
+def test_the_openapi_document_states_the_limits_this_server_runs_with() -> None:
+    from tests.conftest import make_client
+
+    with make_client(max_top_k=7, max_texts_per_request=3, max_beam_size=2, max_recommendations=11) as client:
+        document = client.get("/openapi.json").json()
+        paths = document["paths"]
+
+        def body(path: str, content: str = "application/json") -> dict:
+            return paths[path]["post"]["requestBody"]["content"][content]["schema"]["properties"]
+
+        assert body("/v1/image-classification")["top_k"]["maximum"] == 7
+        assert body("/v1/image-classification")["images"]["maxItems"] == 64
+        assert body("/v1/sentiment")["texts"]["maxItems"] == 3
+        assert body("/v1/sentiment")["texts"]["items"]["maxLength"] == 20000
+        assert body("/v1/translation")["beam_size"]["maximum"] == 2
+        assert body("/v1/recommendations")["k"]["maximum"] == 11
+        assert "x-neuroserve-limit" not in str(document)
+        # and the server keeps to what it states, one past each limit being a 4xx
+        over = client.post("/v1/sentiment", json={"texts": ["fine"] * 4})
+        assert over.status_code == 413 and over.json()["error_type"] == "too_many_items"
+        assert client.post("/v1/recommendations", json={"user_id": "1", "k": 12}).status_code == 422

@@ -20,6 +20,7 @@ from service.api.middleware import RequestGuard
 from service.api.pages import mount_pages
 from service.api.routes import health, v2
 from service.api.routes import metrics as metrics_routes
+from service.api.schemas import apply_limits
 from service.config import Settings
 from service.memory import settle_heap
 from service.metrics import Metrics
@@ -85,6 +86,18 @@ def _refusals(registry: ModelRegistry):  # type: ignore[no-untyped-def]
     return refuse
 
 
+def _state_limits(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document states the limits this server runs with (its settings), not defaults."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = apply_limits(generate(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -147,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=EXPOSED_HEADERS,
             max_age=settings.cors_max_age_s,
         )
+    _state_limits(app, settings)
     app.router.routes.extend(v2.fast_routes)
     mount_pages(app)
     for router in (health.router, v2.router, *(task.router() for task in TASKS.values()), metrics_routes.router):

@@ -4,7 +4,7 @@ models live in its route module."""
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -103,3 +103,35 @@ def inline_schema(model: type[BaseModel]) -> dict:
 def json_body_doc(model: type[BaseModel]) -> dict:
     """OpenAPI for a route that parses its JSON body itself (with ``parse_body``)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
+
+
+# Limits set by the server's settings, stated in its OpenAPI document with the values it runs with.
+LIMIT_KEY = "x-neuroserve-limit"
+
+
+def limit(setting: str, *, items: str | None = None) -> dict[str, Any]:
+    """``json_schema_extra`` for a field bounded by ``Settings.<setting>`` (and each item of a list
+    by ``Settings.<items>``): :func:`apply_limits` writes the configured values into the schema."""
+    return {LIMIT_KEY: setting} if items is None else {LIMIT_KEY: setting, LIMIT_KEY + "-items": items}
+
+
+def apply_limits(document: Any, settings: Any) -> Any:
+    """Every field marked by :func:`limit` gets the running server's value: ``maxItems`` for a list,
+    ``maxLength`` for a string, ``maximum`` for a number (and ``maxLength`` for a list's strings)."""
+    if isinstance(document, dict):
+        name = document.pop(LIMIT_KEY, None)
+        items = document.pop(LIMIT_KEY + "-items", None)
+        if name is not None:
+            kind = document.get("type")
+            key = {"array": "maxItems", "string": "maxLength"}.get(kind, "maximum")
+            document[key] = getattr(settings, name)
+            note = f"At most {getattr(settings, name)} on this server (NEUROSERVE_{name.upper()})."
+            document["description"] = f"{document.get('description', '').rstrip()} {note}".strip()
+        if items is not None and isinstance(document.get("items"), dict):
+            document["items"]["maxLength"] = getattr(settings, items)
+        for value in document.values():
+            apply_limits(value, settings)
+    elif isinstance(document, list):
+        for value in document:
+            apply_limits(value, settings)
+    return document

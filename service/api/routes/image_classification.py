@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_each, decode_inline, read_images, request_doc
-from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64
+from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, limit
 from service.config import Settings
 from service.errors import SchemaError
 from service.responses import ModelResponse
@@ -29,9 +29,13 @@ class ImageClassificationRequest(BaseModel):
         json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64], "top_k": 3}]},
     )
     images: list[str] = Field(
-        min_length=1, description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted."
+        min_length=1,
+        json_schema_extra=limit("max_images_per_request"),
+        description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted.",
     )
-    top_k: int = Field(5, ge=1, description="Labels to return per image, best first.")
+    top_k: int = Field(
+        5, ge=1, json_schema_extra=limit("max_top_k"), description="Labels to return per image, best first."
+    )
     model: str | None = Field(None, description="A model of this task; default: the task's default model.")
 
 

@@ -18,7 +18,7 @@ from service import imaging
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_each, read_images, request_doc
-from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, validate
+from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, limit, validate
 from service.errors import SchemaError
 from service.responses import ModelResponse
 from service.tasks import object_detection as task
@@ -57,7 +57,9 @@ class ObjectDetectionRequest(DetectionOptions):
         extra="forbid", strict=True, json_schema_extra={"examples": [{"images": [SEVEN_PNG_BASE64]}]}
     )
     images: list[str] = Field(
-        min_length=1, description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted."
+        min_length=1,
+        json_schema_extra=limit("max_images_per_request"),
+        description="Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted.",
     )
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, json_body_doc, parse_body
+from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, parse_body
 from service.errors import SchemaError, TooManyItems
 from service.responses import ModelResponse
 from service.tasks import rating as task
@@ -32,7 +32,11 @@ class RatingRequest(BaseModel):
             "examples": [{"pairs": [{"user_id": "1", "item_id": "1"}, {"user_id": "1", "item_id": "2"}]}]
         },
     )
-    pairs: list[RatingPair] = Field(min_length=1, description="The dataset's own ids (MovieLens userId, movieId).")
+    pairs: list[RatingPair] = Field(
+        min_length=1,
+        json_schema_extra=limit("max_pairs_per_request"),
+        description="The dataset's own ids (MovieLens userId, movieId).",
+    )
     model: str | None = None
 
 
@@ -55,7 +59,7 @@ class RecommendationRequest(BaseModel):
         extra="forbid", strict=True, json_schema_extra={"examples": [{"user_id": "1", "k": 10, "exclude_seen": True}]}
     )
     user_id: Id
-    k: int = Field(10, ge=1, description="How many items to return.")
+    k: int = Field(10, ge=1, json_schema_extra=limit("max_recommendations"), description="How many items to return.")
     exclude_seen: bool = Field(True, description="Leave out what the user has already rated.")
     model: str | None = None
 

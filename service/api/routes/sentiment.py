@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, parse_body
+from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, parse_body
 from service.registry import Inference, ServedModel
 from service.responses import ModelResponse
 from service.tasks import sentiment as task
@@ -29,7 +29,11 @@ class SentimentRequest(BaseModel):
             ]
         },
     )
-    texts: list[StrictStr] = Field(min_length=1, description="One prediction per text, in order.")
+    texts: list[StrictStr] = Field(
+        min_length=1,
+        json_schema_extra=limit("max_texts_per_request", items="max_text_chars"),
+        description="One prediction per text, in order.",
+    )
     model: str | None = Field(None, description="A sentiment model by name, e.g. sentiment-zh.")
     language: str = Field(
         "auto",

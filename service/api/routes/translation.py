@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, parse_body
+from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, parse_body
 from service.errors import SchemaError, ServiceError, UnsupportedText
 from service.responses import ModelResponse
 from service.tasks import translation as task
@@ -37,8 +37,17 @@ class TranslationRequest(BaseModel):
             ]
         },
     )
-    texts: list[StrictStr] = Field(min_length=1, description="English texts; one translation per text, in order.")
-    beam_size: int = Field(1, ge=1, description="1: greedy decoding; more: beam search (up to the server's limit).")
+    texts: list[StrictStr] = Field(
+        min_length=1,
+        json_schema_extra=limit("max_texts_per_request", items="max_text_chars"),
+        description="English texts; one translation per text, in order.",
+    )
+    beam_size: int = Field(
+        1,
+        ge=1,
+        json_schema_extra=limit("max_beam_size"),
+        description="1: greedy decoding; more: beam search (up to the server's limit and the model's).",
+    )
     max_new_tokens: int | None = Field(
         None, ge=1, description="Most tokens to generate per text (default and ceiling: the model's)."
     )
