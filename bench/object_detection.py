@@ -92,7 +92,7 @@ def postprocess_comparison(
         kept = 0
         for b, s, c in zip(boxes, scores, classes, strict=True):
             keep = s >= 0.4
-            kept += len(task.suppress(b[keep], s[keep], c[keep], 0.5))
+            kept += len(task.suppress(b[keep], s[keep], c[keep], 0.5)[0])
         return time.perf_counter() - graph_done, kept
 
     def graph_path(x: np.ndarray) -> tuple[float, int]:

@@ -169,7 +169,7 @@ def test_bad_images_and_bodies(client: TestClient) -> None:
         assert response.status_code == status, response.text
 
 
-def test_postprocessing_thresholds_and_class_wise_suppression() -> None:
+def test_postprocessing_thresholds_and_one_label_per_place() -> None:
     boxes = np.array(
         [[10, 10, 50, 50], [12, 12, 52, 52], [11, 11, 51, 51], [100, 100, 140, 140], [0, 0, 5, 5]], np.float32
     )
@@ -179,13 +179,25 @@ def test_postprocessing_thresholds_and_class_wise_suppression() -> None:
     found = task.detections(
         boxes, scores, classes, identity, ["a", "b", "c"], score_threshold=0.3, iou_threshold=0.5, max_detections=10
     )
-    # Box 1 overlaps box 0 (same class) and goes; box 2 overlaps too but is another class; box 4 is
-    # under the score threshold.
-    assert [(d["label"], d["score"]) for d in found] == [("b", 0.9), ("c", 0.7), ("b", 0.6)]
+    # Boxes 1 and 2 overlap box 0 and go, whatever their class: one place, one label, the best;
+    # box 2's other label is kept as an alternative. Box 4 is under the score threshold.
+    assert [(d["label"], d["score"]) for d in found] == [("b", 0.9), ("b", 0.6)]
+    assert found[0]["alternatives"] == [{"label": "c", "class_id": 2, "score": pytest.approx(0.7)}]
+    assert found[1]["alternatives"] == []
     loose = task.detections(
         boxes, scores, classes, identity, ["a", "b", "c"], score_threshold=0.0, iou_threshold=1.0, max_detections=2
     )
     assert [d["score"] for d in loose] == pytest.approx([0.9, 0.8])
+
+
+def test_the_strongest_label_is_drawn_last_on_top() -> None:
+    image = Image.new("RGB", (60, 60), "white")
+    box = {"x1": 10.0, "y1": 20.0, "x2": 50.0, "y2": 50.0}
+    strong = {"label": "8", "class_id": 0, "score": 0.9, "box": box}
+    weak = {"label": "9", "class_id": 1, "score": 0.4, "box": box}
+    drawn = Image.open(io.BytesIO(task.render(image, [strong, weak], "png"))).convert("RGB")
+    alone = Image.open(io.BytesIO(task.render(image, [strong], "png"))).convert("RGB")
+    assert drawn.tobytes() == alone.tobytes()  # the weak label lies under the strong one
 
 
 def test_letterbox_inverse_is_exact() -> None:

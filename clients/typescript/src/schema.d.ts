@@ -314,6 +314,15 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** Alternative */
+        Alternative: {
+            /** Label */
+            label: string;
+            /** Class Id */
+            class_id: number;
+            /** Score */
+            score: number;
+        };
         /** Box */
         Box: {
             /** X1 */
@@ -335,6 +344,11 @@ export interface components {
             score: number;
             /** @description Corners in the pixels of the image as sent (after its EXIF orientation). */
             box: components["schemas"]["Box"];
+            /**
+             * Alternatives
+             * @description Other labels the model gave the same place, best first (at most 2): suppression is class-agnostic, so a place gets one detection with its best label.
+             */
+            alternatives?: components["schemas"]["Alternative"][];
         };
         /** ErrorResponse */
         ErrorResponse: {
@@ -3393,12 +3407,12 @@ export interface operations {
                 "application/json": {
                     /**
                      * Images
-                     * @description Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted.
+                     * @description Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted. At most 64 on this server (NEUROSERVE_MAX_IMAGES_PER_REQUEST).
                      */
                     images: string[];
                     /**
                      * Top K
-                     * @description Labels to return per image, best first.
+                     * @description Labels to return per image, best first. At most 100 on this server (NEUROSERVE_MAX_TOP_K).
                      * @default 5
                      */
                     top_k?: number;
@@ -3412,7 +3426,7 @@ export interface operations {
                     files: string[];
                     /**
                      * Top K
-                     * @description Labels to return per image, best first.
+                     * @description Labels to return per image, best first. At most 100 on this server (NEUROSERVE_MAX_TOP_K).
                      * @default 5
                      */
                     top_k?: number;
@@ -3589,6 +3603,12 @@ export interface operations {
                      */
                     max_detections?: number | null;
                     /**
+                     * Class Agnostic
+                     * @description Suppress overlapping boxes whatever their class (one label per place, the best, with the others as alternatives); false: per class, as COCO's mAP is computed.
+                     * @default true
+                     */
+                    class_agnostic?: boolean;
+                    /**
                      * Render
                      * @description png/jpeg: answer with the (single) image and its boxes drawn, instead of JSON.
                      * @default none
@@ -3602,7 +3622,7 @@ export interface operations {
                     model?: string | null;
                     /**
                      * Images
-                     * @description Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted.
+                     * @description Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted. At most 64 on this server (NEUROSERVE_MAX_IMAGES_PER_REQUEST).
                      */
                     images: string[];
                 };
@@ -3624,6 +3644,12 @@ export interface operations {
                      * @description Most detections per image (default and ceiling: the model's own maximum).
                      */
                     max_detections?: number | null;
+                    /**
+                     * Class Agnostic
+                     * @description Suppress overlapping boxes whatever their class (one label per place, the best, with the others as alternatives); false: per class, as COCO's mAP is computed.
+                     * @default true
+                     */
+                    class_agnostic?: boolean;
                     /**
                      * Render
                      * @description png/jpeg: answer with the (single) image and its boxes drawn, instead of JSON.
@@ -3791,7 +3817,7 @@ export interface operations {
                 "application/json": {
                     /**
                      * Texts
-                     * @description One prediction per text, in order.
+                     * @description One prediction per text, in order. At most 64 on this server (NEUROSERVE_MAX_TEXTS_PER_REQUEST).
                      */
                     texts: string[];
                     /**
@@ -3958,7 +3984,7 @@ export interface operations {
                 "application/json": {
                     /**
                      * Pairs
-                     * @description The dataset's own ids (MovieLens userId, movieId).
+                     * @description The dataset's own ids (MovieLens userId, movieId). At most 1000 on this server (NEUROSERVE_MAX_PAIRS_PER_REQUEST).
                      */
                     pairs: {
                         /** User Id */
@@ -4123,7 +4149,7 @@ export interface operations {
                     user_id: string | number;
                     /**
                      * K
-                     * @description How many items to return.
+                     * @description How many items to return. At most 100 on this server (NEUROSERVE_MAX_RECOMMENDATIONS).
                      * @default 10
                      */
                     k?: number;
@@ -4288,12 +4314,12 @@ export interface operations {
                 "application/json": {
                     /**
                      * Texts
-                     * @description English texts; one translation per text, in order.
+                     * @description English texts; one translation per text, in order. At most 64 on this server (NEUROSERVE_MAX_TEXTS_PER_REQUEST).
                      */
                     texts: string[];
                     /**
                      * Beam Size
-                     * @description 1: greedy decoding; more: beam search (up to the server's limit).
+                     * @description 1: greedy decoding; more: beam search (up to the server's limit and the model's). At most 5 on this server (NEUROSERVE_MAX_BEAM_SIZE).
                      * @default 1
                      */
                     beam_size?: number;

@@ -46,6 +46,11 @@ class DetectionOptions(BaseModel):
     max_detections: int | None = Field(
         None, ge=1, description="Most detections per image (default and ceiling: the model's own maximum)."
     )
+    class_agnostic: bool = Field(
+        True,
+        description="Suppress overlapping boxes whatever their class (one label per place, the best, with the "
+        "others as alternatives); false: per class, as COCO's mAP is computed.",
+    )
     render: Literal["none", "png", "jpeg"] = Field(
         "none", description="png/jpeg: answer with the (single) image and its boxes drawn, instead of JSON."
     )
@@ -70,11 +75,22 @@ class Box(BaseModel):
     y2: float
 
 
+class Alternative(BaseModel):
+    label: str
+    class_id: int
+    score: float
+
+
 class Detection(BaseModel):
     label: str
     class_id: int
     score: float
     box: Box = Field(description="Corners in the pixels of the image as sent (after its EXIF orientation).")
+    alternatives: list[Alternative] = Field(
+        default_factory=list,
+        description="Other labels the model gave the same place, best first (at most 2): suppression is "
+        "class-agnostic, so a place gets one detection with its best label.",
+    )
 
 
 class ImageDetections(BaseModel):
@@ -136,6 +152,7 @@ async def detect(request: Request, registry: RegistryDep, settings: SettingsDep)
             score_threshold=score_threshold,
             iou_threshold=options.iou_threshold,
             max_detections=max_detections,
+            class_agnostic=options.class_agnostic,
         )
         for i in range(len(boxes))
     ]
