@@ -38,17 +38,19 @@ def serve(settings: Settings) -> None:
 
 
 def _write_logs_before_signal_exit(writer: LogWriter) -> None:
-    """uvicorn ends a graceful shutdown by raising the signal again under the handler it found,
-    and the default handler ends the process without ``atexit``: the log writer's last lines
-    (the queues drained, the server finished) would be lost. This handler writes them first."""
+    """uvicorn ends a graceful shutdown by raising SIGTERM again under the handler it found, and
+    the default handler ends the process without ``atexit``: the log writer's last lines (the
+    queues drained, the server finished) would be lost. This handler writes them first. (SIGINT's
+    default raises KeyboardInterrupt, and ``atexit`` stops the writer.) As PID 1 in a container
+    the default action is ignored and the process goes on, with its writer still running."""
 
     def write_then_exit(sig: int, _frame: object) -> None:
-        writer.stop()
+        writer.flush()
         signal.signal(sig, signal.SIG_DFL)
         signal.raise_signal(sig)
+        signal.signal(sig, write_then_exit)  # still here (PID 1): the next SIGTERM is handled alike
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, write_then_exit)
+    signal.signal(signal.SIGTERM, write_then_exit)
 
 
 def main(argv: list[str] | None = None) -> None:

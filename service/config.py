@@ -8,6 +8,7 @@ read at import time.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -198,5 +199,22 @@ class Settings(BaseSettings):
 
     @staticmethod
     def cpu_cores() -> int:
-        """The CPU cores this process may run on."""
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        """The CPU cores this process may run on: its affinity, and within a container the CPU
+        quota of its cgroup (a pod limited to 4 CPUs on a 64-core node has 4)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        quota = _cgroup_cpu_quota()
+        return max(1, min(cores, quota)) if quota is not None else cores
+
+
+def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """CPUs allowed by the cgroup v2 quota (``cpu.max``: "quota period", or "max"), rounded up."""
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None

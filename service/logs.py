@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import json
 import logging
 import queue
 import sys
@@ -27,8 +28,14 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 ACCESS = logging.getLogger("neuroserve.access")
 # Bounded so that the writer never holds the GIL for long: formatting a line takes about 10 us.
 LINES_PER_WRITE = 64
-# How long the writer lets lines gather before it writes: lines reach the log this much later.
+# How long the writer lets lines gather before it writes: lines reach the log this much later
+# (a warning or an error is written at once).
 GATHER_S = 0.05
+# Lines waiting at most: when the log's reader stalls, further lines are counted and dropped
+# rather than held in memory without bound (a line holds a client's path of up to 64 KB).
+MAX_QUEUED = 10_000
+# The longest path an access-log line keeps.
+MAX_PATH_CHARS = 1024
 
 
 class RequestIdFilter(logging.Filter):
@@ -56,7 +63,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return _dumps(entry)
 
     def access(self, created: float, level: int, method: str, path: str, status: int, fields: dict) -> str:
         """The line :meth:`format` would write for this access-log entry, without building a
@@ -68,7 +75,14 @@ class JsonFormatter(logging.Formatter):
             "message": f"{method} {path} {status}",
             **fields,
         }
+        return _dumps(entry)
+
+
+def _dumps(entry: dict) -> str:
+    try:
         return orjson.dumps(entry, default=str).decode()
+    except TypeError:  # what orjson cannot write (an integer over 64 bits, a non-string key)
+        return json.dumps(entry, default=str)
 
 
 class PlainFormatter(logging.Formatter):
@@ -95,10 +109,23 @@ class _Enqueue(logging.Handler):
             self.handleError(record)
             return
         record.msg, record.args = record.message, None
-        self.writer.queue.put(record)
+        self.writer.put(record, urgent=record.levelno >= logging.WARNING)
 
 
 _STOP = object()
+_FLUSH = object()
+
+
+def _dropped_record(count: int) -> logging.LogRecord:
+    return logging.makeLogRecord(
+        {
+            "name": "neuroserve.logs",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": f"{count} log lines dropped: the log's reader fell behind by {MAX_QUEUED} lines",
+            "request_id": "-",
+        }
+    )
 
 
 class LogWriter(threading.Thread):
@@ -107,19 +134,44 @@ class LogWriter(threading.Thread):
         self.stream = stream
         self.formatter = formatter
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._filter = RequestIdFilter()
+        self.dropped = 0  # lines not queued because MAX_QUEUED were waiting
+        self._urgent = threading.Event()
+        self._flushed = threading.Condition()
+        self._written = 0  # flush marks written so far
+
+    def put(self, item: Any, *, urgent: bool = False) -> None:
+        """Queue a record or an access entry; a warning or worse is written without waiting."""
+        if self.queue.qsize() >= MAX_QUEUED:
+            self.dropped += 1
+            return
+        self.queue.put(item)
+        if urgent:
+            self._urgent.set()
+
+    def flush(self, timeout_s: float = 2.0) -> None:
+        """Write everything queued so far, and wait (at most ``timeout_s``) until it is written;
+        the writer goes on afterwards."""
+        with self._flushed:
+            target = self._written + 1
+            self.queue.put(_FLUSH)
+            self._urgent.set()
+            self._flushed.wait_for(lambda: self._written >= target, timeout_s)
 
     def run(self) -> None:
         while True:
             pending = [self.queue.get()]
             # Let lines gather: woken for each one, this thread took the GIL from the event loop
             # once per request (the v2 benchmark lost 10 % of its throughput that way).
-            time.sleep(GATHER_S)
+            self._urgent.wait(GATHER_S)
+            self._urgent.clear()
             while True:
                 try:
                     pending.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                pending.insert(0, _dropped_record(dropped))
             for start in range(0, len(pending), LINES_PER_WRITE):
                 if self._write(pending[start : start + LINES_PER_WRITE]):
                     return
@@ -128,9 +180,13 @@ class LogWriter(threading.Thread):
         """Format and write ``batch``; True when it held the stop mark."""
         lines = []
         stop = False
+        flushes = 0
         for item in batch:
             if item is _STOP:
                 stop = True
+                continue
+            if item is _FLUSH:
+                flushes += 1
                 continue
             try:
                 if isinstance(item, logging.LogRecord):
@@ -140,18 +196,23 @@ class LogWriter(threading.Thread):
                 else:
                     lines.append(self.formatter.format(_access_record(*item)))
             except Exception:  # one unformattable record must not stop the log
-                lines.append(f"(unformattable log record {item!r:.200})")
+                lines.append(f"(unformattable log record: {ascii(str(getattr(item, 'msg', item)))[:200]})")
         if lines:
             try:
                 self.stream.write("\n".join(lines) + "\n")
                 self.stream.flush()
             except (OSError, ValueError):  # the stream is closed (shutdown): nowhere to write
                 pass
+        if flushes:
+            with self._flushed:
+                self._written += flushes
+                self._flushed.notify_all()
         return stop
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Write what is queued, then end."""
         self.queue.put(_STOP)
+        self._urgent.set()
         self.join(timeout_s)
 
 
@@ -169,8 +230,10 @@ def log_request(level: int, method: str, path: str, status: int, fields: dict) -
     queue when :func:`configure` has set it up, else an ordinary record (tests, embedding)."""
     if not ACCESS.isEnabledFor(level):
         return
+    if len(path) > MAX_PATH_CHARS:
+        path = path[:MAX_PATH_CHARS] + "..."
     if _writer is not None:
-        _writer.queue.put((time.time(), level, method, path, status, fields))
+        _writer.put((time.time(), level, method, path, status, fields), urgent=level >= logging.WARNING)
     else:
         ACCESS.log(level, "%s %s %d", method, path, status, extra=fields)
 

@@ -149,7 +149,7 @@ def test_small_images_decode_on_the_event_loop_and_large_or_broken_ones_on_worke
     assert not decode_inline([("big.png", png(np.zeros((600, 600), np.uint8)))], settings)
     assert not decode_inline([("a.png", digit)] * 100, Settings(inline_decode_pixels=28 * 28 * 99))
     assert not decode_inline([("broken.png", b"not an image")], settings)
-    assert not decode_inline([("padded.png", digit + b"\0" * 300_000)], settings)  # bytes bound it too
+    assert not decode_inline([("padded.png", digit + b"\0" * 9_000)], settings)  # bytes bound it too
 
 
 def test_a_digit_is_classified_the_same_decoded_inline_or_on_a_worker_thread(mnist_test, tmp_path) -> None:
@@ -166,3 +166,75 @@ def test_a_digit_is_classified_the_same_decoded_inline_or_on_a_worker_thread(mni
             assert response.status_code == 200, response.text
             answers.append(response.json()["predictions"])
     assert answers[0] == answers[1]
+
+
+def test_a_stalled_log_reader_costs_a_count_not_memory() -> None:
+    writer = logs.LogWriter(io.StringIO(), logs.JsonFormatter())  # not started: nothing is written
+    for i in range(logs.MAX_QUEUED + 5):
+        writer.put((0.0, logging.INFO, "GET", f"/{i}", 404, {"request_id": str(i)}))
+    assert writer.queue.qsize() == logs.MAX_QUEUED and writer.dropped == 5
+    writer.start()
+    writer.stop()
+    first = json.loads(writer.stream.getvalue().splitlines()[0])
+    assert first["level"] == "warning" and first["message"].startswith("5 log lines dropped")
+
+
+def test_a_warning_is_written_at_once_and_flush_writes_everything_queued(monkeypatch) -> None:
+    import time
+
+    monkeypatch.setattr(logs, "GATHER_S", 30.0)  # an ordinary line would wait this long
+    stream = io.StringIO()
+    writer = logs.LogWriter(stream, logs.PlainFormatter("%(levelname)s %(message)s"))
+    writer.start()
+    try:
+        writer.put(logging.makeLogRecord({"msg": "disk full", "levelname": "WARNING", "levelno": 30}), urgent=True)
+        deadline = time.monotonic() + 5
+        while "disk full" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.getvalue() == "WARNING disk full\n"
+        writer.put((0.0, logging.INFO, "GET", "/later", 200, {"request_id": "r"}))
+        writer.flush()
+        assert stream.getvalue().endswith("GET /later 200\n") and writer.is_alive()
+    finally:
+        writer.stop()
+
+
+def test_an_access_line_keeps_at_most_a_kilobyte_of_path(monkeypatch) -> None:
+    writer = logs.LogWriter(io.StringIO(), logs.JsonFormatter())
+    monkeypatch.setattr(logs, "_writer", writer)
+    logs.log_request(logging.WARNING, "GET", "/x" * 30_000, 404, {"request_id": "r"})
+    (_, _, _, path, _, _) = writer.queue.get_nowait()
+    assert len(path) == logs.MAX_PATH_CHARS + 3 and path.endswith("...")
+
+
+def test_the_cpu_quota_of_a_container_bounds_the_cores(tmp_path) -> None:
+    from service.config import _cgroup_cpu_quota
+
+    cpu_max = tmp_path / "cpu.max"
+    for text, cores in (("200000 100000", 2), ("150000 100000", 2), ("max 100000", None), ("garbage", None)):
+        cpu_max.write_text(text)
+        assert _cgroup_cpu_quota(cpu_max) == cores
+    assert _cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+def test_a_small_image_never_waits_for_the_decode_slots_that_large_ones_hold(mnist_test, tmp_path) -> None:
+    import threading
+
+    from tests.conftest import ROOT, make_client, wait_ready
+
+    (tmp_path / "mnist").symlink_to(ROOT / "models" / "mnist")
+    with make_client(repository=tmp_path, image_decode_slots=2) as client:
+        wait_ready(client)
+        slots = client.app.state.decode_slots
+        held = [slots.acquire(timeout=5) for _ in range(2)]  # as two workers decoding large photos would
+        answers: list = []
+        try:
+            files = [("files", ("digit.png", png(mnist_test[0][0]), "image/png"))]
+            url = "/v1/image-classification"
+            asker = threading.Thread(target=lambda: answers.append(client.post(url, files=files)))
+            asker.start()
+            asker.join(10)
+            assert all(held) and answers and answers[0].status_code == 200
+        finally:
+            for _ in held:
+                slots.release()

@@ -3,6 +3,7 @@ or JSON with base64 images (``images``), with the same limits and errors either 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ Blobs = list[tuple[str, bytes]]  # (name for error messages, file bytes)
 T = TypeVar("T")
 # After a request this large, freed image memory is handed back to the system at once.
 _TRIM_AFTER_PIXELS = 4_000_000
-_INLINE_DECODE_BYTES = 256 * 1024
+_INLINE_DECODE_BYTES = 8 * 1024
 
 
 async def read_images(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
@@ -98,8 +99,9 @@ def decode_inline(blobs: Blobs, settings: Settings) -> bool:
     a worker thread cost more than the decoding (0.26 ms), and with 64 clients the worker threads'
     many short numpy calls queued on the GIL: the image endpoint served 490 requests/s with them,
     against a one-thread ceiling of 3,800 (bench/run.py). A header that cannot be read is left to
-    the worker thread, which reports it, and so are files over 256 KB together, whatever their
-    pixels (a small picture can come with megabytes of chunks or frames to skip)."""
+    the worker thread, which reports it, and so are files over 8 KB together, whatever their
+    pixels: Pillow walks a file's chunks and markers in Python, and 256 KB of empty JPEG markers
+    around a 28x28 digit took 230 ms (a 28x28 digit PNG is under 1 KB)."""
     if sum(len(data) for _, data in blobs) > _INLINE_DECODE_BYTES:
         return False
     total = 0
@@ -119,7 +121,7 @@ def decode_inline(blobs: Blobs, settings: Settings) -> bool:
 def decode_each(
     blobs: Blobs,
     settings: Settings,
-    slots: threading.Semaphore,
+    slots: threading.Semaphore | contextlib.AbstractContextManager,
     prepare: Callable[[imaging.Decoded], T],
     *,
     reduce_to: int | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -63,12 +64,19 @@ def _top_k(value: Any, settings: Settings) -> int:
 
 
 def _prepare(
-    request: Request, blobs: Blobs, input_shape: list[int], parameters: task.ImageClassificationParameters
+    request: Request,
+    blobs: Blobs,
+    input_shape: list[int],
+    parameters: task.ImageClassificationParameters,
+    *,
+    inline: bool = False,
 ) -> np.ndarray:
     rows = decode_each(
         blobs,
         request.app.state.settings,
-        request.app.state.decode_slots,
+        # On the event loop the server-wide slots are never waited for: workers decoding large
+        # images hold them for seconds, and the whole server would wait with this request.
+        contextlib.nullcontext() if inline else request.app.state.decode_slots,
         lambda decoded: task.prepare(decoded.image, input_shape, parameters),
         reduce_to=task.decode_size(input_shape, parameters),
     )
@@ -89,7 +97,10 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
     parameters: task.ImageClassificationParameters = served.parameters  # type: ignore[assignment]
     spec_input, spec_output = served.spec.inputs[0], served.spec.outputs[0]
     prepare = functools.partial(_prepare, request, blobs, spec_input.shape, parameters)
-    batch = prepare() if decode_inline(blobs, settings) else await run_in_threadpool(prepare)
+    if decode_inline(blobs, settings):
+        batch = prepare(inline=True)
+    else:
+        batch = await run_in_threadpool(prepare)
     result = await unless_disconnected(request, served.infer_rows({spec_input.name: batch}))
     scores = task.scores(result.outputs[spec_output.name], parameters)
     body = ImageClassificationResponse(
