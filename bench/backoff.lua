@@ -1,0 +1,44 @@
+-- wrk script: POST one fixed body (BODY_FILE, CONTENT_TYPE); after a 429 the connection waits
+-- BACKOFF_MS before its next request (a client that honours back-pressure, if not Retry-After's
+-- whole second); prints a JSON summary with the 2xx and 429 counts.
+local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
+local backoff = tonumber(os.getenv("BACKOFF_MS") or "100")
+
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  ok, shed, other = 0, 0, 0
+  pause = false
+end
+
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1
+  elseif status == 429 then shed = shed + 1; pause = true
+  else other = other + 1 end
+end
+
+function delay()
+  if pause then pause = false; return backoff end
+  return 0
+end
+
+function done(summary, latency, requests)
+  local total_ok, total_shed, total_other = 0, 0, 0
+  for _, t in ipairs(threads) do
+    total_ok = total_ok + t:get("ok")
+    total_shed = total_shed + t:get("shed")
+    total_other = total_other + t:get("other")
+  end
+  io.write(string.format(
+    'WRK_JSON {"duration_us": %d, "ok": %d, "shed": %d, "other": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"errors_connect": %d, "errors_read": %d, "errors_timeout": %d}\n',
+    summary.duration, total_ok, total_shed, total_other, latency:percentile(50), latency:percentile(99),
+    summary.errors.connect, summary.errors.read, summary.errors.timeout))
+end
