@@ -92,14 +92,40 @@ def test_rating_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path
     )
     metrics = meta["metrics"]
     assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-4
-    assert metrics["validation_rmse"] > 0 and metrics["baseline_validation_rmse"] > 0
+    assert metrics["test_rmse"] > 0 and metrics["baseline_test_rmse"] > 0 and metrics["validation_rmse"] > 0
+    # Both heads are scored on the test split against the baselines, the epochs chosen on validation.
+    ranking = metrics["ranking"]
+    assert ranking["test_users"] > 0 and ranking["validation_users"] > 0 and ranking["epochs"] >= 1
+    for name in ("ranking_score", "popularity", "rating_head", "rating_head_clipped", "cold_start_scores"):
+        assert 0.0 <= ranking["test"][name]["ndcg"] <= ranking["test"][name]["hit_rate"] <= 1.0
+    assert "test" in meta["dataset"]["split"] and "--smoke" in meta["training"]["command"]
+    spec = json.loads((tmp_path / "rating" / "model.json").read_text())
+    assert [o["name"] for o in spec["outputs"]] == ["rating", "score"]
     assets = json.loads((tmp_path / "rating" / "1" / "recommender.json").read_text())
+    assert assets["popular_scores"] == sorted(assets["popular_scores"], reverse=True)
     user = assets["users"][0]
     with make_client(repository=tmp_path) as client:
         wait_ready(client)
         response = client.post("/v1/recommendations", json={"user_id": user, "k": 3})
         assert response.status_code == 200, response.text
-        assert len(response.json()["items"]) == 3
+        items = response.json()["items"]
+        assert len(items) == 3 and items == sorted(items, key=lambda i: (-i["score"], int(i["item_id"])))
+
+
+def test_temporal_split_validation_is_carved_from_training_and_precedes_test(data_dir: Path) -> None:
+    import numpy as np
+
+    from training.rating import Config, load_split
+
+    split = load_split(Config(data_dir=data_dir / "rating" / "ml-latest-small", smoke=True))
+    assert len(split.fit.ratings) + len(split.val.ratings) == len(split.train.ratings)
+    assert len(split.train.ratings) + len(split.test.ratings) == len(split.data.ratings)
+    for user in np.unique(split.data.users):
+        fit, val, test = (s.timestamps[s.users == user] for s in (split.fit, split.val, split.test))
+        if len(val):
+            assert fit.max() <= val.min()
+        if len(test):
+            assert max(fit.max(), val.max(initial=0)) <= test.min()
 
 
 def test_temporal_split_holds_out_each_users_latest_ratings() -> None:

@@ -623,7 +623,7 @@ export interface components {
             user_id: string;
             /**
              * Cold Start
-             * @description Unknown user: popular, well-rated items instead of personal ones.
+             * @description Unknown user: the items the model ranks first for anyone (scored without a history) instead of personal ones.
              */
             cold_start: boolean;
             /** Items */
@@ -639,9 +639,14 @@ export interface components {
             genres: string[];
             /**
              * Score
-             * @description Predicted rating.
+             * @description Ranking score: how strongly the model expects the user to rate this item next (a logit, comparable within one list only). Items come sorted by it, highest first; equal scores by item id, lowest first. A model without a ranking output scores by its predicted rating.
              */
             score: number;
+            /**
+             * Rating
+             * @description Predicted rating, on the rating scale.
+             */
+            rating: number;
         };
         /** SentimentPrediction */
         SentimentPrediction: {

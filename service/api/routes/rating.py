@@ -68,14 +68,22 @@ class RecommendedItem(BaseModel):
     item_id: str
     title: str | None
     genres: list[str]
-    score: float = Field(description="Predicted rating.")
+    score: float = Field(
+        description="Ranking score: how strongly the model expects the user to rate this item next (a logit, "
+        "comparable within one list only). Items come sorted by it, highest first; equal scores by item id, "
+        "lowest first. A model without a ranking output scores by its predicted rating."
+    )
+    rating: float = Field(description="Predicted rating, on the rating scale.")
 
 
 class RecommendationResponse(BaseModel):
     model: str
     version: str
     user_id: str
-    cold_start: bool = Field(description="Unknown user: popular, well-rated items instead of personal ones.")
+    cold_start: bool = Field(
+        description="Unknown user: the items the model ranks first for anyone (scored without a history) instead "
+        "of personal ones."
+    )
     items: list[RecommendedItem]
 
 
@@ -103,8 +111,8 @@ async def predict_ratings(request: Request, registry: RegistryDep, settings: Set
         users = np.array([assets.user_rows[pairs[i][0]] for i in known], dtype=np.int64)
         items = np.array([assets.item_rows[pairs[i][1]] for i in known], dtype=np.int64)
         result = await unless_disconnected(request, served.infer({"user": users, "item": items}))
-        for i, value in zip(known, result.outputs[served.spec.outputs[0].name].tolist(), strict=True):
-            ratings[i] = round(value, 4)
+        for i, value in zip(known, result.outputs[task.rating_output(served.spec).name].tolist(), strict=True):
+            ratings[i] = round(assets.clip(value), 4)
         headers = result.timing_headers()
     rows = []
     for (user_id, item_id), rating in zip(pairs, ratings, strict=True):
@@ -134,8 +142,15 @@ async def recommend(request: Request, registry: RegistryDep, settings: SettingsD
     seen = assets.seen.get(user_id, frozenset()) if body.exclude_seen else frozenset()
     head = {"model": served.name, "version": str(served.version), "user_id": user_id}
     if user_id not in assets.user_rows:
-        picks = [m for m in assets.popular if m not in seen][: body.k]
-        items = [RecommendedItem(**assets.describe(m), score=round(assets.fallback(user_id, m), 4)) for m in picks]
+        picks = [m for m in assets.popular if m not in seen]
+        ratings = [assets.fallback(user_id, m) for m in picks]
+        by_item = dict(zip(assets.popular, assets.popular_scores, strict=True)) if assets.popular_scores else None
+        # Sorted by the score each item shows (without scores in the file: its rating, which is shown).
+        scores = task.shown(np.array([by_item[m] for m in picks] if by_item else ratings, dtype=np.float64))
+        items = [
+            RecommendedItem(**assets.describe(picks[j]), score=float(scores[j]), rating=round(ratings[j], 4))
+            for j in task.top_k(scores, np.array([int(m) for m in picks], dtype=np.int64), body.k)
+        ]
         return ModelResponse(RecommendationResponse(**head, cold_start=True, items=items))
     candidates = np.array([row for m, row in assets.item_rows.items() if m not in seen], dtype=np.int64)
     if len(candidates) == 0:
@@ -143,10 +158,16 @@ async def recommend(request: Request, registry: RegistryDep, settings: SettingsD
     users = np.full(len(candidates), assets.user_rows[user_id], dtype=np.int64)
     # Thousands of rows: the batcher cuts them into max_batch_size chunks that interleave with others.
     result = await unless_disconnected(request, served.infer({"user": users, "item": candidates}))
-    scores = result.outputs[served.spec.outputs[0].name]
+    predicted = result.outputs[task.rating_output(served.spec).name]
+    score_spec = task.score_output(served.spec)
+    scores = task.shown(result.outputs[score_spec.name] if score_spec is not None else predicted)
     items = [
-        RecommendedItem(**assets.describe(str(assets.item_ids[candidates[j]])), score=round(float(scores[j]), 4))
-        for j in task.top_k(scores, body.k)
+        RecommendedItem(
+            **assets.describe(str(assets.item_ids[candidates[j]])),
+            score=float(scores[j]),
+            rating=round(assets.clip(float(predicted[j])), 4),
+        )
+        for j in task.top_k(scores, assets.item_numbers[candidates], body.k)
     ]
     out = RecommendationResponse(**head, cold_start=False, items=items)
     return ModelResponse(out, headers=result.timing_headers())

@@ -221,7 +221,7 @@ document.getElementById("recommend-run").addEventListener("click", async () => {
     result.innerHTML = "";
     for (const item of body.items) {
       const li = document.createElement("li");
-      li.textContent = `${item.title || item.item_id} (${item.score.toFixed(1)})`;
+      li.textContent = `${item.title || item.item_id} (predicted ${item.rating.toFixed(1)})`;
       result.appendChild(li);
     }
     meta.textContent = `${body.cold_start ? "popular movies (unknown user) · " : ""}${timing(response)}`;
