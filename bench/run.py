@@ -193,8 +193,11 @@ def peer_servers(args: argparse.Namespace, onnx_path: Path) -> list[Server]:
         print(f"(Triton skipped: {args.triton} not found; see ../shared/peers/install-triton.sh)")
     if args.litserve.exists():
         port = free_port()
-        cmd = [str(args.litserve), "../shared/peers/litserve_onnx.py", str(onnx_path), args.model, str(port)]
-        servers.append(Server([*cmd, "64", "0.001", "1"], label=LITSERVE, port=port, ready_path="/health"))
+        script = ROOT.parent / "shared" / "peers" / "litserve_onnx.py"
+        cmd = [str(args.litserve), str(script), str(onnx_path.resolve()), args.model, str(port), "64", "0.001", "1"]
+        # In a folder of its own: LitServe writes a client.py into its working directory.
+        scratch = Path(tempfile.mkdtemp(prefix="bench-litserve-"))
+        servers.append(Server(cmd, label=LITSERVE, port=port, ready_path="/health", cwd=scratch))
     else:
         print(f"(LitServe skipped: {args.litserve} not found; see ../shared/peers/install-litserve.sh)")
     port = free_port()
