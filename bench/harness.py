@@ -391,3 +391,12 @@ def load_arguments(doc: str, duration_help: str = "seconds per wrk run") -> argp
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     return p
+
+
+def write_results(folder: Path, prefix: str, results: dict) -> Path:
+    """``results`` as ``folder/<prefix>-<time>.json``; prints and returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return out

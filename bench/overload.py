@@ -17,10 +17,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.harness import ROOT, Server, free_port
+from bench.harness import ROOT, Server, free_port, write_results
 
 LUA = ROOT / "bench" / "backoff.lua"
 
@@ -79,10 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "rows": rows,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"overload-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(args.output, "overload", results)
     return results
 
 

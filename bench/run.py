@@ -50,6 +50,7 @@ from bench.harness import (
     run_wrk,
     scrape,
     write_multipart,
+    write_results,
 )
 from bench.translation import baseline_checkout
 from training.idx import load_mnist
@@ -419,10 +420,7 @@ def report(results: dict, args: argparse.Namespace) -> Path:
     print()
     for line in results["verdicts"]:
         print(line)
-    args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    out = write_results(args.output, args.model, results)
     return out
 
 

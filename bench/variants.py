@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-from bench.harness import ROOT, Server, free_port, run_wrk
+from bench.harness import ROOT, Server, free_port, run_wrk, write_results
 from bench.run import write_bodies
 from training.idx import load_mnist
 
@@ -161,10 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": rows,
         "summary": summary,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results(args.output, "variants", results)
     return results
 
 
