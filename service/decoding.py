@@ -92,12 +92,24 @@ class DecodeStats:
 
 
 class _Entry(Generic[S]):
-    __slots__ = ("admitted", "deadline", "future", "group", "max_rows", "seq", "steps", "submitted", "timeout_s")
+    __slots__ = (
+        "admitted",
+        "deadline",
+        "future",
+        "group",
+        "max_rows",
+        "rows",
+        "seq",
+        "steps",
+        "submitted",
+        "timeout_s",
+    )
 
     def __init__(self, seq: S, deadline: float, timeout_s: float | None, future: asyncio.Future, group: object) -> None:
         self.timeout_s = timeout_s
         self.group = group  # the request it belongs to (fair shares); the sequence itself if none
         self.seq = seq
+        self.rows = seq.rows  # as reserved at submission (the waiting line's books count these)
         # Timings on perf_counter (the event loop's clock has 1 ms resolution under uvloop);
         # the deadline on the loop's clock, which the loop checks it against.
         self.submitted = time.perf_counter()
@@ -141,6 +153,12 @@ class StepScheduler(Generic[S]):
         self._observer: StepObserver = observer or _NullObserver()
         self._retry_after = {"Retry-After": str(retry_after_s)}
         self._waiting: deque[_Entry[S]] = deque()
+        # The waiting line's books, kept as entries come and go so that admission is O(distinct
+        # request sizes), not O(waiting): a scan of the line on every check took 8 % of the event
+        # loop at 512 connections (py-spy), where most checks end in a 429.
+        self._waiting_rows = 0
+        self._group_rows: dict[object, int] = {}  # request -> its rows waiting
+        self._size_rows: dict[int, int] = {}  # a request's waiting rows -> rows of all such requests
         self._active: list[_Entry[S]] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{name}")
@@ -182,7 +200,7 @@ class StepScheduler(Generic[S]):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s if timeout_s is not None else float("inf")
         entry = _Entry(seq, deadline, timeout_s, loop.create_future(), seq if group is None else group)
-        self._waiting.append(entry)
+        self._enqueue(entry)
         self._observer.on_queue_depth(len(self._waiting))
         self._wake.set()
         try:
@@ -199,7 +217,31 @@ class StepScheduler(Generic[S]):
 
     @property
     def waiting_rows(self) -> int:
-        return sum(e.seq.rows for e in self._waiting)
+        return self._waiting_rows
+
+    def _enqueue(self, entry: _Entry[S]) -> None:
+        self._waiting.append(entry)
+        self._book(entry.group, entry.rows)
+
+    def _dequeue(self, entry: _Entry[S]) -> None:
+        self._waiting.remove(entry)  # ValueError when it is not waiting: the books stay as they are
+        self._book(entry.group, -entry.rows)
+
+    def _book(self, group: object, rows: int) -> None:
+        before = self._group_rows.get(group, 0)
+        after = before + rows
+        if before:
+            left = self._size_rows[before] - before
+            if left:
+                self._size_rows[before] = left
+            else:
+                del self._size_rows[before]
+        if after:
+            self._group_rows[group] = after
+            self._size_rows[after] = self._size_rows.get(after, 0) + after
+        else:
+            del self._group_rows[group]
+        self._waiting_rows += rows
 
     def admit(self, rows: int) -> None:
         """Raise :class:`Overloaded` unless a request of ``rows`` rows may wait. Call it with a whole
@@ -223,11 +265,10 @@ class StepScheduler(Generic[S]):
 
     def _ahead(self, rows: int) -> int | None:
         """The rows that keep a request of ``rows`` out of the line, or None when it may wait."""
-        by_group: dict[object, int] = {}
-        for entry in self._waiting:
-            by_group[entry.group] = by_group.get(entry.group, 0) + entry.seq.rows
-        total = sum(by_group.values())
-        ahead = sum(r for r in by_group.values() if r <= rows) if self.fair else total
+        total = self._waiting_rows
+        if not total:
+            return None
+        ahead = sum(r for size, r in self._size_rows.items() if size <= rows) if self.fair else total
         if (ahead and ahead + rows > self.max_queue_size) or (total and total + rows > 4 * self.max_queue_size):
             return ahead
         return None
@@ -246,6 +287,9 @@ class StepScheduler(Generic[S]):
         for entry in [*self._waiting, *self._active]:
             self._fail(entry, ShuttingDown(f"model {self.name} shut down before the sequence finished"))
         self._waiting.clear()
+        self._waiting_rows = 0
+        self._group_rows.clear()
+        self._size_rows.clear()
         self._active.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -367,7 +411,7 @@ class StepScheduler(Generic[S]):
         held: dict[object, int] = {}
         for e in self._active:
             held[e.group] = held.get(e.group, 0) + e.seq.rows
-        groups = set(held) | {e.group for e in self._waiting}
+        groups = set(held) | set(self._group_rows)
         share = max(1, self.max_rows // max(1, len(groups))) if self.fair else self.max_rows
         new: list[_Entry[S]] = []
         for entry in list(self._waiting):
@@ -377,7 +421,7 @@ class StepScheduler(Generic[S]):
             mine = held.get(entry.group, 0)
             if mine and mine + need_rows > share:
                 continue  # this request has its share: the next request's turn
-            self._waiting.remove(entry)
+            self._dequeue(entry)
             entry.admitted = now
             rows += need_rows
             tokens += need_tokens
@@ -408,7 +452,7 @@ class StepScheduler(Generic[S]):
             self._observer.on_active(len(self._active))
         else:
             try:
-                self._waiting.remove(entry)
+                self._dequeue(entry)
             except ValueError:
                 return
             self._observer.on_queue_depth(len(self._waiting))

@@ -351,3 +351,39 @@ async def test_the_waiting_line_is_bounded_by_rows_and_a_request_is_refused_whol
     model.gate.set()
     await asyncio.gather(running, *waiting)
     await sched.close()
+
+
+async def test_the_waiting_lines_books_match_the_line_through_admissions_cancellations_and_deadlines() -> None:
+    # Admission reads running totals instead of scanning the line; after random traffic (requests
+    # of several sequences and beam widths, some cancelled, some timing out, the rest decoded) the
+    # totals must equal what a scan of the line gives, at every point and at the end.
+    rng = np.random.default_rng(3)
+    model = FakeModel(delay_s=0.0005)
+    sched = model.scheduler(max_rows=8, max_queue_size=12)  # small: some requests are refused
+
+    def scanned() -> tuple[int, dict[object, int]]:
+        groups: dict[object, int] = {}
+        for entry in sched._waiting:
+            groups[entry.group] = groups.get(entry.group, 0) + entry.seq.rows
+        return sum(groups.values()), groups
+
+    tasks = []
+    for i in range(60):
+        group, width = object(), int(rng.integers(1, 5))
+        timeout = 0.01 if rng.random() < 0.2 else None
+        for j in range(int(rng.integers(1, 4))):
+            seq = FakeSeq(f"r{i}.{j}", int(rng.integers(1, 6)), rows=width)
+            tasks.append(asyncio.ensure_future(sched.submit(seq, group=group, timeout_s=timeout)))
+        await asyncio.sleep(0)
+        if rng.random() < 0.3:
+            tasks[int(rng.integers(len(tasks)))].cancel()
+        total, groups = scanned()
+        assert sched.waiting_rows == total and sched._group_rows == groups
+        for rows in (1, 2, 4, 8):
+            ahead = sum(r for r in groups.values() if r <= rows)
+            refused = bool(ahead and ahead + rows > 12) or bool(total and total + rows > 48)
+            assert (sched._ahead(rows) is not None) == refused
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert any(isinstance(o, Overloaded) for o in outcomes) and any(not isinstance(o, Exception) for o in outcomes)
+    assert sched.waiting_rows == 0 and not sched._group_rows and not sched._size_rows
+    await sched.close()

@@ -163,9 +163,30 @@ def _request_id(scope: Scope) -> str:
     given = _header(scope, b"x-request-id")
     if given and len(given) <= 128 and _REQUEST_ID_CHARS.fullmatch(given):
         return given
-    # 16 random bytes, as uuid4 has, without building a UUID object (3 % of the event loop's time
-    # at 64 clients, py-spy); random, so that an id tells nobody how many requests came before.
-    return os.urandom(16).hex()
+    return _random_ids.next()
+
+
+class _RandomIds:
+    """Ids of 16 random bytes, as uuid4 has, without building a UUID object (3 % of the event loop's
+    time at 64 clients, py-spy); random, so that an id tells nobody how many requests came before.
+    The bytes come from ``os.urandom`` 4 KiB at a time: one ``getrandom`` call per 256 ids, where a
+    call per id took 5.8 % of the loop at 512 connections (py-spy). Used on the event loop only."""
+
+    _BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._hex):
+            self._hex, self._at = os.urandom(self._BLOCK).hex(), 0
+        self._at += 32
+        return self._hex[self._at - 32 : self._at]
+
+
+_random_ids = _RandomIds()
+os.register_at_fork(after_in_child=_random_ids.__init__)  # a forked child must not repeat its parent's ids
 
 
 def _content_length(scope: Scope) -> int | None:
