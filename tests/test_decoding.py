@@ -387,3 +387,21 @@ async def test_the_waiting_lines_books_match_the_line_through_admissions_cancell
     assert any(isinstance(o, Overloaded) for o in outcomes) and any(not isinstance(o, Exception) for o in outcomes)
     assert sched.waiting_rows == 0 and not sched._group_rows and not sched._size_rows
     await sched.close()
+
+
+async def test_decoding_goes_on_while_the_event_loop_is_busy() -> None:
+    # The decode loop runs on its own thread: a step never waits for the event loop, so a loop
+    # busy answering other requests (here: blocked outright for 0.3 s) does not stall decoding.
+    model = FakeModel(delay_s=0.002)
+    sched = model.scheduler()
+    seq = FakeSeq("long", 10_000)
+    task = asyncio.ensure_future(sched.submit(seq))
+    await wait_until(lambda: len(seq.out) >= 2)
+    before = len(seq.out)
+    time.sleep(0.3)  # the event loop does nothing else for 0.3 s
+    during = len(seq.out) - before
+    assert during >= 30, f"only {during} steps while the event loop was busy"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await wait_until(lambda: sched.active == 0)
+    await sched.close()
