@@ -11,7 +11,10 @@ subclass of uvicorn's httptools protocol, so the fast C parser stays) adds:
   limit on their bytes and count (``max_header_bytes``, ``max_headers``): 408 / 431, then close;
 * a limit on the silence between two pieces of a body (``body_timeout_s``): 408, then close;
 * a cap on open connections (``max_connections``): beyond it a new connection gets 503 at once
-  and is closed, before it can hold a descriptor for long.
+  and is closed, before it can hold a descriptor for long;
+* refusals answered here, before an ASGI task exists (``early``, the request guard's own decision,
+  see ``service.api.middleware.EarlyRefusals``): under overload most requests are 429s, and through
+  the whole stack each cost the event loop a task, a dozen middleware calls and a response object.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def _reply(transport: asyncio.BaseTransport, error: ServiceError) -> None:
 
 class GuardedProtocol(HttpToolsProtocol):
     limits = ConnectionLimits()
+    early = None  # an EarlyRefusals: answers a request the guard refuses, before the application
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -134,6 +138,29 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
 
+    def _start_asgi_task(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
+        """Answer here what the guard refuses; hand the rest to the application as uvicorn does.
+        (Called for each request in turn, pipelined ones after the answer before them.)"""
+        if self.early is not None and not any(name == b"origin" for name, _ in cycle.scope["headers"]):
+            answer = self.early.answer(cycle.scope)
+            if answer is not None:
+                status, headers, body = answer
+                head = [STATUS_LINE[status], *(b"%s: %s\r\n" % pair for pair in cycle.default_headers)]
+                head += [b"%s: %s\r\n" % pair for pair in headers]
+                close = not cycle.keep_alive or (b"connection", b"close") in headers
+                if close and not cycle.keep_alive:
+                    head.append(b"connection: close\r\n")
+                self.transport.write(b"".join(head) + b"\r\n" + body)
+                # As uvicorn does for an answer given before the body is read: the rest of the
+                # body is dropped as it arrives, and the connection serves its next request.
+                cycle.response_started = cycle.response_complete = True
+                cycle.message_event.set()
+                if close:
+                    self.transport.close()
+                self.on_response_complete()
+                return
+        super()._start_asgi_task(cycle, app)
+
     def on_body(self, body: bytes) -> None:
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
         super().on_body(body)
@@ -147,8 +174,8 @@ class _Refused(Exception):
     """Stops the parser after a refusal (httptools reports it as a parser error, ignored then)."""
 
 
-def protocol_class(limits: ConnectionLimits) -> type[GuardedProtocol]:
-    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+def protocol_class(limits: ConnectionLimits, early=None) -> type[GuardedProtocol]:  # type: ignore[no-untyped-def]
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits, "early": early})
 
 
 def run(app, *, host: str, port: int, limits: ConnectionLimits) -> None:  # type: ignore[no-untyped-def]
@@ -156,7 +183,7 @@ def run(app, *, host: str, port: int, limits: ConnectionLimits) -> None:  # type
         app,
         host=host,
         port=port,
-        http=protocol_class(limits),  # type: ignore[arg-type]
+        http=protocol_class(limits, getattr(app.state, "early_refusals", None)),  # type: ignore[arg-type]
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,

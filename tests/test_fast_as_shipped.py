@@ -265,3 +265,22 @@ def test_every_route_dependency_runs_on_the_event_loop_without_a_thread_hop(clie
     assert len(routes) > 20 and found, "routes with dependencies were expected"
     sync = {getattr(c, "__qualname__", repr(c)) for c in found if not inspect.iscoroutinefunction(c)}
     assert not sync, f"dependencies run in the thread pool: {sorted(sync)}"
+
+
+def test_texts_are_tokenised_one_by_one_exactly_as_the_batch_call_would() -> None:
+    # encode_each (per text) replaced encode_batch, whose thread pool waited for a core under load.
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from service.tasks.assets import encode_each
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    texts = ["Where is the train station?", "", "  spaces  ", "Ünïcödé café 東京 🙂", "a" * 3000, "\x00\x1f"]
+    for path in (root / "translation-en-fr" / "1" / "tokenizer.json", *root.glob("sentiment*/1/*.json")):
+        if path.name == "metadata.json":
+            continue
+        tokenizer = Tokenizer.from_file(str(path))
+        one_by_one, batched = encode_each(tokenizer, texts), tokenizer.encode_batch(texts)
+        assert [e.ids for e in one_by_one] == [e.ids for e in batched], path
+        assert [e.offsets for e in one_by_one] == [e.offsets for e in batched], path

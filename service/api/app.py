@@ -16,7 +16,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from service import __version__
 from service.api.auth import KeyStore, load_keys
 from service.api.handlers import install_handlers
-from service.api.middleware import RequestGuard
+from service.api.middleware import EarlyRefusals, RequestGuard
 from service.api.pages import mount_pages
 from service.api.routes import health, v2
 from service.api.routes import metrics as metrics_routes
@@ -135,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    # The server's HTTP protocol answers the guard's refusals itself (service.server).
+    app.state.early_refusals = EarlyRefusals()
     # How many images decode at once, across every request: each may be a full-size photo.
     app.state.decode_slots = threading.BoundedSemaphore(settings.image_decode_slots or Settings.cpu_cores())
     install_handlers(app)
@@ -150,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         refuse=_refusals(registry),
         keys=KeyStore(load_keys(settings.api_keys_file)) if settings.api_keys_file else None,
         fast=v2.fast_path(app.exception_handlers),
+        early=app.state.early_refusals,
     )
     if settings.cors_allow_origins:
         app.add_middleware(

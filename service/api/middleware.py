@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.auth import KeyStore, presented_key, scope_of
@@ -22,6 +23,31 @@ from service.metrics import Metrics
 
 _REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
+
+
+_EARLY = "neuroserve.early"  # scope key: the guard's decision, taken by the protocol (see EarlyRefusals)
+
+
+class EarlyRefusals:
+    """The request guard's refusals, for the HTTP protocol to answer before an ASGI task exists.
+
+    A refusal (a 429 when the model's queue is full, above all) answered through the whole stack
+    costs a task, a dozen middleware calls and a response object on the event loop; under overload
+    the refusals are most of the requests. The server's protocol asks :meth:`answer` once a
+    request's headers are in: the guard takes exactly the decision it would take in the stack
+    (body limit, key, shedding; once, so a key's rate is counted once) and, when it refuses, the
+    protocol writes the answer itself (the body that follows is read and dropped, and the
+    connection stays open). Otherwise the decision rides in the scope to the guard, which does not
+    take it again. Requests with an ``Origin`` header keep the whole stack (CORS headers)."""
+
+    def __init__(self) -> None:
+        self.guard: RequestGuard | None = None  # set when the middleware stack is built
+
+    def answer(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        guard = self.guard
+        if guard is None or scope["method"] != "POST":
+            return None
+        return guard.early(scope)
 
 
 class RequestGuard:
@@ -35,7 +61,10 @@ class RequestGuard:
         refuse: Callable[[str, str], ServiceError | None] | None = None,
         keys: KeyStore | None = None,
         fast: Callable[[Scope], ASGIApp | None] | None = None,
+        early: EarlyRefusals | None = None,
     ) -> None:
+        if early is not None:
+            early.guard = self
         self.app = app
         # Routes served straight from here, past the inner middleware (see v2.fast_path).
         self.fast = fast
@@ -51,9 +80,13 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        request_id = _request_id(scope)
-        extra_headers = [(b"x-request-id", request_id.encode())]
+        decided = scope.pop(_EARLY, None)  # the protocol asked already, and it was not a refusal
+        if decided is not None:
+            started, request_id, extra_headers = decided
+        else:
+            started = time.perf_counter()
+            request_id = _request_id(scope)
+            extra_headers = [(b"x-request-id", request_id.encode())]
         outer_send = send
 
         async def send(message: Message) -> None:  # every answer, errors included, carries the id
@@ -63,7 +96,7 @@ class RequestGuard:
 
         token = REQUEST_ID.set(request_id)
         try:
-            refusal = self._refusal(scope, extra_headers)
+            refusal = None if decided is not None else self._refusal(scope, extra_headers)
             if refusal is not None:
                 response = error_response(refusal)
                 if isinstance(refusal, PayloadTooLarge):
@@ -74,6 +107,32 @@ class RequestGuard:
             await self._serve(scope, receive, send, started, request_id)
         finally:
             REQUEST_ID.reset(token)
+
+    def early(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """:meth:`_refusal` for the protocol (see :class:`EarlyRefusals`): the answer's status,
+        headers and body when refused, else None with the decision left in the scope."""
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        token = REQUEST_ID.set(request_id)
+        try:
+            refusal = self._refusal(scope, extra_headers)
+        finally:
+            REQUEST_ID.reset(token)
+        if refusal is None:
+            scope[_EARLY] = (started, request_id, extra_headers)
+            return None
+        body = orjson.dumps(refusal.to_dict())
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (refusal.headers or {}).items()),
+            *extra_headers,
+        ]
+        if isinstance(refusal, PayloadTooLarge):
+            headers.append((b"connection", b"close"))
+        self._record(scope, refusal.status_code, started, request_id)
+        return refusal.status_code, headers, body
 
     def _refusal(self, scope: Scope, extra_headers: list[tuple[bytes, bytes]]) -> ServiceError | None:
         """What is refused before the application sees the request: a declared body over the

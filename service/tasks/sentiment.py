@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from service.config import Settings
 from service.repository import ModelSpec
 from service.runtime import RuntimeOptions
-from service.tasks.assets import load_tokenizer
+from service.tasks.assets import encode_each, load_tokenizer
 from service.tasks.base import Parameters, Task, require
 
 
@@ -106,7 +106,7 @@ TASK = Sentiment()
 
 
 def encode(assets: TextAssets, texts: Sequence[str]) -> Encoded:
-    encodings = assets.tokenizer.encode_batch(list(texts))
+    encodings = encode_each(assets.tokenizer, texts)  # not encode_batch: see encode_each
     lengths = [len(e.ids) for e in encodings]
     # A text that normalises to nothing (only control characters, say) becomes one unknown token.
     rows = [e.ids[: assets.max_length] or [assets.unk_id] for e in encodings]

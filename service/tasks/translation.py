@@ -41,7 +41,7 @@ from service.metrics import ModelObserver
 from service.repository import ModelSpec, load_spec
 from service.runtime import OnnxModel, RuntimeOptions, TensorInfo
 from service.search import Search, new_search
-from service.tasks.assets import find_asset, load_tokenizer
+from service.tasks.assets import encode_each, find_asset, load_tokenizer
 from service.tasks.base import Parameters, Task, require
 
 # Rows per decoder call in a cached step: big enough to use the matrix units well on a CPU, small
@@ -225,7 +225,7 @@ class Source:
 
 def encode_sources(assets: TranslationAssets, texts: Sequence[str]) -> list[Source]:
     out = []
-    for text, enc in zip(texts, assets.tokenizer.encode_batch(list(texts)), strict=True):
+    for text, enc in zip(texts, encode_each(assets.tokenizer, texts), strict=True):
         unknown = [text[a:b] for tok, (a, b) in zip(enc.ids, enc.offsets, strict=True) if tok == assets.unk]
         readable = any(tok != assets.unk and piece.strip("▁") for tok, piece in zip(enc.ids, enc.tokens, strict=True))
         ids = enc.ids[: assets.max_source_tokens]

@@ -1,0 +1,153 @@
+"""Refusals answered by the server's HTTP protocol before an ASGI task exists (under overload most
+requests are 429s, and through the whole stack each cost the event loop far more than the answer).
+Raw sockets to a real server on 127.0.0.1: the early answer is the one the whole stack gives, the
+body that follows is dropped, the connection serves its next request (pipelined ones too), and a
+key's rate is counted once per request."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from bench.harness import neuroserve
+from service.api.auth import add_key
+from tests.onnx_models import model_json, write_model
+
+pytestmark = pytest.mark.slow
+
+WIDTH = 256
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("early")
+    repo = root / "repo"
+    write_model(repo, "quick", spec=model_json("quick", 4))
+    # One row at a time, ~0.1 s each, one waiting: concurrent requests are refused with 429.
+    write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=400)
+    keys = root / "keys.json"
+    limited = add_key(keys, "limited", ["infer"], 4)
+    key = add_key(keys, "app", ["infer"], None)
+    env = {
+        "NEUROSERVE_API_KEYS_FILE": str(keys),
+        "NEUROSERVE_MAX_REQUEST_BYTES": "4096",
+        "NEUROSERVE_MAX_QUEUE_SIZE": "1",
+        "NEUROSERVE_RETRY_AFTER_S": "3",
+    }
+    with neuroserve(repo, **env) as running:
+        running.key, running.limited = key, limited  # type: ignore[attr-defined]
+        yield running
+
+
+def request(path: str, body: bytes, *headers: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join([*head, *headers]) + "\r\n\r\n").encode() + body
+
+
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` HTTP/1.1 answers with a Content-Length, in order."""
+    data, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(out)} answers: {data!r}"
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers["content-length"])
+        while len(data) < length:
+            data += sock.recv(65536)
+        out.append((int(lines[0].split()[1]), headers, data[:length]))
+        data = data[length:]
+    return out
+
+
+def infer_body(width: int = 4) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, width], "datatype": "FP32", "data": [1.0] * width}]}
+    ).encode()
+
+
+def test_a_refusal_drops_the_body_and_the_connection_serves_the_pipelined_request_after_it(server) -> None:
+    key = f"X-API-Key: {server.key}"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        # Three requests in one write: no key (401), a good one (200), a wrong key (401).
+        sock.sendall(
+            request("/v2/models/quick/infer", infer_body())
+            + request("/v2/models/quick/infer", infer_body(), key)
+            + request("/v2/models/quick/infer", infer_body(), "X-API-Key: wrong")
+        )
+        (s1, h1, b1), (s2, h2, b2), (s3, _, b3) = read_answers(sock, 3)
+    assert (s1, s2, s3) == (401, 200, 401), (b1, b2, b3)
+    assert json.loads(b1)["error_type"] == "unauthenticated" and json.loads(b3)["error_type"] == "unauthenticated"
+    assert json.loads(b2)["outputs"][0]["data"] == [2.0] * 4
+    assert len(h1["x-request-id"]) == 32 and h1["x-request-id"] != h2["x-request-id"]
+    assert "date" in h1 and "server" in h1
+
+
+def test_the_early_answer_is_the_one_the_whole_stack_gives(server) -> None:
+    # A request with an Origin header keeps the whole stack (its CORS headers); without, the
+    # protocol answers. Same status, body and headers, but for the date and the request id.
+    answers = []
+    for extra in ((), ("Origin: http://app.example",)):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(request("/v2/models/quick/infer", infer_body(), *extra))
+            answers.append(read_answers(sock, 1)[0])
+    (s1, h1, b1), (s2, h2, b2) = answers
+    assert s1 == s2 == 401 and b1 == b2
+    for volatile in ("date", "x-request-id"):
+        h1.pop(volatile), h2.pop(volatile)
+    assert h1 == h2
+
+
+def test_a_keys_rate_is_counted_once_per_request(server) -> None:
+    # 4 a minute: the protocol and the guard must not both count a request (that would refuse
+    # the third).
+    key = f"X-API-Key: {server.limited}"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"".join(request("/v2/models/quick/infer", infer_body(), key) for _ in range(6)))
+        answers = read_answers(sock, 6)
+    statuses = [s for s, _, _ in answers]
+    assert statuses == [200, 200, 200, 200, 429, 429], statuses
+    assert json.loads(answers[-1][2])["error_type"] == "rate_limited" and "ratelimit" in answers[-1][1]
+
+
+def test_a_declared_body_over_the_limit_is_refused_and_the_connection_closed(server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/quick/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n" + b"x" * 100)
+        ((status, headers, body),) = read_answers(sock, 1)
+        assert status == 413 and headers.get("connection") == "close"
+        assert json.loads(body)["error_type"] == "payload_too_large"
+        assert sock.recv(100) == b""  # closed
+
+
+def test_overload_is_refused_early_with_retry_after_and_accepted_requests_complete(server) -> None:
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]}
+    ).encode()
+    key = f"X-API-Key: {server.key}"
+    results: list[tuple[int, dict, bytes]] = []
+
+    def one() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(request("/v2/models/slow/infer", body, key))
+            results.append(read_answers(sock, 1)[0])
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted(s for s, _, _ in results)
+    assert len(statuses) == 8 and set(statuses) <= {200, 429}, statuses
+    refused = [(h, json.loads(b)) for s, h, b in results if s == 429]
+    assert refused and statuses.count(200) >= 1, statuses
+    for headers, error in refused:
+        assert error["error_type"] == "overloaded" and headers["retry-after"] == "3", (headers, error)
+    ok = [np.asarray(json.loads(b)["outputs"][0]["data"]) for s, _, b in results if s == 200]
+    assert all(o.shape == (WIDTH,) and np.all(np.abs(o) <= 1) for o in ok)
