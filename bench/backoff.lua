@@ -20,12 +20,16 @@ end
 
 function response(status, headers, body)
   if status == 200 then ok = ok + 1
-  elseif status == 429 then shed = shed + 1; pause = true
+  elseif status == 429 then
+    shed = shed + 1
+    -- BACKOFF_MS 0: honour Retry-After (seconds), as a well-behaved client does
+    pause = backoff
+    if backoff == 0 then pause = 1000 * (tonumber(headers["retry-after"] or headers["Retry-After"] or "1") or 1) end
   else other = other + 1 end
 end
 
 function delay()
-  if pause then pause = false; return backoff end
+  if pause then local p = pause; pause = false; return p end
   return 0
 end
 
