@@ -142,15 +142,14 @@ class GuardedProtocol(HttpToolsProtocol):
         """Answer here what the guard refuses; hand the rest to the application as uvicorn does.
         (Called for each request in turn, pipelined ones after the answer before them.)"""
         if self.early is not None and not any(name == b"origin" for name, _ in cycle.scope["headers"]):
-            answer = self.early.answer(cycle.scope)
+            try:
+                answer = self._early_answer(cycle)
+            except Exception:  # a bug here must not cost the request: the whole stack answers it
+                log.exception("answering a refusal early failed; the application answers instead")
+                answer = None
             if answer is not None:
-                status, headers, body = answer
-                head = [STATUS_LINE[status], *(b"%s: %s\r\n" % pair for pair in cycle.default_headers)]
-                head += [b"%s: %s\r\n" % pair for pair in headers]
-                close = not cycle.keep_alive or (b"connection", b"close") in headers
-                if close and not cycle.keep_alive:
-                    head.append(b"connection: close\r\n")
-                self.transport.write(b"".join(head) + b"\r\n" + body)
+                data, close = answer
+                self.transport.write(data)
                 # As uvicorn does for an answer given before the body is read: the rest of the
                 # body is dropped as it arrives, and the connection serves its next request.
                 cycle.response_started = cycle.response_complete = True
@@ -160,6 +159,22 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.on_response_complete()
                 return
         super()._start_asgi_task(cycle, app)
+
+    def _early_answer(self, cycle) -> tuple[bytes, bool] | None:  # type: ignore[no-untyped-def]
+        """The whole answer's bytes when the guard refuses the request, and whether to close."""
+        answer = self.early.answer(cycle.scope)  # type: ignore[union-attr]
+        if answer is None:
+            return None
+        status, headers, body = answer
+        head = [STATUS_LINE[status], *(b"%s: %s\r\n" % pair for pair in cycle.default_headers)]
+        head += [b"%s: %s\r\n" % pair for pair in headers]
+        # A client that waits for "100 Continue" may never send the body it announced: closing is
+        # the only way not to read that body as its next request (RFC 9110, 10.1.1).
+        closing = (b"connection", b"close") in headers
+        close = closing or not cycle.keep_alive or cycle.waiting_for_100_continue
+        if close and not closing:
+            head.append(b"connection: close\r\n")
+        return b"".join(head) + b"\r\n" + body, close
 
     def on_body(self, body: bytes) -> None:
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")

@@ -151,3 +151,12 @@ def test_overload_is_refused_early_with_retry_after_and_accepted_requests_comple
         assert error["error_type"] == "overloaded" and headers["retry-after"] == "3", (headers, error)
     ok = [np.asarray(json.loads(b)["outputs"][0]["data"]) for s, _, b in results if s == 200]
     assert all(o.shape == (WIDTH,) and np.all(np.abs(o) <= 1) for o in ok)
+
+
+def test_a_client_waiting_for_100_continue_gets_the_refusal_and_the_connection_closes(server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        head = request("/v2/models/quick/infer", infer_body(), "Expect: 100-continue")
+        sock.sendall(head[: head.index(b"\r\n\r\n") + 4])  # headers only: the body waits for a 100
+        ((status, headers, _),) = read_answers(sock, 1)
+        assert status == 401 and headers.get("connection") == "close", headers
+        assert sock.recv(100) == b""
