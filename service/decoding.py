@@ -206,12 +206,13 @@ class StepScheduler(Generic[S]):
         if not admitted:
             self.admit(seq.rows)
         self.start()
+        if asyncio.get_running_loop() is not self._loop:  # its answer could never be delivered
+            raise RuntimeError(f"decoder {self.name} answers on another event loop")
         deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
         entry = _Entry(seq, deadline, timeout_s, self._loop.create_future(), seq if group is None else group)  # type: ignore[union-attr]
-        with self._lock:
+        with self._lock:  # the gauge too: the decode thread may admit it at once and report 0
             self._enqueue(entry)
-            depth = len(self._waiting)
-        self._observer.on_queue_depth(depth)
+            self._observer.on_queue_depth(len(self._waiting))
         self._work.set()
         try:
             return await entry.future
@@ -309,6 +310,8 @@ class StepScheduler(Generic[S]):
             self._active = []
         for entry in left:
             self._fail(entry, ShuttingDown(f"model {self.name} shut down before the sequence finished"))
+        self._observer.on_active(0)
+        self._observer.on_queue_depth(0)
 
     # -- the loop (on the decode thread) ------------------------------------------------------------
 
@@ -422,6 +425,7 @@ class StepScheduler(Generic[S]):
             exc = InferenceFailed(f"model {self.name} failed while decoding: {exc}")
         self._post([(entry, exc) for entry in entries])
         self._active = [e for e in self._active if e not in entries]
+        self._observer.on_active(len(self._active))
 
     def _post(self, outcomes: list[tuple[_Entry[S], DecodeStats | BaseException]]) -> None:
         """Hand answers to the event loop, all of one iteration in one call."""
@@ -495,9 +499,9 @@ class StepScheduler(Generic[S]):
                         f"({entry.timeout_s:.3f} s); try a shorter text or fewer new tokens"
                     )
                     late.append((entry, DeadlineExceeded(message)))
+        self._post(late)  # before the observer: answers first, whatever a metric does
         if gone:
             self._observer.on_active(len(self._active))
-        self._post(late)
 
     def _withdraw(self, entry: _Entry[S]) -> None:
         """Take a waiting entry out of the line (called with the lock held); nothing if it is not

@@ -160,6 +160,24 @@ class GuardedProtocol(HttpToolsProtocol):
                 return
         super()._start_asgi_task(cycle, app)
 
+    def on_response_complete(self) -> None:
+        """uvicorn's, iterative: an early answer completes its request at once and calls this,
+        which starts the next pipelined request, which may be answered early too. Recursing, a
+        client that pipelined a few hundred refused requests behind a slow one overflowed the stack
+        and lost its connection; here each call from within the loop below is one more turn."""
+        if getattr(self, "_completing", False):
+            self._complete_again = True
+            return
+        self._completing = True
+        try:
+            while True:
+                self._complete_again = False
+                super().on_response_complete()
+                if not self._complete_again:
+                    break
+        finally:
+            self._completing = False
+
     def _early_answer(self, cycle) -> tuple[bytes, bool] | None:  # type: ignore[no-untyped-def]
         """The whole answer's bytes when the guard refuses the request, and whether to close."""
         answer = self.early.answer(cycle.scope)  # type: ignore[union-attr]

@@ -405,3 +405,49 @@ async def test_decoding_goes_on_while_the_event_loop_is_busy() -> None:
     await asyncio.gather(task, return_exceptions=True)
     await wait_until(lambda: sched.active == 0)
     await sched.close()
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.depth, self.active = 0, 0
+
+    def on_queue_depth(self, depth: int) -> None:
+        self.depth = depth
+
+    def on_step(self, rows: int, sequences: int, seconds: float) -> None:
+        self.active = sequences
+
+    def on_active(self, sequences: int) -> None:
+        self.active = sequences
+
+
+async def test_the_gauges_return_to_zero_after_a_failed_step_and_after_close() -> None:
+    observer = RecordingObserver()
+    model = FakeModel(delay_s=0.001)
+    sched = model.scheduler(observer=observer)
+    with pytest.raises(InferenceFailed):
+        await sched.submit(FakeSeq("bad", 5, poison=True))
+    await wait_until(lambda: observer.active == 0 and observer.depth == 0)
+    gate = threading.Event()
+    blocked = FakeModel(gate=gate)
+    sched2 = blocked.scheduler(observer=observer, max_rows=1)
+    tasks = [asyncio.ensure_future(sched2.submit(FakeSeq(f"s{i}", 3))) for i in range(3)]
+    await wait_until(lambda: sched2.active == 1 and sched2.waiting == 2)
+    gate.set()
+    await sched2.close(drain=False)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert (observer.active, observer.depth) == (0, 0)
+    await sched.close()
+
+
+def test_a_sequence_from_another_event_loop_is_refused_before_it_queues() -> None:
+    model = FakeModel()
+    sched = model.scheduler()
+
+    async def one(name: str) -> None:
+        await sched.submit(FakeSeq(name, 2))
+
+    asyncio.run(one("first"))  # the scheduler now answers on that (closed) loop
+    with pytest.raises(RuntimeError, match="another event loop"):
+        asyncio.run(one("second"))
+    assert sched.waiting == 0 and sched.active == 0

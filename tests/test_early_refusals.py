@@ -160,3 +160,15 @@ def test_a_client_waiting_for_100_continue_gets_the_refusal_and_the_connection_c
         ((status, headers, _),) = read_answers(sock, 1)
         assert status == 401 and headers.get("connection") == "close", headers
         assert sock.recv(100) == b""
+
+
+def test_hundreds_of_refusals_pipelined_behind_a_slow_request_are_all_answered_in_order(server) -> None:
+    # Each early answer starts the next pipelined request at once; done recursively, ~480 of them
+    # overflowed the stack and the connection was lost with every answer after it.
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]})
+    slow = request("/v2/models/slow/infer", body.encode(), f"X-API-Key: {server.key}")
+    refused = request("/v2/models/quick/infer", infer_body())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(slow + refused * 1500)
+        statuses = [s for s, _, _ in read_answers(sock, 1501)]
+    assert statuses[0] == 200 and statuses[1:] == [401] * 1500
