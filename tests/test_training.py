@@ -213,3 +213,116 @@ def test_map_evaluator_scores_perfect_and_shifted_boxes() -> None:
     assert scores["map_50"] == pytest.approx(1.0) and scores["map_50_95"] < 0.3
     wrong_class = [(truth[0][0], np.array([0.9, 0.8]), np.array([4, 7]))]
     assert coco_map(wrong_class, truth, 10)["map_50"] == pytest.approx(0.5)
+
+
+def test_image_generation_smoke_trains_both_archs_and_compares_them(data_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from training import image_generation
+
+    evaluator = Path(__file__).resolve().parent.parent / "models" / "mnist" / "1" / "model.onnx"
+    common = ["--smoke", "--data-dir", str(data_dir / "image_classification" / "mnist"), "--evaluator", str(evaluator)]
+    image_generation.main([*common, "--arch", "mlp", "--output-dir", str(tmp_path / "mlp")])
+    baseline = tmp_path / "mlp" / "digit-generator" / "1" / "metadata.json"
+    meta = image_generation.main(
+        [*common, "--arch", "dcgan", "--output-dir", str(tmp_path), "--baseline", str(baseline), "--seed", "3"]
+    )
+    version_dir = tmp_path / "digit-generator" / "1"
+    assert (version_dir / "model.onnx").is_file()
+    assert json.loads((version_dir / "metadata.json").read_text()) == meta
+    metrics = meta["metrics"]
+    assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-4
+    assert metrics["generated_samples"] == 500 and set(metrics["readback_per_digit"]) == {str(d) for d in range(10)}
+    assert (
+        0.0 <= metrics["readback_accuracy"] <= 1.0 and 0.9 <= metrics["evaluator_accuracy_on_real_test_digits"] <= 1.0
+    )
+    assert metrics["fid_test"] > metrics["fid_reference_real_validation_vs_test"] >= 0.0
+    assert metrics["diversity"]["ratio"] > 0.0 and metrics["diversity"]["real_test_mean_pairwise_l2"] > 0.0
+    comparison = metrics["comparison"]
+    assert comparison["alternative"]["arch"] == "mlp" and "readback_accuracy" in comparison["alternative"]["metrics"]
+    assert isinstance(comparison["this_arch_measures_better"], bool) and comparison["chosen_because"]
+    assert "test" in meta["dataset"]["split"] and "--smoke" in meta["training"]["command"]
+
+    spec = json.loads((tmp_path / "digit-generator" / "model.json").read_text())
+    assert spec["task"] == "image-generation" and spec["parameters"] == {"latent_dim": 100}
+    assert [(i["name"], i["datatype"], i["shape"]) for i in spec["inputs"]] == [
+        ("z", "FP32", [-1, 100]),
+        ("digit", "INT64", [-1]),
+    ]
+    assert spec["inputs"][1]["value_range"] == [0, 9]
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    z = np.random.default_rng(0).standard_normal((3, 100)).astype(np.float32)
+    (image,) = session.run(None, {"z": z, "digit": np.array([0, 5, 9], dtype=np.int64)})
+    assert image.shape == (3, 1, 28, 28) and image.min() >= 0.0 and image.max() <= 1.0
+
+
+def test_digit_ood_smoke_training_exports_a_scorer_with_its_threshold(data_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from training import digit_ood
+    from training.idx import load_mnist
+
+    fonts = Path("/usr/share/fonts/truetype/dejavu")
+    if not list(fonts.glob("DejaVu*.ttf")):
+        pytest.skip("the DejaVu fonts (Debian: fonts-dejavu-core) are needed for the letters")
+    meta = digit_ood.main(
+        [
+            "--smoke",
+            "--data-dir",
+            str(data_dir / "image_classification" / "mnist"),
+            "--coco-dir",
+            str(data_dir / "object_detection" / "coco128" / "images"),
+            "--fonts-dir",
+            str(fonts),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    version_dir = tmp_path / "mnist-ood" / "1"
+    assert json.loads((version_dir / "metadata.json").read_text()) == meta
+    metrics = meta["metrics"]
+    assert metrics["onnx_vs_torch_max_abs_diff"] < 1e-2  # scores of digits are tens
+    for key in ("auroc_digits_vs_non_digits", "auroc_test_digits_vs_non_digits", "test_digits_flagged"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert 0.0 <= metrics["test_digit_photos_flagged"] <= 1.0 and 0.0 <= metrics["non_digits_flagged"] <= 1.0
+    assert set(metrics["non_digits_flagged_per_kind"]) == set(digit_ood.NON_DIGIT_KINDS)
+    assert set(metrics["letters_flagged_per_letter"]) == set(digit_ood.LETTERS)
+    assert not set(digit_ood.LETTERS) & set(digit_ood.DIGIT_LOOKALIKES)
+    assert 0.0 <= metrics["reconstruction_error_only"]["auroc"] <= 1.0
+    assert "validation" in meta["dataset"]["split"] and "--smoke" in meta["training"]["command"]
+
+    spec = json.loads((tmp_path / "mnist-ood" / "model.json").read_text())
+    threshold = spec["parameters"]["threshold"]
+    assert spec["task"] == "image-ood" and threshold == metrics["threshold"]
+    assert spec["parameters"]["preprocessing"] == "mnist" and spec["parameters"]["companion_of"] == "mnist"
+    assert [o["name"] for o in spec["outputs"]] == ["score", "reconstruction"]
+    # A blank page reaches the model as all zeros (the service's preprocessing): flagged even here.
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    images, _ = load_mnist(data_dir / "image_classification" / "mnist", "test")
+    batch = np.concatenate([np.zeros((1, 1, 28, 28), np.float32), images[:2, None].astype(np.float32) / 255.0])
+    score, reconstruction = session.run(None, {"image": batch})
+    assert score.shape == (3,) and reconstruction.shape == (3, 1, 28, 28)
+    assert score[0] > threshold and score[0] > score[1:].max()
+
+
+def test_ood_auroc_counts_ties_half_and_orders_scores() -> None:
+    import numpy as np
+
+    from training.digit_ood import auroc
+
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+    assert auroc(np.array([2.0, 0.0]), np.array([1.0])) == 0.5
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift() -> None:
+    import numpy as np
+
+    from training.image_generation import frechet_distance
+
+    x = np.random.default_rng(0).standard_normal((2000, 8))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(x, x + 1.0) == pytest.approx(8.0, rel=1e-3)  # |mean shift|^2, same covariance
