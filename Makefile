@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-object-detection bench bench-translation bench-object-detection clean
+.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-object-detection train-image-generation train-digit-ood bench bench-translation bench-object-detection clean
 DURATION ?= 60s
 USERS    ?= 32
 
@@ -64,6 +64,15 @@ train-translation: $(VENV)/.dev
 	$(BIN)/python -m training.translation --data-dir $(DATA)/translation --output-dir models --version 1
 
 # The committed digit detector, both stages (--device cuda where there is a GPU).
+# The committed generator: the seeds' MLP GAN first (the baseline its metadata compares with), then the DCGAN.
+train-image-generation: $(VENV)/.dev
+	$(BIN)/python -m training.image_generation --data-dir $(DATA)/image_classification/mnist --arch mlp --epochs 25 --output-dir /tmp/neuroserve-gan-mlp
+	$(BIN)/python -m training.image_generation --data-dir $(DATA)/image_classification/mnist --arch dcgan --epochs 10 \
+		--baseline /tmp/neuroserve-gan-mlp/digit-generator/1/metadata.json
+
+train-digit-ood: $(VENV)/.dev
+	$(BIN)/python -m training.digit_ood --data-dir $(DATA)/image_classification/mnist --coco-dir $(DATA)/object_detection/coco128/images
+
 train-object-detection: $(VENV)/.dev
 	$(BIN)/python -m training.object_detection --data-dir $(DATA)
 	$(BIN)/python -m training.object_detection --data-dir $(DATA) --input-size 384 --epochs 14 --lr 1e-3 \

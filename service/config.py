@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     )
     max_pairs_per_request: int = Field(1000, ge=1, description="Pairs per /v1/rating request.")
     max_recommendations: int = Field(100, ge=1, description="Largest k for /v1/recommendations.")
+    max_generated_images: int = Field(16, ge=1, description="Largest n for /v1/image-generation.")
+    max_generated_digits: int = Field(16, ge=1, description="Digits per generated image in /v1/image-generation.")
 
     # Step-level decoding: each model's model.json ``parameters.decoding`` says how it decodes; these
     # override a field for every decoding model (unset: the model's own).

@@ -541,4 +541,5 @@ class ModelRegistry:
         if failed and len(failed) == len(members):
             return self.get(failed[0])  # raises ModelNotReady with why it failed
         names = sorted(s.name for s in members if s.state is not ModelState.FAILED)
-        raise NoDefaultModel(f"task {task!r}{where} has several models and no default; name one with 'model': {names}")
+        several = "several models and " if len(names) > 1 else ""
+        raise NoDefaultModel(f"task {task!r}{where} has {several}no default model; name one with 'model': {names}")

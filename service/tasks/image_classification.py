@@ -97,6 +97,11 @@ class ImageClassificationParameters(Parameters):
     invert: bool = Field(False, description="resize: 1 - pixel (for light-on-dark models)")
     mean: list[float] | None = Field(None, description="Per-channel mean subtracted after scaling to [0, 1]")
     std: list[float] | None = Field(None, description="Per-channel divisor after the mean")
+    ood: str | None = Field(
+        None,
+        description="A companion model of task image-ood: answers then say, per image, how unlike the training "
+        "images it is, and whether that is past the companion's calibrated threshold",
+    )
 
 
 class ImageClassification(Task[ImageClassificationParameters]):

@@ -293,6 +293,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/image-generation": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Draw handwritten numbers (a generator trained on MNIST) */
+        post: operations["generate_v1_image_generation_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/metrics": {
         parameters: {
             query?: never;
@@ -364,6 +381,25 @@ export interface components {
              */
             error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
+        /** GeneratedImage */
+        GeneratedImage: {
+            /** Digits */
+            digits: string;
+            /**
+             * Seed
+             * @description Draws this image again with n 1 and the same digits.
+             */
+            seed: number;
+            /** Width */
+            width: number;
+            /** Height */
+            height: number;
+            /**
+             * Png
+             * @description The PNG file, base64-encoded (grey, 8 bits).
+             */
+            png: string;
+        };
         /** ImageClassificationResponse */
         ImageClassificationResponse: {
             /** Model */
@@ -375,6 +411,11 @@ export interface components {
              * @description One ranked list per image, in request order.
              */
             predictions: components["schemas"]["LabelScore"][][];
+            /**
+             * Ood
+             * @description One per image, in request order, from the model's out-of-distribution companion (model.json parameters.ood); null when it has none or the companion is not serving.
+             */
+            ood?: components["schemas"]["OodScore"][] | null;
         };
         /** ImageDetections */
         ImageDetections: {
@@ -384,6 +425,15 @@ export interface components {
             height: number;
             /** Detections */
             detections: components["schemas"]["Detection"][];
+        };
+        /** ImageGenerationResponse */
+        ImageGenerationResponse: {
+            /** Model */
+            model: string;
+            /** Version */
+            version: string;
+            /** Images */
+            images: components["schemas"]["GeneratedImage"][];
         };
         /** IndexRow */
         IndexRow: {
@@ -547,6 +597,19 @@ export interface components {
              * @description One entry per image, in request order.
              */
             images: components["schemas"]["ImageDetections"][];
+        };
+        /** OodScore */
+        OodScore: {
+            /**
+             * Score
+             * @description Higher: less like the images the model was trained on.
+             */
+            score: number;
+            /**
+             * Flagged
+             * @description The score is past the threshold calibrated on held-out training-like images: the image is probably not what the model knows (a digit, for a digit classifier).
+             */
+            flagged: boolean;
         };
         /** OutputTensor */
         OutputTensor: {
@@ -4355,6 +4418,199 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["TranslationResponse"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    generate_v1_image_generation_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Digits
+                     * @description The number to draw, digits 0-9 only; each digit is drawn separately, side by side. At most 16 on this server (NEUROSERVE_MAX_GENERATED_DIGITS).
+                     */
+                    digits: string;
+                    /**
+                     * N
+                     * @description Images to draw. At most 16 on this server (NEUROSERVE_MAX_GENERATED_IMAGES).
+                     * @default 1
+                     */
+                    n?: number;
+                    /**
+                     * Seed
+                     * @description Image i is drawn from seed + i: the same seed and digits give the same images. Default: a random seed, returned with each image.
+                     */
+                    seed?: number | null;
+                    /**
+                     * Polarity
+                     * @description light-on-dark: white ink on black, as MNIST; dark-on-light: ink on paper.
+                     * @default light-on-dark
+                     * @enum {string}
+                     */
+                    polarity?: "light-on-dark" | "dark-on-light";
+                    /**
+                     * Scale
+                     * @description Each pixel becomes scale x scale pixels (28 px digits are small).
+                     * @default 1
+                     */
+                    scale?: number;
+                    /**
+                     * Format
+                     * @description png: the image file itself (n must be 1).
+                     * @default json
+                     * @enum {string}
+                     */
+                    format?: "json" | "png";
+                    /**
+                     * Model
+                     * @description A model of this task; default: the task's default model.
+                     */
+                    model?: string | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImageGenerationResponse"];
+                    "image/png": unknown;
                 };
             };
             /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */

@@ -27,6 +27,19 @@ test("a handwritten 7 is classified as 7", async () => {
   assert.equal(data.predictions[0][0].label, "7");
 });
 
+test("a 7 is not flagged as unlike a digit", async () => {
+  const { data } = await api.POST("/v1/image-classification", { body: { images: [SEVEN] } });
+  assert.equal(data.ood.length, 1);
+  assert.equal(data.ood[0].flagged, false);
+});
+
+test("a drawn number comes back as PNGs with their seeds", async () => {
+  const { data, error } = await api.POST("/v1/image-generation", { body: { digits: "42", n: 2, seed: 5 } });
+  assert.equal(error, undefined);
+  assert.deepEqual(data.images.map((i) => i.seed), [5, 6]);
+  assert.equal(Buffer.from(data.images[0].png, "base64").subarray(1, 4).toString(), "PNG");
+});
+
 test("sentiment names the model of each text's language", async () => {
   const { data } = await api.POST("/v1/sentiment", { body: { texts: ["What a wonderful film.", "房间干净，服务热情。"] } });
   assert.deepEqual(data.predictions.map((p) => p.model), ["sentiment", "sentiment-zh"]);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from typing import Any
@@ -16,9 +17,11 @@ from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_each, decode_inline, read_images, request_doc
 from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, limit
 from service.config import Settings
-from service.errors import SchemaError
+from service.errors import SchemaError, ServiceError
+from service.registry import ModelRegistry, ServedModel
 from service.responses import ModelResponse
 from service.tasks import image_classification as task
+from service.tasks import image_ood
 
 router = APIRouter(tags=["tasks"])
 
@@ -45,10 +48,23 @@ class LabelScore(BaseModel):
     score: float
 
 
+class OodScore(BaseModel):
+    score: float = Field(description="Higher: less like the images the model was trained on.")
+    flagged: bool = Field(
+        description="The score is past the threshold calibrated on held-out training-like images: "
+        "the image is probably not what the model knows (a digit, for a digit classifier)."
+    )
+
+
 class ImageClassificationResponse(BaseModel):
     model: str
     version: str
     predictions: list[list[LabelScore]] = Field(description="One ranked list per image, in request order.")
+    ood: list[OodScore] | None = Field(
+        None,
+        description="One per image, in request order, from the model's out-of-distribution companion "
+        "(model.json parameters.ood); null when it has none or the companion is not serving.",
+    )
 
 
 def _top_k(value: Any, settings: Settings) -> int:
@@ -101,9 +117,35 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
         batch = prepare(inline=True)
     else:
         batch = await run_in_threadpool(prepare)
-    result = await unless_disconnected(request, served.infer_rows({spec_input.name: batch}))
+    companion = _companion(registry, parameters)
+    if companion is None:
+        result = await unless_disconnected(request, served.infer_rows({spec_input.name: batch}))
+        ood = None
+    else:  # both graphs take the same prepared batch, each through its own batcher, at once
+        both = asyncio.gather(
+            served.infer_rows({spec_input.name: batch}),
+            companion.infer_rows({companion.spec.inputs[0].name: batch}),
+        )
+        result, judged = await unless_disconnected(request, both)
+        threshold = companion.parameters.threshold  # type: ignore[attr-defined]
+        ood = [OodScore(score=round(float(v), 6), flagged=bool(v > threshold)) for v in judged.outputs[image_ood.SCORE]]
     scores = task.scores(result.outputs[spec_output.name], parameters)
     body = ImageClassificationResponse(
-        model=served.name, version=str(served.version), predictions=task.top_k(scores, served.spec.labels, k)
+        model=served.name,
+        version=str(served.version),
+        predictions=task.top_k(scores, served.spec.labels, k),
+        ood=ood,
     )
     return ModelResponse(body, headers=result.timing_headers())
+
+
+def _companion(registry: ModelRegistry, parameters: task.ImageClassificationParameters) -> ServedModel | None:
+    """The classifier's out-of-distribution companion when it names one and it serves (a missing or
+    failed companion leaves the answer without ``ood``, never fails the classification)."""
+    if parameters.ood is None:
+        return None
+    try:
+        companion = registry.get(parameters.ood)
+    except ServiceError:
+        return None
+    return companion if companion.spec.task == image_ood.TASK.name else None

@@ -107,7 +107,9 @@ async function classify(blob, name) {
       item.textContent = `${label} (${(score * 100).toFixed(1)} %)`;
       result.appendChild(item);
     }
-    meta.textContent = `${body.model} v${body.version} · ${timing(response)}`;
+    const ood = body.ood ? body.ood[0] : null;
+    const warning = ood && ood.flagged ? `not like a digit (score ${ood.score.toFixed(2)}) · ` : "";
+    meta.textContent = `${warning}${body.model} v${body.version} · ${timing(response)}`;
   } catch (err) {
     showError(result, meta, err);
   }
@@ -118,6 +120,36 @@ document.getElementById("digit-classify").addEventListener("click", () => {
 document.getElementById("digit-file").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (file) classify(file, file.name);
+});
+
+// --- Generation --------------------------------------------------------------------------------
+document.getElementById("generate-run").addEventListener("click", async () => {
+  const result = document.getElementById("generate-result");
+  const meta = document.getElementById("generate-meta");
+  clearError(result);
+  result.textContent = "…";
+  const request = { digits: document.getElementById("generate-digits").value.trim(), n: 4, scale: 3, polarity: "dark-on-light" };
+  const seed = document.getElementById("generate-seed").value;
+  if (seed !== "") request.seed = Number(seed);
+  try {
+    const response = await call("/v1/image-generation", {
+      method: "POST",
+      body: JSON.stringify(request),
+      headers: headers({ "Content-Type": "application/json" }),
+    });
+    const body = await response.json();
+    result.innerHTML = "";
+    for (const image of body.images) {
+      const img = document.createElement("img");
+      img.src = `data:image/png;base64,${image.png}`;
+      img.alt = `${image.digits}, seed ${image.seed}`;
+      img.title = `seed ${image.seed}`;
+      result.appendChild(img);
+    }
+    meta.textContent = `seeds ${body.images[0].seed}-${body.images[body.images.length - 1].seed} · ${body.model} v${body.version} · ${timing(response)}`;
+  } catch (err) {
+    showError(result, meta, err);
+  }
 });
 
 // --- Detection ---------------------------------------------------------------------------------
