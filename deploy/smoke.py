@@ -69,6 +69,8 @@ def main(base: str) -> None:
                     "rating",
                     "translation-en-fr",
                     "digit-detector",
+                    "digit-generator",
+                    "mnist-ood",
                 }
             ),
         ),
@@ -84,7 +86,12 @@ def main(base: str) -> None:
         (
             "POST /v1/image-classification",
             call(base, "/v1/image-classification", {"images": [seven_png()]}),
-            lambda b: b["predictions"][0][0]["label"] == "7",
+            lambda b: b["predictions"][0][0]["label"] == "7" and b["ood"][0]["flagged"] is False,
+        ),
+        (
+            "POST /v1/image-generation",
+            call(base, "/v1/image-generation", {"digits": "2026", "n": 2, "seed": 7}),
+            lambda b: [i["seed"] for i in b["images"]] == [7, 8] and b["images"][0]["width"] == 88,
         ),
         (
             "POST /v1/sentiment",
