@@ -70,6 +70,8 @@ def test_a_seed_gives_the_same_images_whatever_shares_the_batch(client: TestClie
 
 
 def test_without_a_seed_each_request_draws_anew_and_says_its_seed(client: TestClient) -> None:
+    many = client.post(URL, json={"digits": "5", "n": 16}).json()["images"]
+    assert all(0 <= im["seed"] <= 2**32 - 1 for im in many)  # each one can be sent back
     first, second = (client.post(URL, json={"digits": "5"}).json()["images"][0] for _ in range(2))
     assert first["seed"] != second["seed"] and first["png"] != second["png"]
     redrawn = client.post(URL, json={"digits": "5", "seed": first["seed"]}).json()["images"][0]
@@ -96,10 +98,11 @@ def test_bad_requests_are_4xx_with_the_reason(client: TestClient) -> None:
         ({"digits": "٣"}, 422, "digits"),  # an Arabic-Indic three: only 0-9
         ({"digits": "1\n"}, 422, "digits"),
         ({"digits": ""}, 422, "digits"),
-        ({"digits": "1" * 17}, 422, "at most 16 digits"),
+        ({"digits": "1" * 17}, 413, "at most 16 digits"),
         ({"digits": 12}, 422, "digits"),
         ({"digits": "1", "n": 0}, 422, "n"),
-        ({"digits": "1", "n": 17}, 422, "at most 16 images"),
+        ({"digits": "1", "n": 17}, 413, "at most 16 images"),
+        ({"digits": "1", "n": 2, "seed": 2**32 - 1}, 422, "seed"),  # image 1's seed could not be sent back
         ({"digits": "1", "n": 2, "format": "png"}, 422, "n must be 1"),
         ({"digits": "1", "seed": -1}, 422, "seed"),
         ({"digits": "1", "seed": 2**32}, 422, "seed"),

@@ -120,6 +120,30 @@ def test_the_classification_is_unchanged_and_ood_comes_one_per_image_in_order(cl
     body = client.post(URL, json={"images": [base64.b64encode(b).decode() for b in blobs]}).json()
     assert [p[0]["label"] for p in (body["predictions"][0], body["predictions"][2])] == [str(labels[0]), str(labels[1])]
     assert [a["flagged"] for a in body["ood"]] == [False, True, False]
+    threshold = json.loads((ROOT / "models" / "mnist-ood" / "model.json").read_text())["parameters"]["threshold"]
+    assert all(a["threshold"] == round(threshold, 6) and a["flagged"] == (a["score"] > threshold) for a in body["ood"])
+
+
+def test_a_companion_that_fails_or_is_full_leaves_ood_null_and_the_classification_answers(
+    client: TestClient, mnist_test, monkeypatch
+) -> None:
+    from service.errors import InferenceFailed, Overloaded
+
+    images, labels = mnist_test
+    companion = client.app.state.registry.get("mnist-ood")
+    body = {"images": [base64.b64encode(encode(Image.fromarray(images[0]))).decode()]}
+    for error in (InferenceFailed("the graph failed"), Overloaded("full queue")):
+
+        async def failing(feeds, error=error):  # type: ignore[no-untyped-def]
+            raise error
+
+        monkeypatch.setattr(companion, "infer_rows", failing)
+        response = client.post(URL, json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["ood"] is None
+        assert response.json()["predictions"][0][0]["label"] == str(labels[0])
+    monkeypatch.undo()
+    assert client.post(URL, json=body).json()["ood"][0]["flagged"] is False
 
 
 def test_without_a_serving_companion_ood_is_null_and_classification_works(tmp_path: Path, mnist_test) -> None:
@@ -143,5 +167,7 @@ def test_the_companion_is_served_on_the_open_inference_protocol(client: TestClie
     response = client.post("/v2/models/mnist-ood/infer", json=body)
     assert response.status_code == 200, response.text
     score = next(o for o in response.json()["outputs"] if o["name"] == "score")
+    out_of_range = {"inputs": [{**body["inputs"][0], "data": [-1.0] * (4 * 784)}]}
+    assert client.post("/v2/models/mnist-ood/infer", json=out_of_range).status_code == 400
     threshold = json.loads((ROOT / "models" / "mnist-ood" / "model.json").read_text())["parameters"]["threshold"]
     assert score["shape"] == [4] and max(score["data"][:3]) < threshold < score["data"][3]

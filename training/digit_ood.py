@@ -512,7 +512,7 @@ def model_config(cfg: Config, threshold: float) -> dict:
         "light ink on dark, after the service's MNIST preprocessing). Outputs: score (higher = less like "
         "the training digits; above parameters.threshold = not a digit) and the reconstruction.",
         "platform": "onnx_onnxv1",
-        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28], "value_range": [0.0, 1.0]}],
         "outputs": [
             {"name": "score", "datatype": "FP32", "shape": [-1]},
             {"name": "reconstruction", "datatype": "FP32", "shape": [-1, 1, 28, 28]},

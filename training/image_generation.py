@@ -392,7 +392,7 @@ def model_config(cfg: Config) -> dict:
         "light ink on dark (MNIST's polarity).",
         "platform": "onnx_onnxv1",
         "inputs": [
-            {"name": "z", "datatype": "FP32", "shape": [-1, LATENT_DIM]},
+            {"name": "z", "datatype": "FP32", "shape": [-1, LATENT_DIM], "value_range": [-100.0, 100.0]},
             {"name": "digit", "datatype": "INT64", "shape": [-1], "value_range": [0, 9]},
         ],
         "outputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],

@@ -302,7 +302,12 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Draw handwritten numbers (a generator trained on MNIST) */
+        /**
+         * Draw handwritten numbers (a generator trained on MNIST)
+         * @description Each digit of ``digits`` is drawn by the generator and the digits are set side by side; image
+         *     ``i`` is drawn from ``seed + i`` (any image can be redrawn alone). With ``format`` png the
+         *     answer is the PNG file itself and its seed is in the ``x-seed`` header.
+         */
         post: operations["generate_v1_image_generation_post"];
         delete?: never;
         options?: never;
@@ -602,9 +607,14 @@ export interface components {
         OodScore: {
             /**
              * Score
-             * @description Higher: less like the images the model was trained on.
+             * @description Higher: less like the images the model was trained on. Its scale is the companion's own (mnist-ood: a negative log-likelihood; digits about -75 to -25, a blank page about 6e4).
              */
             score: number;
+            /**
+             * Threshold
+             * @description The companion's calibrated threshold: flagged when the score is above it.
+             */
+            threshold: number;
             /**
              * Flagged
              * @description The score is past the threshold calibrated on held-out training-like images: the image is probably not what the model knows (a digit, for a digit classifier).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from service.tasks import image_classification as task
 from service.tasks import image_ood
 
 router = APIRouter(tags=["tasks"])
+log = logging.getLogger(__name__)
 
 
 class ImageClassificationRequest(BaseModel):
@@ -49,7 +51,11 @@ class LabelScore(BaseModel):
 
 
 class OodScore(BaseModel):
-    score: float = Field(description="Higher: less like the images the model was trained on.")
+    score: float = Field(
+        description="Higher: less like the images the model was trained on. Its scale is the companion's own "
+        "(mnist-ood: a negative log-likelihood; digits about -75 to -25, a blank page about 6e4)."
+    )
+    threshold: float = Field(description="The companion's calibrated threshold: flagged when the score is above it.")
     flagged: bool = Field(
         description="The score is past the threshold calibrated on held-out training-like images: "
         "the image is probably not what the model knows (a digit, for a digit classifier)."
@@ -124,11 +130,9 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
     else:  # both graphs take the same prepared batch, each through its own batcher, at once
         both = asyncio.gather(
             served.infer_rows({spec_input.name: batch}),
-            companion.infer_rows({companion.spec.inputs[0].name: batch}),
+            _judge(companion, batch),
         )
-        result, judged = await unless_disconnected(request, both)
-        threshold = companion.parameters.threshold  # type: ignore[attr-defined]
-        ood = [OodScore(score=round(float(v), 6), flagged=bool(v > threshold)) for v in judged.outputs[image_ood.SCORE]]
+        result, ood = await unless_disconnected(request, both)
     scores = task.scores(result.outputs[spec_output.name], parameters)
     body = ImageClassificationResponse(
         model=served.name,
@@ -137,6 +141,21 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
         ood=ood,
     )
     return ModelResponse(body, headers=result.timing_headers())
+
+
+async def _judge(companion: ServedModel, batch: np.ndarray) -> list[OodScore] | None:
+    """The companion's verdicts, or None when it cannot give them now (its queue full, its graph
+    failing): the classification does not fail with it."""
+    try:
+        judged = await companion.infer_rows({companion.spec.inputs[0].name: batch})
+    except ServiceError as exc:
+        log.warning("out-of-distribution companion %s gave no scores: %s", companion.name, exc.message)
+        return None
+    threshold = float(companion.parameters.threshold)  # type: ignore[attr-defined]
+    return [
+        OodScore(score=round(float(v), 6), threshold=round(threshold, 6), flagged=bool(v > threshold))
+        for v in judged.outputs[image_ood.SCORE]
+    ]
 
 
 def _companion(registry: ModelRegistry, parameters: task.ImageClassificationParameters) -> ServedModel | None:

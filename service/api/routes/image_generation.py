@@ -14,7 +14,7 @@ from starlette.responses import Response
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, parse_body
-from service.errors import SchemaError
+from service.errors import SchemaError, TooManyItems
 from service.responses import ModelResponse
 from service.tasks import image_generation as task
 
@@ -71,18 +71,23 @@ class ImageGenerationResponse(BaseModel):
     openapi_extra=json_body_doc(ImageGenerationRequest),
 )
 async def generate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+    """Each digit of ``digits`` is drawn by the generator and the digits are set side by side; image
+    ``i`` is drawn from ``seed + i`` (any image can be redrawn alone). With ``format`` png the
+    answer is the PNG file itself and its seed is in the ``x-seed`` header."""
     body = parse_body(await request.body(), ImageGenerationRequest)
     if len(body.digits) > settings.max_generated_digits:
-        raise SchemaError(f"digits: at most {settings.max_generated_digits} digits, got {len(body.digits)}")
+        raise TooManyItems(f"digits: at most {settings.max_generated_digits} digits, got {len(body.digits)}")
     if body.n > settings.max_generated_images:
-        raise SchemaError(f"n: at most {settings.max_generated_images} images, got {body.n}")
+        raise TooManyItems(f"n: at most {settings.max_generated_images} images, got {body.n}")
+    if body.seed is not None and body.seed + body.n - 1 > MAX_SEED:  # every image's seed must be one to send
+        raise SchemaError(f"seed: at most {MAX_SEED - body.n + 1} for n {body.n} (image i uses seed + i)")
     if body.format == "png" and body.n != 1:
         raise SchemaError(f"format png returns one image: n must be 1, got {body.n}")
     served = registry.for_task(task.TASK.name, body.model)
     parameters: task.ImageGenerationParameters = served.parameters  # type: ignore[assignment]
     if any(int(d) >= parameters.classes for d in body.digits):
         raise SchemaError(f"digits: model {served.name} draws classes 0-{parameters.classes - 1}")
-    seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed
+    seed = secrets.randbelow(MAX_SEED - body.n + 2) if body.seed is None else body.seed
     seeds = [seed + i for i in range(body.n)]
     feeds = task.feeds(served.spec, body.digits, seeds, parameters.latent_dim)
     result = await unless_disconnected(request, served.infer_rows(feeds))
