@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 
@@ -84,6 +85,80 @@ class Metrics:
         return ModelObserver(self, model)
 
 
+class ModelStats:
+    """One model version's totals since it was loaded, in the shape of Triton's statistics extension
+    (``GET /v2/models/{m}/stats``): requests that succeeded and failed, time queued, executions
+    (batches; for step-level decoding, decoder steps) by size. Updated from the event loop and from
+    the worker threads, hence the lock (uncontended: a few hundred ns an update)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._success = [0, 0]  # count, ns
+        self._fail = [0, 0]
+        self._queue = [0, 0]
+        self._infer = [0, 0]
+        self._by_size: dict[int, list[int]] = {}
+        self._inferences = 0
+        self._executions = 0
+        self._last_ms = 0
+
+    def request(self, ok: bool, seconds: float) -> None:
+        with self._lock:
+            kept = self._success if ok else self._fail
+            kept[0] += 1
+            kept[1] += int(seconds * 1e9)
+
+    def queued(self, seconds: float) -> None:
+        with self._lock:
+            self._queue[0] += 1
+            self._queue[1] += int(seconds * 1e9)
+
+    def executed(self, size: int, seconds: float) -> None:
+        ns = int(seconds * 1e9)
+        with self._lock:
+            self._executions += 1
+            self._inferences += size
+            self._infer[0] += 1
+            self._infer[1] += ns
+            kept = self._by_size.setdefault(size, [0, 0])
+            kept[0] += 1
+            kept[1] += ns
+            self._last_ms = time.time_ns() // 1_000_000
+
+    def snapshot(self, name: str, version: str) -> dict:
+        def duration(pair: list[int]) -> dict[str, int]:
+            return {"count": pair[0], "ns": pair[1]}
+
+        none = {"count": 0, "ns": 0}  # input and output copies are not timed apart from the run
+        with self._lock:
+            return {
+                "name": name,
+                "version": version,
+                "last_inference": self._last_ms,
+                "inference_count": self._inferences,
+                "execution_count": self._executions,
+                "inference_stats": {
+                    "success": duration(self._success),
+                    "fail": duration(self._fail),
+                    "queue": duration(self._queue),
+                    "compute_input": none,
+                    "compute_infer": duration(self._infer),
+                    "compute_output": none,
+                    "cache_hit": none,
+                    "cache_miss": none,
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": none,
+                        "compute_infer": duration(pair),
+                        "compute_output": none,
+                    }
+                    for size, pair in sorted(self._by_size.items())
+                ],
+            }
+
+
 class ModelObserver:
     """The batcher's hooks, bound to one model's label values once (labels() is not free)."""
 
@@ -98,6 +173,7 @@ class ModelObserver:
         self._active = metrics.active_sequences.labels(model)
         self._by_outcome: dict[str, Counter] = {}
         self._model = model
+        self.stats = ModelStats()
 
     def on_queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
@@ -105,9 +181,11 @@ class ModelObserver:
     def on_batch(self, size: int, compute_s: float) -> None:
         self._batch.observe(size)
         self._compute.observe(compute_s)
+        self.stats.executed(size, compute_s)
 
     def on_dequeue(self, queue_s: float) -> None:
         self._queue.observe(queue_s)
+        self.stats.queued(queue_s)
 
     def on_step(self, rows: int, sequences: int, seconds: float) -> None:
         """A step-level decoder step: its rows are the model's batch, like a batcher's batch."""
@@ -143,3 +221,4 @@ class ModelObserver:
             counter = self._by_outcome[outcome] = self._requests.labels(self._model, outcome)
         counter.inc()
         self._latency.observe(latency_s)
+        self.stats.request(outcome == "ok", latency_s)

@@ -148,8 +148,8 @@ def scope_of(method: str, path: str) -> Scope | None:
         return None
     if path.startswith("/static/") or path.startswith("/docs/"):
         return None
-    if path == "/metrics":
-        return "metrics"
+    if path == "/metrics" or (path.startswith("/v2/models") and path.endswith("/stats")):
+        return "metrics"  # operators' figures (Triton's statistics extension too)
     if path in ("/v2/models", "/v2/repository/index"):
         return "admin"
     return "infer"

@@ -16,9 +16,9 @@ from service.responses import ModelResponse
 router = APIRouter(tags=["health"])
 
 ModelStateName = Literal["LOADING", "READY", "FAILED"]
-# What is implemented of the protocol's extensions: Triton's binary tensor data. Not
+# What is implemented of the protocol's extensions: Triton's binary tensor data and statistics. Not
 # "model_repository": its index is served, but load and unload are not.
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "statistics"]
 
 
 class Live(BaseModel):

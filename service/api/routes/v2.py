@@ -123,6 +123,76 @@ async def repository_index(registry: RegistryDep) -> Response:
     return JSONResponse(dumped)
 
 
+class DurationStat(BaseModel):
+    count: int
+    ns: int
+
+
+class InferenceStats(BaseModel):
+    success: DurationStat
+    fail: DurationStat
+    queue: DurationStat
+    compute_input: DurationStat
+    compute_infer: DurationStat
+    compute_output: DurationStat
+    cache_hit: DurationStat
+    cache_miss: DurationStat
+
+
+class BatchStat(BaseModel):
+    batch_size: int
+    compute_input: DurationStat
+    compute_infer: DurationStat
+    compute_output: DurationStat
+
+
+class ModelStat(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="Milliseconds since the epoch of the last execution (0: none yet).")
+    inference_count: int = Field(description="Rows run (a batch of 8 counts 8; a decoder step counts its rows).")
+    execution_count: int = Field(description="Batches run (decoder steps for step-level decoding).")
+    inference_stats: InferenceStats
+    batch_stats: list[BatchStat]
+
+
+class ModelStatsResponse(BaseModel):
+    model_stats: list[ModelStat]
+
+
+# Before "/v2/models/{model}", which would otherwise take "stats" for a model's name.
+@router.get(
+    "/v2/models/stats",
+    summary="Every serving model version's statistics (Triton's statistics extension)",
+    response_model=ModelStatsResponse,
+    responses=ERROR_RESPONSES,
+)
+@router.get(
+    "/v2/models/{model}/stats",
+    summary="A model's statistics, every serving version",
+    response_model=ModelStatsResponse,
+    responses=ERROR_RESPONSES,
+)
+@router.get(
+    "/v2/models/{model}/versions/{version}/stats",
+    summary="A model version's statistics",
+    response_model=ModelStatsResponse,
+    responses=ERROR_RESPONSES,
+)
+async def model_stats(registry: RegistryDep, model: str | None = None, version: str | None = None) -> ModelResponse:
+    """Totals since each version was loaded: successful and failed requests with their time,
+    time queued, executions by batch size (a decoding model's steps by rows)."""
+    if version is not None:
+        served = [registry.get(model, version)]  # type: ignore[arg-type]
+    elif model is not None:
+        registry.get(model)  # unknown: 404; loading or failed: 503 with the reason
+        served = [registry.status(model).versions[v] for v in sorted(registry.status(model).versions)]
+    else:
+        served = [s for status in registry.models.values() for _, s in sorted(status.versions.items())]
+    stats = [s.observer.stats.snapshot(s.name, str(s.version)) for s in served]
+    return ModelResponse(ModelStatsResponse.model_validate({"model_stats": stats}))
+
+
 @router.get(
     "/v2/models/{model}", summary="Model metadata", response_model=ModelVersionMetadata, responses=ERROR_RESPONSES
 )
