@@ -1,7 +1,8 @@
 """Tokenising one short text: ``Tokenizer.encode`` against ``encode_batch`` (the tokenizers' own
-thread pool), with the cores idle and with every core busy (one spinning process per core, as a
-server's decode threads keep them), in interleaved rounds. Why ``service.tasks.assets.encode_each``
-calls ``encode`` per text.
+thread pool), with the cores idle and with every core busy (one spinning process per core), in
+interleaved rounds. Alone they cost the same (``bench/results/tokenize-*.json``); in the server,
+under load, ``encode_batch`` cost the event loop ten times more (see
+``service.tasks.assets.encode_each``): the difference is the hand-over of the GIL, not the work.
 
     python -m bench.tokenize [--calls 300] [--rounds 3]
 """

@@ -32,9 +32,11 @@ def load_tokenizer(filename: str, version_dir: Path) -> Tokenizer:
 
 
 def encode_each(tokenizer: Tokenizer, texts: Sequence[str]) -> list[Encoding]:
-    """``tokenizer.encode`` per text, not ``encode_batch``: the batch call hands the work to the
-    tokenizer's own thread pool, and with both cores busy decoding, waiting for one of its threads
-    to be scheduled cost 32 us a call against 4.5 us for ``encode`` (one short sentence; a loop of
-    300 calls beside two busy processes on 2 cores), and far more on the event loop of a server
-    under load (16 % of the loop at 1,024 connections, py-spy). Same encodings."""
+    """``tokenizer.encode`` per text, not ``encode_batch``. In a server under load the batch call
+    cost the event loop far more than the work: tokenising took 16.5 % of the loop at 1,024
+    connections on the translation endpoint with ``encode_batch``, 1.6 % with ``encode`` (py-spy,
+    the overload benchmark's load). Alone, the two cost the same (``python -m bench.tokenize``:
+    about 5 us for one sentence, cores idle or busy), so the cost is in the hand-over, not the
+    tokenising: ``encode_batch`` releases the GIL for its thread pool, and getting it back from the
+    decode threads is the wait. Same encodings."""
     return [tokenizer.encode(text) for text in texts]
