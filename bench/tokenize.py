@@ -2,7 +2,7 @@
 thread pool), with the cores idle and with every core busy (one spinning process per core), in
 interleaved rounds. Alone they cost the same (``bench/results/tokenize-*.json``); in the server,
 under load, ``encode_batch`` cost the event loop ten times more (see
-``service.tasks.assets.encode_each``): the difference is the hand-over of the GIL, not the work.
+``service.tasks.assets.encode_each``): the difference is in the hand-over, not the work.
 
     python -m bench.tokenize [--calls 300] [--rounds 3]
 """

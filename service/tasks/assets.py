@@ -37,6 +37,6 @@ def encode_each(tokenizer: Tokenizer, texts: Sequence[str]) -> list[Encoding]:
     connections on the translation endpoint with ``encode_batch``, 1.6 % with ``encode`` (py-spy,
     the overload benchmark's load). Alone, the two cost the same (``python -m bench.tokenize``:
     about 5 us for one sentence, cores idle or busy), so the cost is in the hand-over, not the
-    tokenising: ``encode_batch`` releases the GIL for its thread pool, and getting it back from the
-    decode threads is the wait. Same encodings."""
+    tokenising (probably: the batch call hands its work to the tokenizer's thread pool without the
+    GIL, and getting the GIL back from the busy decode threads is the wait). Same encodings."""
     return [tokenizer.encode(text) for text in texts]
