@@ -284,3 +284,12 @@ def test_texts_are_tokenised_one_by_one_exactly_as_the_batch_call_would() -> Non
         one_by_one, batched = encode_each(tokenizer, texts), tokenizer.encode_batch(texts)
         assert [e.ids for e in one_by_one] == [e.ids for e in batched], path
         assert [e.offsets for e in one_by_one] == [e.offsets for e in batched], path
+
+
+def test_models_are_warmed_at_powers_of_two_and_their_largest_batch() -> None:
+    from service.registry import warm_sizes
+
+    assert warm_sizes(1) == [1]
+    assert warm_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert warm_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert len(warm_sizes(2048)) == 12  # the rating model: 12 runs, not 2,048

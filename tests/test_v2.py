@@ -189,5 +189,5 @@ def test_readme_documents_every_setting() -> None:
 def test_text_models_are_warmed_at_every_length_bucket(client: TestClient) -> None:
     served = client.app.state.registry.get("sentiment")
     assert served.warmed_lengths == served.spec.parameters["length_buckets"] == [16, 32, 64, 128, 256]
-    assert served.warmed_batch_sizes == list(range(1, 65))
+    assert served.warmed_batch_sizes == [1, 2, 4, 8, 16, 32, 64]
     assert client.app.state.registry.get("mnist").warmed_lengths == [1]  # no dynamic axis but the batch
