@@ -119,7 +119,9 @@ def test_no_slash_redirect_reflects_the_host_header(client: TestClient) -> None:
 
 def test_metadata_names_the_protocol_platform_and_the_extensions_served(client: TestClient) -> None:
     assert client.get("/v2/models/mnist").json()["platform"] == "onnx_onnxv1"
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    # Only what is served: binary tensors and statistics, not model_repository (no load/unload).
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "statistics"]
+    assert client.get("/v2/models/mnist/stats").status_code == 200
 
 
 def test_request_id_is_a_string_and_is_echoed(client: TestClient) -> None:
