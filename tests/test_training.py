@@ -84,6 +84,20 @@ def test_sentiment_smoke_training_exports_a_servable_model(data_dir: Path, tmp_p
         assert response.json()["model"] == name
 
 
+def test_sentiment_bigrams_and_ensemble_export_one_servable_graph(data_dir: Path, tmp_path: Path) -> None:
+    from training import sentiment
+
+    argv = ["--smoke", "--lang", "zh", "--data-dir", str(data_dir / "sentiment"), "--output-dir", str(tmp_path)]
+    meta = sentiment.main([*argv, "--bigram-buckets", "1024", "--ensemble", "2"])
+    assert meta["metrics"]["onnx_vs_torch_max_abs_diff"] < 1e-4  # parity at batch > 1, padding included
+    assert len(meta["metrics"]["best_epoch"]) == 2 and len(meta["metrics"]["members_validation_accuracy"]) == 2
+    with make_client(repository=tmp_path) as client:
+        wait_ready(client)
+        response = client.post("/v1/sentiment", json={"texts": ["房间很干净", "房间很干净，服务也很热情"]})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "sentiment-zh"
+
+
 def test_rating_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path: Path) -> None:
     from training import rating
 

@@ -7,7 +7,10 @@ Three networks, chosen with ``--arch``, all taking token ids and an attention ma
 softmax probabilities: ``cnn``, a Kim-style text CNN (1-D convolutions of several widths, max pooling
 over time that ignores padding); ``bilstm``, a bidirectional LSTM (the backward pass runs over each
 text reversed within its own length, so padding never reaches it) with max and mean pooling; and
-``transformer``, a small pre-norm Transformer encoder with learned positions. Tokenisation is a
+``transformer``, a small pre-norm Transformer encoder with learned positions. ``--bigram-buckets``
+gives the CNN a hashed (token, next token) embedding computed inside the graph, and ``--ensemble N``
+trains N members (seeds seed..seed+N-1, each checkpoint chosen on validation) exported as one graph that
+averages their probabilities; both leave the service's tokenisation unchanged. Tokenisation is a
 WordPiece vocabulary trained here with Hugging Face ``tokenizers`` and saved as ``tokenizer.json``
 beside the model; its normaliser maps everyday English ("don't", curly apostrophes) onto SST-2's
 treebank tokenisation ("do n't"), and splits Chinese into characters.
@@ -69,6 +72,13 @@ class Config:
     embed_dim: int = 128
     channels: int = field(default=128, metadata={"help": "filters per convolution width"})
     widths: tuple[int, ...] = field(default=(1, 3, 5), metadata={"help": "odd convolution widths", "type": odd})
+    bigram_buckets: int = field(
+        default=0, metadata={"help": "cnn: hashed token-bigram embedding buckets, computed in the graph (0: none)"}
+    )
+    bigram_dim: int = field(default=64, metadata={"help": "cnn: width of the bigram embedding"})
+    ensemble: int = field(
+        default=1, metadata={"help": "members (seeds seed, seed+1, ...) whose probabilities one graph averages"}
+    )
     hidden: int = field(default=128, metadata={"help": "bilstm: units per direction; transformer: d_model"})
     layers: int = field(default=2, metadata={"help": "transformer layers"})
     heads: int = field(default=4, metadata={"help": "transformer attention heads"})
@@ -187,16 +197,36 @@ def encode(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[list[in
     return [enc.ids[:max_len] or [tokenizer.token_to_id(UNK)] for enc in tokenizer.encode_batch(texts)]
 
 
+def bigram_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Each position's (token, next token) pair hashed into 1..buckets-1, in the graph so the service's
+    tokenizer stays as it is; 0 (the padding row) where there is no next token."""
+    following = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+    following_mask = torch.cat([attention_mask[:, 1:], torch.zeros_like(attention_mask[:, :1])], dim=1)
+    return (torch.remainder(input_ids * 7919 + following, buckets - 1) + 1) * following_mask
+
+
 class TextCNN(nn.Module):
+    """Kim's text CNN; with ``bigram_buckets`` each position also gets an embedding of its hashed
+    (token, next token) pair (for Chinese: character bigrams, roughly words), concatenated."""
+
     def __init__(self, vocab_size: int, cfg: Config) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
-        self.convs = nn.ModuleList(nn.Conv1d(cfg.embed_dim, cfg.channels, w, padding=w // 2) for w in cfg.widths)
+        self.bigram_buckets = cfg.bigram_buckets
+        width = cfg.embed_dim
+        if cfg.bigram_buckets:
+            self.bigram_embed = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim, padding_idx=0)
+            width += cfg.bigram_dim
+        self.convs = nn.ModuleList(nn.Conv1d(width, cfg.channels, w, padding=w // 2) for w in cfg.widths)
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(cfg.channels * len(cfg.widths), len(LABELS))
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.embed(input_ids)).transpose(1, 2)  # [B, D, L]
+        x = self.embed(input_ids)
+        if self.bigram_buckets:
+            bigrams = self.bigram_embed(bigram_ids(input_ids, attention_mask, self.bigram_buckets))
+            x = torch.cat([x, bigrams], dim=2)
+        x = self.dropout(x).transpose(1, 2)  # [B, D, L]
         padding = (attention_mask == 0).unsqueeze(1)  # [B, 1, L]
         pooled = []
         for conv in self.convs:
@@ -289,6 +319,22 @@ class TransformerEncoder(nn.Module):
 ARCHS = {"cnn": TextCNN, "bilstm": BiLSTM, "transformer": TransformerEncoder}
 
 
+class Ensemble(nn.Module):
+    """Members trained apart (each with its own seed and validation-chosen checkpoint); the graph gives
+    the mean of their probabilities."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        probs = [member(input_ids, attention_mask) for member in self.members]
+        return torch.stack(probs, dim=0).mean(dim=0)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.forward(input_ids, attention_mask).clamp(min=1e-12))
+
+
 def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -344,11 +390,14 @@ def model_config(cfg: Config, name: str, vocab: int) -> dict:
         "en": "English (trained on SST-2 movie-review phrases)",
         "zh": "Chinese (trained on ChnSentiCorp hotel reviews)",
     }[cfg.lang]
+    network = ARCH_NAMES[cfg.arch] + (" with hashed token-bigram embeddings" if cfg.bigram_buckets else "")
+    if cfg.ensemble > 1:
+        network = f"mean of {cfg.ensemble} models (seeds {cfg.seed}..{cfg.seed + cfg.ensemble - 1}), each a {network},"
     return {
         "name": name,
         "task": "sentiment",
         "default": True,
-        "description": f"Binary sentiment of {language}: {ARCH_NAMES[cfg.arch]} over a WordPiece vocabulary. "
+        "description": f"Binary sentiment of {language}: {network} over a WordPiece vocabulary. "
         "Inputs: token ids and attention mask [batch, length]; output: probabilities of negative, positive.",
         "platform": "onnx_onnxv1",
         "inputs": [
@@ -529,13 +578,26 @@ def train(cfg: Config, command: str = "") -> dict:
     name = cfg.name or ("sentiment" if cfg.lang == "en" else "sentiment-zh")
     tokenizer, seqs, labels = encoded_data(cfg)
     print({k: len(v) for k, v in seqs.items()})
-    model = ARCHS[cfg.arch](tokenizer.get_vocab_size(), cfg).to(device)
     started = time.perf_counter()
-    best_state, best_epoch = fit(model, cfg, seqs, labels, epochs=1 if cfg.smoke else cfg.epochs)
+    members, best_epochs, member_validation = [], [], []
+    for i in range(cfg.ensemble):
+        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + i)  # member 0 is the single model of this seed
+        common.seed_everything(member_cfg.seed)
+        member = ARCHS[cfg.arch](tokenizer.get_vocab_size(), member_cfg).to(device)
+        best_state, best_epoch = fit(member, member_cfg, seqs, labels, epochs=1 if cfg.smoke else cfg.epochs)
+        member = member.cpu()
+        member.load_state_dict(best_state)
+        member.eval()
+        members.append(member)
+        best_epochs.append(best_epoch)
+        if cfg.ensemble > 1:
+            own = accuracy(member, seqs["dev"], labels["dev"], torch.device("cpu"))
+            joint = accuracy(Ensemble(members), seqs["dev"], labels["dev"], torch.device("cpu"))
+            member_validation.append({"member": round(own, 4), f"mean_of_first_{i + 1}": round(joint, 4)})
+            print(f"member {i + 1} (seed {member_cfg.seed}): validation {own:.2%}; mean of {i + 1}: {joint:.2%}")
     train_seconds = time.perf_counter() - started
-    model = model.cpu()
-    model.load_state_dict(best_state)
-    model.eval()
+    model = members[0] if cfg.ensemble == 1 else Ensemble(members).eval()
+    best_epoch = best_epochs[0] if cfg.ensemble == 1 else best_epochs
 
     version_dir = cfg.output_dir / name / str(cfg.version)
     onnx_path = version_dir / "model.onnx"
@@ -546,6 +608,7 @@ def train(cfg: Config, command: str = "") -> dict:
         "measured_on": "exported ONNX model in onnxruntime (CPU)",
         "onnx_vs_torch_max_abs_diff": parity,
         "best_epoch": best_epoch,
+        **({"members_validation_accuracy": member_validation} if member_validation else {}),
         **scores,
     }
     common.write_model_json(cfg.output_dir / name, model_config(cfg, name, tokenizer.get_vocab_size()))
