@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import ROOT, Server, free_port, write_results
-from bench.translation import baseline_checkout
+from bench.translation import compared_trees
 
 LUA = ROOT / "bench" / "backoff.lua"
 
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     body.write_text(json.dumps({"texts": ["Where is the train station?"]}))
     rows: dict[str, list[dict]] = {}
     with contextlib.ExitStack() as stack:
-        sides = [("this tree", ROOT)]
-        if args.baseline:
-            sides.append((f"@{args.baseline}", stack.enter_context(baseline_checkout(args.baseline))))
+        sides = compared_trees(stack, args.baseline)
         for rnd in range(args.rounds):
             for label, tree in sides:
                 port = free_port()

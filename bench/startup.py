@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import median
 
 from bench.harness import ROOT, Server, free_port, write_results
-from bench.translation import baseline_checkout
+from bench.translation import compared_trees
 
 
 def ready_after(tree: Path) -> float:
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     times: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
-        sides = [("this tree", ROOT)]
-        if args.baseline:
-            sides.append((f"@{args.baseline}", stack.enter_context(baseline_checkout(args.baseline))))
+        sides = compared_trees(stack, args.baseline)
         for rnd in range(args.rounds):
             for label, tree in sides:
                 seconds = ready_after(tree)

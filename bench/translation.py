@@ -178,6 +178,15 @@ def baseline_checkout(ref: str) -> Iterator[Path]:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
+def compared_trees(stack: ExitStack, baseline: str | None) -> list[tuple[str, Path]]:
+    """This working tree, and ``baseline``'s worktree when given (removed when ``stack`` closes):
+    (label, root) for benchmarks that compare a change with an earlier commit in one run."""
+    trees = [("this tree", ROOT)]
+    if baseline:
+        trees.append((f"@{baseline}", stack.enter_context(baseline_checkout(baseline))))
+    return trees
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = load_arguments(__doc__, duration_help="seconds per configuration and concurrency")
     p.set_defaults(data_dir=p.get_default("data_dir") / "translation")  # this benchmark's data only
