@@ -46,9 +46,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ServiceError, ShuttingDown
 
@@ -517,3 +517,15 @@ class StepScheduler(Generic[S]):
         """On the event loop only."""
         if not entry.future.done():
             entry.future.set_exception(exc)
+
+
+async def gather_all(coros: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Run every job; if one fails, cancel the rest (their rows leave the batch) and raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -19,13 +19,25 @@ class ServiceError(Exception):
     # False for errors that never reach a client as a response (see :func:`wire_errors`).
     on_the_wire = True
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, when one is
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.message, "error_type": self.error_type}
+
+    def to_openai_dict(self) -> dict[str, Any]:
+        """OpenAI's error shape, for the OpenAI-compatible routes (its client libraries parse it):
+        ``code`` is this service's ``error_type``."""
+        default = "server_error" if self.status_code >= 500 else "invalid_request_error"
+        kind = _OPENAI_TYPES.get(self.status_code, default)
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.error_type}}
+
+
+# OpenAI's error ``type`` by status (4xx not listed: invalid_request_error; 5xx: server_error).
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
 class InvalidInput(ServiceError):
@@ -109,6 +121,11 @@ class TooManyItems(PayloadTooLarge):
 
 class TextTooLong(PayloadTooLarge):
     error_type = "text_too_long"
+
+
+class ContextTooLong(InvalidInput):
+    # OpenAI's code for a prompt plus max_tokens beyond the model's context.
+    error_type = "context_length_exceeded"
 
 
 class InvalidId(InvalidInput):

@@ -199,3 +199,132 @@ def text_classifier(path: Path, classes: int = 2, length: int | str = "length") 
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+
+
+LM_SENTENCES = [
+    "Tom is tired.",
+    "Tom is here.",
+    "I think that Tom is right.",
+    "Can you help me?",
+    "The weather is nice today.",
+    "My favourite colour is blue.",
+    "I'm hungry.",
+    "Where is the station?",
+]
+
+
+def lstm_language_model(root: Path, name: str = "tiny-lm", *, hidden: int = 16, seed: int = 0, **parameters) -> Path:
+    """A one-layer LSTM language model with random weights in the text-generation task's two graphs
+    (the ONNX LSTM operator, as torch exports it), over a byte-level BPE trained on a few
+    sentences: ``model.onnx`` (token, h, c -> log_probs, h_next, c_next) and ``prefill.onnx``
+    (ids -> log_probs at every position, h, c). Both share the weights, so a prefill followed by
+    steps must agree with a prefill of the whole sequence."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(LM_SENTENCES, trainer)
+    vocab = tokenizer.get_vocab_size()
+    rng = np.random.default_rng(seed)
+    h = hidden
+
+    def weights(*shape: int, scale: float = 0.5) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(weights(vocab, h), "embedding"),
+        numpy_helper.from_array(weights(1, 4 * h, h), "W"),
+        numpy_helper.from_array(weights(1, 4 * h, h), "R"),
+        numpy_helper.from_array(weights(1, 8 * h, scale=0.1), "B"),
+        numpy_helper.from_array(weights(h, vocab, scale=2.0), "out"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+    ]
+    n = helper.make_node
+    fp, i64 = TensorProto.FLOAT, TensorProto.INT64
+    step = helper.make_graph(
+        [
+            n("Gather", ["embedding", "token"], ["emb"]),  # [rows, h]
+            n("Unsqueeze", ["emb", "zero"], ["x"]),  # [1, rows, h]
+            n("Transpose", ["h"], ["h0"], perm=[1, 0, 2]),  # [1, rows, h]
+            n("Transpose", ["c"], ["c0"], perm=[1, 0, 2]),
+            n("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["", "hn", "cn"], hidden_size=h),
+            n("Squeeze", ["hn", "zero"], ["top"]),  # [rows, h]
+            n("MatMul", ["top", "out"], ["logits"]),
+            n("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
+            n("Transpose", ["hn"], ["h_next"], perm=[1, 0, 2]),
+            n("Transpose", ["cn"], ["c_next"], perm=[1, 0, 2]),
+        ],
+        "lm_step",
+        [
+            helper.make_tensor_value_info("token", i64, ["rows"]),
+            helper.make_tensor_value_info("h", fp, ["rows", 1, h]),
+            helper.make_tensor_value_info("c", fp, ["rows", 1, h]),
+        ],
+        [
+            helper.make_tensor_value_info("log_probs", fp, ["rows", vocab]),
+            helper.make_tensor_value_info("h_next", fp, ["rows", 1, h]),
+            helper.make_tensor_value_info("c_next", fp, ["rows", 1, h]),
+        ],
+        initializer=inits,
+    )
+    prefill = helper.make_graph(
+        [
+            n("Gather", ["embedding", "ids"], ["emb"]),  # [rows, T, h]
+            n("Transpose", ["emb"], ["x"], perm=[1, 0, 2]),  # [T, rows, h]
+            n("LSTM", ["x", "W", "R", "B"], ["y", "hn", "cn"], hidden_size=h),  # y [T, 1, rows, h]
+            n("Squeeze", ["y", "one"], ["y3"]),
+            n("Transpose", ["y3"], ["seq"], perm=[1, 0, 2]),  # [rows, T, h]
+            n("MatMul", ["seq", "out"], ["logits"]),
+            n("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
+            n("Transpose", ["hn"], ["h_out"], perm=[1, 0, 2]),
+            n("Transpose", ["cn"], ["c_out"], perm=[1, 0, 2]),
+            n("Identity", ["h_out"], ["h"]),
+            n("Identity", ["c_out"], ["c"]),
+        ],
+        "lm_prefill",
+        [helper.make_tensor_value_info("ids", i64, ["rows", "length"])],
+        [
+            helper.make_tensor_value_info("log_probs", fp, ["rows", "length", vocab]),
+            helper.make_tensor_value_info("h", fp, ["rows", 1, h]),
+            helper.make_tensor_value_info("c", fp, ["rows", 1, h]),
+        ],
+        initializer=inits,
+    )
+    version_dir = root / name / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for graph, filename in ((step, "model.onnx"), (prefill, "prefill.onnx")):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, str(version_dir / filename))
+    tokenizer.save(str(version_dir / "tokenizer.json"))
+    spec = {
+        "name": name,
+        "task": "text-generation",
+        "max_batch_size": 16,
+        "inputs": [
+            {"name": "token", "datatype": "INT64", "shape": [-1], "value_range": [0, vocab - 1]},
+            {"name": "h", "datatype": "FP32", "shape": [-1, 1, h]},
+            {"name": "c", "datatype": "FP32", "shape": [-1, 1, h]},
+        ],
+        "outputs": [
+            {"name": "log_probs", "datatype": "FP32", "shape": [-1, vocab]},
+            {"name": "h_next", "datatype": "FP32", "shape": [-1, 1, h]},
+            {"name": "c_next", "datatype": "FP32", "shape": [-1, 1, h]},
+        ],
+        "parameters": {
+            "special_tokens": {"pad": 0, "bos": 1, "eos": 2, "unk": 3},
+            "max_context_tokens": 64,
+            "max_new_tokens": 48,
+            **parameters,
+        },
+    }
+    (root / name / "model.json").write_text(json.dumps(spec))
+    (version_dir / "metadata.json").write_text(json.dumps({"metrics": {"note": "random weights"}}))
+    return root / name

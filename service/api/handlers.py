@@ -25,27 +25,36 @@ from service.responses import JSONResponse
 log = logging.getLogger(__name__)
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+def speaks_openai(path: str) -> bool:
+    """The OpenAI-compatible routes answer errors in OpenAI's shape (its clients parse that)."""
+    return path == "/v1/completions" or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def error_body(exc: ServiceError, path: str | None = None) -> dict:
+    return exc.to_openai_dict() if path is not None and speaks_openai(path) else exc.to_dict()
+
+
+def error_response(exc: ServiceError, path: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(exc, path), status_code=exc.status_code, headers=exc.headers)
 
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500 and not isinstance(exc, Overloaded | DeadlineExceeded | ModelNotReady):
             log.error("request failed: %s", exc.message)
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # A body that is not JSON at all is a 400; JSON of the wrong shape is a 422.
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            return error_response(InvalidJSON("request body is not valid JSON"))
-        return error_response(SchemaError(describe_validation(exc.errors(), skip=("body",))))
+            return error_response(InvalidJSON("request body is not valid JSON"), request.url.path)
+        return error_response(SchemaError(describe_validation(exc.errors(), skip=("body",))), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(error_for_status(exc.status_code, str(exc.detail), exc.headers))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(error_for_status(exc.status_code, str(exc.detail), exc.headers), request.url.path)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
@@ -53,6 +62,6 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(ClientDisconnected("the client disconnected before its request body arrived"))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(ServiceError(f"internal error: {type(exc).__name__}"))
+        return error_response(ServiceError(f"internal error: {type(exc).__name__}"), request.url.path)

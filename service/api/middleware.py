@@ -16,7 +16,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.auth import KeyStore, presented_key, scope_of
-from service.api.handlers import error_response
+from service.api.handlers import error_body, error_response
 from service.errors import PayloadTooLarge, ServiceError
 from service.logs import REQUEST_ID, log_request
 from service.metrics import Metrics
@@ -98,7 +98,7 @@ class RequestGuard:
         try:
             refusal = None if decided is not None else self._refusal(scope, extra_headers)
             if refusal is not None:
-                response = error_response(refusal)
+                response = error_response(refusal, scope["path"])
                 if isinstance(refusal, PayloadTooLarge):
                     response.headers["connection"] = "close"
                 await response(scope, receive, send)
@@ -122,7 +122,7 @@ class RequestGuard:
         if refusal is None:
             scope[_EARLY] = (started, request_id, extra_headers)
             return None
-        body = orjson.dumps(refusal.to_dict())
+        body = orjson.dumps(error_body(refusal, scope["path"]))
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

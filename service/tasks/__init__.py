@@ -11,6 +11,7 @@ from service.tasks import (
     object_detection,
     rating,
     sentiment,
+    text_generation,
     translation,
 )
 from service.tasks.base import CannotFeed, Engine, Parameters, Task, check_labels
@@ -25,6 +26,7 @@ TASKS: dict[str, Task] = {
         translation,
         image_generation,
         image_ood,
+        text_generation,
     )
 }
 

@@ -22,7 +22,6 @@ setting for operators.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from service.config import Settings
-from service.decoding import DecodeStats, StepScheduler
+from service.decoding import DecodeStats, StepScheduler, gather_all
 from service.errors import ModelLoadError
 from service.metrics import ModelObserver
 from service.repository import ModelSpec, load_spec
@@ -599,15 +598,3 @@ def row_groups(jobs: Sequence[TranslationJob], max_rows: int, threads: int) -> l
         groups[-1].append(job)
         filled += len(job.beams)
     return groups
-
-
-async def gather_all(coros: Sequence) -> list:
-    """Run every job; if one fails, cancel the rest (their rows leave the batch) and raise."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

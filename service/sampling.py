@@ -1,0 +1,169 @@
+"""Choosing the next token of a generated text: temperature, top-k, top-p, penalties and a seed per
+row, inside a batched step. Knows neither HTTP nor ONNX: a decoder hands :func:`sample_rows` the
+step's next-token log-probabilities [rows, vocab] and each row's :class:`Sampler`.
+
+Each row has its own random generator, seeded from the request's ``seed`` and the choice's
+index, and draws exactly one number per token: a row's text depends on its seed, its prompt and
+the model, never on which other rows share the step (the arithmetic of each row is its own).
+
+Where each step happens, in order (the order of vLLM's and Hugging Face's logits processors):
+penalties on the raw log-probabilities (repetition over prompt and output; frequency and
+presence over the output, as OpenAI defines them), ``logit_bias``, then temperature (0: the
+most probable token, nothing drawn), top-k, top-p over what is left, and one draw by inverse
+CDF. Reported log-probabilities are the model's own, before any of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Top-p looks at this many of the most probable tokens first and sorts only those (a whole sort of
+# an 8,000-token vocabulary per row per step costs more than the model's step); rows whose nucleus
+# is wider fall back to a full sort.
+NUCLEUS_CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    frequency_penalty: float = 0.0  # per occurrence in the output (OpenAI)
+    presence_penalty: float = 0.0  # once a token is in the output (OpenAI)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    logprobs: int | None = None  # how many top alternatives to report per token (None: no log-probs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )
+
+
+class Sampler:
+    """One row's choices: its parameters, its random generator, the tokens it has seen."""
+
+    __slots__ = ("counts", "params", "prompt", "rng")
+
+    def __init__(self, params: SamplingParams, *, choice: int = 0, prompt: list[int] | None = None) -> None:
+        self.params = params
+        # [seed, choice]: choice j of a prompt gives the same text whatever else the request holds.
+        entropy = None if params.seed is None else [params.seed % 2**64, choice]
+        self.rng = np.random.default_rng(entropy)
+        self.prompt = set(prompt or ())  # for the repetition penalty
+        self.counts: dict[int, int] = {}  # output tokens so far
+
+    def seen(self, token: int) -> None:
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+    def adjust(self, scores: np.ndarray) -> np.ndarray:
+        """The penalties and biases on one row (a copy)."""
+        p = self.params
+        scores = scores.astype(np.float64, copy=True)
+        if p.repetition_penalty != 1.0:
+            ids = np.fromiter(self.prompt | self.counts.keys(), dtype=np.int64)
+            if ids.size:
+                # Log-probabilities are negative: multiplying lowers them (CTRL's rule on logits).
+                values = scores[ids]
+                scores[ids] = np.where(values < 0, values * p.repetition_penalty, values / p.repetition_penalty)
+        if self.counts and (p.frequency_penalty or p.presence_penalty):
+            ids = np.fromiter(self.counts.keys(), dtype=np.int64)
+            times = np.fromiter(self.counts.values(), dtype=np.float64)
+            scores[ids] -= times * p.frequency_penalty + p.presence_penalty
+        for token, bias in p.logit_bias.items():
+            if 0 <= token < scores.size:
+                scores[token] += bias
+        return scores
+
+
+def sample_rows(log_probs: np.ndarray, samplers: list[Sampler], banned: list[int] | None = None) -> np.ndarray:
+    """One token per row of ``log_probs`` [rows, vocab], each by its row's sampler. ``banned``:
+    token ids never chosen (padding, begin-of-text). Returns int64 [rows]."""
+    rows = len(samplers)
+    scores = log_probs.astype(np.float64, copy=True)
+    if banned:
+        scores[:, banned] = -np.inf
+    for i, sampler in enumerate(samplers):
+        if sampler.params.penalised:
+            scores[i] = sampler.adjust(scores[i])
+    chosen = np.empty(rows, dtype=np.int64)
+    greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
+    if greedy:
+        chosen[greedy] = scores[greedy].argmax(axis=1)
+    # Rows that draw, in groups of equal (temperature, top_k, top_p): each group is one set of
+    # array operations (row-wise, so no row's arithmetic depends on another's).
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for i, s in enumerate(samplers):
+        if not s.params.greedy:
+            groups.setdefault((s.params.temperature, s.params.top_k, s.params.top_p), []).append(i)
+    for (temperature, top_k, top_p), members in groups.items():
+        draws = np.array([samplers[i].rng.random() for i in members])
+        chosen[members] = _draw(scores[members] / temperature, top_k, top_p, draws)
+    return chosen
+
+
+def _draw(scores: np.ndarray, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draws (one uniform per row) from softmax(scores) restricted to top-k / top-p."""
+    vocab = scores.shape[1]
+    if top_k and top_k < vocab:
+        kth = np.partition(scores, vocab - top_k, axis=1)[:, vocab - top_k : vocab - top_k + 1]
+        scores = np.where(scores >= kth, scores, -np.inf)
+    top = scores.max(axis=1, keepdims=True)
+    weights = np.exp(scores - top)
+    if top_p < 1.0:
+        weights = _nucleus(weights, top_p)
+    cumulative = np.cumsum(weights, axis=1)
+    targets = draws * cumulative[:, -1]
+    out = np.empty(len(scores), dtype=np.int64)
+    for r in range(len(scores)):
+        out[r] = min(int(np.searchsorted(cumulative[r], targets[r], side="right")), vocab - 1)
+        while weights[r, out[r]] == 0.0:  # never a token with no weight (a draw at a boundary)
+            out[r] -= 1
+    return out
+
+
+def _nucleus(weights: np.ndarray, top_p: float) -> np.ndarray:
+    """Zero every weight outside the smallest set of most probable tokens whose mass reaches
+    ``top_p`` (at least one token is kept)."""
+    rows, vocab = weights.shape
+    totals = weights.sum(axis=1)
+    keep = np.zeros_like(weights, dtype=bool)
+    take = min(NUCLEUS_CANDIDATES, vocab)
+    candidates = np.argpartition(-weights, take - 1, axis=1)[:, :take] if take < vocab else None
+    for r in range(rows):
+        ids = candidates[r] if candidates is not None else np.arange(vocab)
+        ordered = ids[np.argsort(-weights[r, ids], kind="stable")]
+        mass = np.cumsum(weights[r, ordered]) / totals[r]
+        if mass[-1] < top_p and candidates is not None:  # a wide nucleus: sort everything
+            ordered = np.argsort(-weights[r], kind="stable")
+            mass = np.cumsum(weights[r, ordered]) / totals[r]
+        # Keep tokens until the mass before them reaches top_p (the first is always kept).
+        count = int(np.searchsorted(mass, top_p, side="left")) + 1
+        keep[r, ordered[: min(count, len(ordered))]] = True
+    return np.where(keep, weights, 0.0)
+
+
+def top_alternatives(log_probs: np.ndarray, k: int, exclude: Sequence[int] = ()) -> list[tuple[int, float]]:
+    """The ``k`` most probable tokens of one row, best first, with their log-probabilities;
+    ``exclude``: tokens never generated (they are no alternative)."""
+    if k <= 0:
+        return []
+    if exclude:
+        log_probs = log_probs.copy()
+        log_probs[list(exclude)] = -np.inf
+    k = min(k, log_probs.size)
+    ids = np.argpartition(-log_probs, k - 1)[:k]
+    ids = ids[np.argsort(-log_probs[ids], kind="stable")]
+    return [(int(i), float(log_probs[i])) for i in ids]

@@ -1,0 +1,291 @@
+"""Text generation: the OpenAI-compatible completions API and /v1/text-generation, on a tiny LSTM
+language model with random weights built here (so every behaviour is checked against the graphs
+themselves), and the official ``openai`` client against the app."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from bench.harness import neuroserve
+from service.api.app import create_app
+from service.config import Settings
+from tests.conftest import wait_ready
+from tests.onnx_models import lstm_language_model
+
+MODEL = "tiny-lm"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lm")
+    folder = lstm_language_model(root, MODEL)
+    spec = json.loads((folder / "model.json").read_text())
+    spec["default"] = True
+    (folder / "model.json").write_text(json.dumps(spec))
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm(repo: Path) -> TestClient:
+    with TestClient(create_app(Settings(repository=repo, log_json=False))) as c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def graphs(repo: Path):
+    version = repo / MODEL / "1"
+    prefill = ort.InferenceSession(str(version / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    from tokenizers import Tokenizer
+
+    return prefill, Tokenizer.from_file(str(version / "tokenizer.json"))
+
+
+def complete(client: TestClient, **body) -> dict:
+    r = client.post("/v1/completions", json={"model": MODEL, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def greedy_reference(prefill, ids: list[int], steps: int, never=(0, 1, 3)) -> list[int]:
+    """Greedy decoding by re-running the prefill graph over the whole growing sequence."""
+    out = []
+    seq = list(ids)
+    for _ in range(steps):
+        log_probs = prefill.run(None, {"ids": np.asarray([seq], dtype=np.int64)})[0][0, -1].copy()
+        log_probs[list(never)] = -np.inf
+        token = int(log_probs.argmax())
+        out.append(token)
+        if token == 2:
+            break
+        seq.append(token)
+    return out
+
+
+def test_greedy_text_is_what_the_graphs_give_when_rerun_over_the_whole_sequence(lm: TestClient, graphs) -> None:
+    # The service runs the prompt through prefill once, then one step per token with the carried
+    # state: the same tokens as re-running the whole sequence each time.
+    prefill, tokenizer = graphs
+    ids = [1, *tokenizer.encode("I think that", add_special_tokens=False).ids]
+    want = greedy_reference(prefill, ids, 20)
+    got = complete(lm, prompt="I think that", max_tokens=20, temperature=0)["choices"][0]
+    text = tokenizer.decode([t for t in want if t != 2])
+    assert got["text"] == text
+    assert got["finish_reason"] == ("stop" if want[-1] == 2 else "length")
+
+
+def test_the_same_seed_and_prompt_give_the_same_text_whatever_shares_the_batch(lm: TestClient) -> None:
+    body = {"prompt": "Tom is", "max_tokens": 30, "seed": 1234, "temperature": 1.0}
+    alone = complete(lm, **body)["choices"][0]["text"]
+    with ThreadPoolExecutor(8) as pool:
+        crowd = [pool.submit(complete, lm, prompt=p, max_tokens=40) for p in ("Can you", "The weather", "I'm", "")]
+        same = [pool.submit(complete, lm, **body) for _ in range(4)]
+        assert [f.result()["choices"][0]["text"] for f in same] == [alone] * 4
+        for f in crowd:
+            f.result()
+    other = complete(lm, **{**body, "seed": 99})["choices"][0]["text"]
+    assert other != alone  # the seed matters (30 tokens from a random model: a tie is vanishingly rare)
+
+
+def test_n_choices_differ_and_the_first_is_the_single_choice_with_that_seed(lm: TestClient) -> None:
+    one = complete(lm, prompt="Tom is", max_tokens=20, seed=5)["choices"]
+    three = complete(lm, prompt="Tom is", max_tokens=20, seed=5, n=3)["choices"]
+    assert [c["index"] for c in three] == [0, 1, 2]
+    assert three[0]["text"] == one[0]["text"]
+    assert len({c["text"] for c in three}) == 3
+
+
+def test_top_k_of_one_and_temperature_zero_are_greedy(lm: TestClient) -> None:
+    greedy = complete(lm, prompt="Can you", max_tokens=15, temperature=0)["choices"][0]["text"]
+    assert complete(lm, prompt="Can you", max_tokens=15, top_k=1, seed=3)["choices"][0]["text"] == greedy
+    assert complete(lm, prompt="Can you", max_tokens=15, top_p=1e-6, seed=4)["choices"][0]["text"] == greedy
+
+
+def test_a_stop_sequence_ends_the_text_before_it(lm: TestClient) -> None:
+    full = complete(lm, prompt="The weather", max_tokens=30, temperature=0)["choices"][0]["text"]
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = complete(lm, prompt="The weather", max_tokens=30, temperature=0, stop=[stop, "never-there"])
+    choice = cut["choices"][0]
+    assert choice["text"] == full[: full.index(stop)]
+    assert choice["finish_reason"] == "stop"
+
+
+def test_max_tokens_cuts_with_finish_reason_length_and_usage_counts(lm: TestClient, graphs) -> None:
+    _, tokenizer = graphs
+    body = complete(lm, prompt=["Tom is", "Where is the"], max_tokens=3, temperature=0, logit_bias={"2": -100})
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    prompt_tokens = sum(len(tokenizer.encode(p).ids) for p in ("Tom is", "Where is the"))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 6, "total_tokens": prompt_tokens + 6}
+
+
+def test_echo_with_no_new_tokens_scores_the_prompt_from_begin_of_text(lm: TestClient, graphs) -> None:
+    prefill, tokenizer = graphs
+    prompt = "Where is the station?"
+    ids = tokenizer.encode(prompt).ids
+    choice = complete(lm, prompt=prompt, max_tokens=0, echo=True, logprobs=2)["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    want = prefill.run(None, {"ids": np.asarray([[1, *ids]], dtype=np.int64)})[0][0]
+    expected = [float(want[p, t]) for p, t in enumerate(ids)]  # the first conditioned on <bos>
+    lp = choice["logprobs"]
+    assert np.allclose(lp["token_logprobs"], expected, atol=1e-4)
+    assert "".join(lp["tokens"]) == prompt
+    assert lp["text_offset"][0] == 0 and all(len(d) == 2 for d in lp["top_logprobs"])
+
+
+def test_logprobs_of_generated_tokens_are_the_models_and_their_alternatives_rank_them(lm: TestClient) -> None:
+    choice = complete(lm, prompt="Tom is", max_tokens=8, temperature=0, logprobs=3)["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy took the best
+        assert all(v <= 0 for v in top.values())
+
+
+def sse(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def test_stream_sends_openai_chunks_that_add_up_to_the_same_text_then_done(lm: TestClient) -> None:
+    body = {"model": MODEL, "prompt": ["Tom is", "Can you"], "max_tokens": 25, "seed": 8}
+    whole = complete(lm, **{k: v for k, v in body.items() if k != "model"})
+    r = lm.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    texts, reasons = ["", ""], [None, None]
+    for chunk in chunks[:-1]:
+        assert chunk["object"] == "text_completion" and chunk["id"].startswith("cmpl-")
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["text"]
+            reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert reasons == [c["finish_reason"] for c in whole["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ({"model": "nope", "prompt": "hi"}, 404, "model_not_found", "model"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 49}, 422, "schema_error", "max_tokens"),
+        ({"model": MODEL, "prompt": "Tom is " * 30, "max_tokens": 10}, 400, "context_length_exceeded", "prompt"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -0.5}, 422, "schema_error", None),
+        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 422, "schema_error", None),
+        ({"model": MODEL, "prompt": "hi", "n": 65}, 413, "too_many_items", "n"),
+        ({"model": MODEL, "prompt": [5, 99999]}, 400, "invalid_input", "prompt"),
+        ({"model": MODEL, "prompt": []}, 422, "schema_error", "prompt"),
+        ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "schema_error", "stop"),
+        ({"model": MODEL, "prompt": "hi", "stop": [""]}, 422, "schema_error", "stop"),
+        ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 422, "schema_error", "suffix"),
+        ({"model": MODEL, "prompt": "hi", "best_of": 3}, 422, "schema_error", "best_of"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 422, "schema_error", None),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 422, "schema_error", "logit_bias"),
+        ({"model": MODEL, "prompt": "hi", "frobnicate": True}, 422, "schema_error", None),
+        ({"prompt": "hi"}, 422, "schema_error", None),
+    ],
+)
+def test_bad_requests_get_a_4xx_in_openais_error_shape(lm: TestClient, body: dict, status: int, code: str, param):
+    r = lm.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["param"] == param
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_invalid_json_on_an_openai_route_is_a_400_in_its_shape(lm: TestClient) -> None:
+    r = lm.post("/v1/completions", content=b'{"model": "tiny-lm", "temperature": NaN}')
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_models_lists_the_generation_models_only(lm: TestClient) -> None:
+    listed = lm.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == [MODEL]
+    assert lm.get(f"/v1/models/{MODEL}").json()["object"] == "model"
+    missing = lm.get("/v1/models/mnist")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_openai_client_works_unchanged(lm: TestClient) -> None:
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=lm, max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    made = client.completions.create(model=MODEL, prompt="Tom is", max_tokens=12, seed=42, temperature=0.9)
+    again = client.completions.create(model=MODEL, prompt="Tom is", max_tokens=12, seed=42, temperature=0.9)
+    assert made.choices[0].text == again.choices[0].text and made.usage.completion_tokens <= 12
+    streamed = client.completions.create(
+        model=MODEL, prompt="Tom is", max_tokens=12, seed=42, temperature=0.9, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == made.choices[0].text
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="nope", prompt="x")
+    assert caught.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="word " * 100, max_tokens=16)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_house_style_text_generation(lm: TestClient) -> None:
+    r = lm.post("/v1/text-generation", json={"prompts": ["Tom is", ""], "max_new_tokens": 10, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == MODEL and len(body["generations"]) == 2
+    assert all(g["generated_tokens"] <= 10 for g in body["generations"])
+    again = lm.post("/v1/text-generation", json={"prompts": ["Tom is", ""], "max_new_tokens": 10, "seed": 3}).json()
+    assert again["generations"] == body["generations"]
+    bad = lm.post("/v1/text-generation", json={"prompts": ["x"], "max_new_tokens": 0})
+    assert bad.status_code == 422 and bad.json()["error_type"] == "schema_error"  # the house shape here
+
+
+def test_an_api_key_error_on_an_openai_route_is_in_openais_shape(repo: Path, tmp_path: Path) -> None:
+    from service.api.auth import add_key
+
+    keys = tmp_path / "keys.json"
+    key = add_key(keys, "app", ["infer"], None)
+    with TestClient(create_app(Settings(repository=repo, log_json=False, api_keys_file=keys))) as c:
+        wait_ready(c)
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=c, max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="Tom", max_tokens=2).choices
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_stops_its_decoding(tmp_path: Path) -> None:
+    # Hidden 384 and 4,000 new tokens: tens of seconds of decoding if nobody stopped it.
+    lstm_language_model(tmp_path, "long-lm", hidden=384, max_context_tokens=4100, max_new_tokens=4000)
+    with neuroserve(tmp_path) as server:
+        body = json.dumps(
+            {"model": "long-lm", "prompt": "Tom", "max_tokens": 4000, "stream": True, "logit_bias": {"2": -100}}
+        ).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(4096)
+        assert b" 200 " in received.split(b"\r\n")[0]
+        sock.close()
+        deadline = time.monotonic() + 5
+        gauge = 'neuroserve_active_sequences{model="long-lm"}'
+        while server.metric(gauge) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.metric(gauge) == 0
+        steps = server.metric('neuroserve_batch_size_count{model="long-lm"}')
+        time.sleep(0.5)
+        assert server.metric('neuroserve_batch_size_count{model="long-lm"}') == steps  # nothing decodes on
+        assert steps < 2000
+        server.stop_cleanly()
