@@ -9,6 +9,12 @@ as in vLLM), for any model that offers two blocking calls on a list of sequences
 * ``step(active)``: one decoding step for every row of every active sequence, each sequence
   updating itself (appending a token, re-ranking its beams) and setting ``done`` when it ends.
 
+Per-row decoder state is the sequence's own, of whatever kind its decoder keeps, and the scheduler
+never looks inside it (see :class:`Decoder`): a translation's key/value cache grows by a position
+per step (its ``tokens`` grow with it and count against ``max_tokens``); a recurrent language
+model's ``(h, c)`` is fixed in size. Either way a row joins the batch once its prefill has made its
+state, and leaves with it when it ends, at any step.
+
 One loop per model, on its own thread (the event loop only adds sequences and receives the
 answers): the next step never waits for a busy event loop. When each iteration went through the
 event loop, the decode thread sat idle 33-41 % of the time at 512 connections (py-spy), waiting
@@ -67,6 +73,20 @@ class Sequence(Protocol):
 
 
 S = TypeVar("S", bound=Sequence)
+
+
+class Decoder(Protocol[S]):
+    """What a model gives the scheduler: two blocking calls (run on the decode thread) on lists of
+    its sequences, each of which carries its own decoder state between calls.
+
+    * ``prefill(new)``: make each new sequence's state (an encoder pass and cross-attention keys
+      and values; a recurrent network run over the prompt), possibly its first token;
+    * ``step(active)``: one token for each row of each sequence that is not done, its state
+      carried forward (a cache appended to, a recurrent state replaced)."""
+
+    def prefill(self, seqs: list[S]) -> None: ...
+    def step(self, seqs: list[S]) -> None: ...
+    def close(self) -> None: ...
 
 
 class StepObserver(Protocol):

@@ -24,7 +24,7 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from service.config import Settings
-from service.decoding import DecodeStats, StepScheduler, gather_all
+from service.decoding import Decoder, DecodeStats, StepScheduler, gather_all
 from service.errors import ModelLoadError
 from service.metrics import ModelObserver
 from service.repository import ModelSpec
@@ -316,7 +316,8 @@ class TextGenerationEngine:
         config = assets.decoding
         self.assets, self.config, self.observer, self.name = assets, config, observer, name
         self.timeout_s = config.timeout_ms / 1000.0
-        self.decoder = RecurrentDecoder(step, assets.prefill, never=[assets.pad, assets.bos, assets.unk])
+        self.never = [assets.pad, assets.bos, assets.unk]
+        self.decoder: Decoder[GenerationJob] = RecurrentDecoder(step, assets.prefill, never=self.never)
         self.scheduler: StepScheduler[GenerationJob] = StepScheduler(
             self.decoder.prefill,
             self.decoder.step,
@@ -386,7 +387,7 @@ class TextGenerationEngine:
             detokenize=self.detokenize,
             score_prompt=score_prompt,
             on_token=on_token,
-            never=self.decoder.never,
+            never=self.never,
         )
 
     async def generate_all(self, jobs: Sequence[GenerationJob]) -> list[DecodeStats]:

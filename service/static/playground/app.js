@@ -40,7 +40,8 @@ async function call(path, init) {
     let message = `HTTP ${response.status}`;
     try {
       const body = await response.json();
-      message = `${body.error} (${body.error_type})`;
+      // The house shape, or OpenAI's on its compatible routes ({"error": {"message", "code"}}).
+      message = typeof body.error === "object" ? `${body.error.message} (${body.error.code})` : `${body.error} (${body.error_type})`;
     } catch (_) { /* not the error shape: keep the status */ }
     if (response.status === 401 || response.status === 403) message += " — check the API key above";
     if (response.status === 429) message += ` — retry in ${response.headers.get("retry-after") || "a few"} s`;
@@ -230,6 +231,53 @@ document.getElementById("translate-run").addEventListener("click", async () => {
           meta.textContent = `${data.model} v${data.version} · ${data.translations[0].generated_tokens} tokens`;
         }
         if (name === "error") throw new Error(`${data.error} (${data.error_type})`);
+      }
+    }
+  } catch (err) {
+    showError(result, meta, err);
+  }
+});
+
+// --- Text generation, streamed (OpenAI's completions API) ----------------------------------------
+document.getElementById("write-run").addEventListener("click", async () => {
+  const result = document.getElementById("write-result");
+  const meta = document.getElementById("write-meta");
+  clearError(result);
+  const prompt = document.getElementById("write-text").value;
+  result.textContent = prompt;
+  meta.textContent = "…";
+  const request = { prompt, max_tokens: 40, temperature: Number(document.getElementById("write-temperature").value || 0), stream: true, stream_options: { include_usage: true } };
+  const seed = document.getElementById("write-seed").value;
+  if (seed !== "") request.seed = Number(seed);
+  try {
+    const models = await (await call("/v1/models", { headers: headers() })).json();
+    if (!models.data.length) throw new Error("this server has no text-generation model");
+    request.model = models.data[0].id;
+    const response = await call("/v1/completions", {
+      method: "POST",
+      body: JSON.stringify(request),
+      headers: headers({ "Content-Type": "application/json" }),
+    });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let reason = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const line = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(`${chunk.error.message} (${chunk.error.code})`);
+        for (const choice of chunk.choices) {
+          result.textContent += choice.text;
+          if (choice.finish_reason) reason = choice.finish_reason === "stop" ? "ended by the model" : "stopped at 40 tokens";
+        }
+        if (chunk.usage) meta.textContent = `${chunk.model} · ${chunk.usage.completion_tokens} tokens · ${reason}`;
       }
     }
   } catch (err) {
