@@ -232,3 +232,20 @@ class DetectionClient(HttpUser):
                 response.failure("no digit found in a scene that has some")
             elif any(not (0 <= d["box"]["x1"] < d["box"]["x2"] <= width) for d in image["detections"]):
                 response.failure("a box outside the image")
+
+
+class CompletionClient(HttpUser):
+    """A writing assistant continuing what its user typed, through OpenAI's completions API."""
+
+    weight = 1
+    wait_time = between(0.2, 1.0)
+
+    @task
+    def complete(self) -> None:
+        words = RNG.choice(ENGLISH).split()
+        prompt = " ".join(words[: RNG.randint(1, max(1, len(words) - 1))])
+        body = {"model": "text-generator", "prompt": prompt, "max_tokens": RNG.choice((8, 16, 32)), "temperature": 0.8}
+        with self.client.post("/v1/completions", json=body, catch_response=True, name="/v1/completions") as response:
+            answer = _check(response, ("choices", "usage"))
+            if answer is not None and answer["choices"][0]["finish_reason"] not in ("stop", "length"):
+                response.failure("a choice without a finish reason")

@@ -53,6 +53,22 @@ def found_most(body: dict, digits: list[str]) -> bool:
     return sum(min(labels.count(d), digits.count(d)) for d in set(digits)) >= len(digits) // 2
 
 
+def completions(base: str) -> tuple[int, dict]:
+    """OpenAI's own client, unchanged, against /v1/completions: the same seed twice, then streamed."""
+    import openai
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=3)
+    args = {"model": "text-generator", "prompt": "I think that", "max_tokens": 16, "temperature": 0.8, "seed": 3}
+    try:
+        first = client.completions.create(**args)
+        again = client.completions.create(**args)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stream=True) if c.choices)
+    except openai.APIStatusError as exc:
+        return exc.status_code, {"error": str(exc)}
+    models = [m.id for m in client.models.list().data]
+    return 200, {"text": first.choices[0].text, "again": again.choices[0].text, "streamed": streamed, "models": models}
+
+
 def main(base: str) -> None:
     scene, digits = digit_scene()
     checks = [
@@ -71,6 +87,7 @@ def main(base: str) -> None:
                     "digit-detector",
                     "digit-generator",
                     "mnist-ood",
+                    "text-generator",
                 }
             ),
         ),
@@ -117,6 +134,15 @@ def main(base: str) -> None:
             "POST /v1/translation",
             call(base, "/v1/translation", {"texts": ["I'm hungry."]}),
             lambda b: "faim" in b["translations"][0]["text"],
+        ),
+        (
+            "POST /v1/completions (openai client, seeded, streamed)",
+            completions(base),
+            lambda b: (
+                b["text"].strip() != ""
+                and b["text"] == b["again"] == b["streamed"]
+                and b["models"] == ["text-generator"]
+            ),
         ),
         (
             "POST /v1/object-detection",

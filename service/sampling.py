@@ -24,6 +24,7 @@ import numpy as np
 # an 8,000-token vocabulary per row per step costs more than the model's step); rows whose nucleus
 # is wider fall back to a full sort.
 NUCLEUS_CANDIDATES = 256
+DRAW_BLOCK = 64  # tokens per block of the two-level inverse-CDF search (see _inverse_cdf)
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,12 @@ class Sampler:
 
 def sample_rows(log_probs: np.ndarray, samplers: list[Sampler], banned: list[int] | None = None) -> np.ndarray:
     """One token per row of ``log_probs`` [rows, vocab], each by its row's sampler. ``banned``:
-    token ids never chosen (padding, begin-of-text). Returns int64 [rows]."""
+    token ids never chosen (padding, begin-of-text). Returns int64 [rows].
+
+    Vectorised over rows (a Python loop per row per step cost more than the model's step at 64
+    rows): float32 scores, float64 only for the cumulative sums that the draws search."""
     rows = len(samplers)
-    scores = log_probs.astype(np.float64, copy=True)
+    scores = log_probs.astype(np.float32, copy=True)
     if banned:
         scores[:, banned] = -np.inf
     for i, sampler in enumerate(samplers):
@@ -100,6 +104,8 @@ def sample_rows(log_probs: np.ndarray, samplers: list[Sampler], banned: list[int
             scores[i] = sampler.adjust(scores[i])
     chosen = np.empty(rows, dtype=np.int64)
     greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
+    if len(greedy) == rows:
+        return scores.argmax(axis=1)
     if greedy:
         chosen[greedy] = scores[greedy].argmax(axis=1)
     # Rows that draw, in groups of equal (temperature, top_k, top_p): each group is one set of
@@ -110,7 +116,8 @@ def sample_rows(log_probs: np.ndarray, samplers: list[Sampler], banned: list[int
             groups.setdefault((s.params.temperature, s.params.top_k, s.params.top_p), []).append(i)
     for (temperature, top_k, top_p), members in groups.items():
         draws = np.array([samplers[i].rng.random() for i in members])
-        chosen[members] = _draw(scores[members] / temperature, top_k, top_p, draws)
+        part = scores if len(members) == rows else scores[members]
+        chosen[members] = _draw(part / np.float32(temperature), top_k, top_p, draws)
     return chosen
 
 
@@ -120,38 +127,64 @@ def _draw(scores: np.ndarray, top_k: int, top_p: float, draws: np.ndarray) -> np
     if top_k and top_k < vocab:
         kth = np.partition(scores, vocab - top_k, axis=1)[:, vocab - top_k : vocab - top_k + 1]
         scores = np.where(scores >= kth, scores, -np.inf)
-    top = scores.max(axis=1, keepdims=True)
-    weights = np.exp(scores - top)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
     if top_p < 1.0:
         weights = _nucleus(weights, top_p)
-    cumulative = np.cumsum(weights, axis=1)
-    targets = draws * cumulative[:, -1]
-    out = np.empty(len(scores), dtype=np.int64)
-    for r in range(len(scores)):
-        out[r] = min(int(np.searchsorted(cumulative[r], targets[r], side="right")), vocab - 1)
-        while weights[r, out[r]] == 0.0:  # never a token with no weight (a draw at a boundary)
-            out[r] -= 1
-    return out
+    return _inverse_cdf(weights, draws)
+
+
+def _inverse_cdf(weights: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """For each row, the first token whose cumulative weight exceeds ``draw x total``. In two levels:
+    sums of blocks of DRAW_BLOCK tokens, then the cumulative sum inside the one block the draw falls
+    in (a cumulative sum over the whole vocabulary cost 2.5 ms per step at 64 rows x 6,000 tokens,
+    10x the exponentials)."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    padded = np.zeros((rows, blocks * DRAW_BLOCK), dtype=weights.dtype)
+    padded[:, :vocab] = weights
+    tiles = padded.reshape(rows, blocks, DRAW_BLOCK)
+    block_sums = np.cumsum(tiles.sum(axis=2, dtype=np.float64), axis=1)
+    targets = draws * block_sums[:, -1]
+    block = np.minimum((block_sums <= targets[:, None]).sum(axis=1), blocks - 1)
+    before = np.where(block > 0, block_sums[np.arange(rows), block - 1], 0.0)
+    inside = np.cumsum(tiles[np.arange(rows), block], axis=1, dtype=np.float64)
+    offset = np.minimum((inside <= (targets - before)[:, None]).sum(axis=1), DRAW_BLOCK - 1)
+    out = block * DRAW_BLOCK + offset
+    for r in np.flatnonzero(padded[np.arange(rows), out] == 0):  # rounding at a boundary: the nearest token with weight
+        out[r] = int(np.flatnonzero(weights[r])[-1]) if out[r] >= vocab else _nearest(weights[r], int(out[r]))
+    return out.astype(np.int64)
+
+
+def _nearest(weights: np.ndarray, index: int) -> int:
+    nonzero = np.flatnonzero(weights)
+    return int(nonzero[np.argmin(np.abs(nonzero - index))])
 
 
 def _nucleus(weights: np.ndarray, top_p: float) -> np.ndarray:
     """Zero every weight outside the smallest set of most probable tokens whose mass reaches
-    ``top_p`` (at least one token is kept)."""
+    ``top_p`` (at least one token is kept). The NUCLEUS_CANDIDATES most probable tokens are sorted
+    first; a row whose nucleus is wider than them sorts its whole vocabulary."""
     rows, vocab = weights.shape
-    totals = weights.sum(axis=1)
-    keep = np.zeros_like(weights, dtype=bool)
+    totals = weights.sum(axis=1, dtype=np.float64)
     take = min(NUCLEUS_CANDIDATES, vocab)
-    candidates = np.argpartition(-weights, take - 1, axis=1)[:, :take] if take < vocab else None
+    if take < vocab:
+        candidates = np.argpartition(-weights, take - 1, axis=1)[:, :take]
+    else:
+        candidates = np.broadcast_to(np.arange(vocab), (rows, vocab))
+    values = np.take_along_axis(weights, candidates, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    ordered = np.take_along_axis(candidates, order, axis=1)
+    mass = np.cumsum(np.take_along_axis(values, order, axis=1), axis=1, dtype=np.float64) / totals[:, None]
+    # Keep tokens until the mass before them reaches top_p (the first is always kept).
+    count = (mass < top_p).sum(axis=1) + 1
+    keep = np.zeros(weights.shape, dtype=bool)
     for r in range(rows):
-        ids = candidates[r] if candidates is not None else np.arange(vocab)
-        ordered = ids[np.argsort(-weights[r, ids], kind="stable")]
-        mass = np.cumsum(weights[r, ordered]) / totals[r]
-        if mass[-1] < top_p and candidates is not None:  # a wide nucleus: sort everything
-            ordered = np.argsort(-weights[r], kind="stable")
-            mass = np.cumsum(weights[r, ordered]) / totals[r]
-        # Keep tokens until the mass before them reaches top_p (the first is always kept).
-        count = int(np.searchsorted(mass, top_p, side="left")) + 1
-        keep[r, ordered[: min(count, len(ordered))]] = True
+        if count[r] > take:  # a wide nucleus: sort the whole row
+            full = np.argsort(-weights[r], kind="stable")
+            whole = np.cumsum(weights[r, full], dtype=np.float64) / totals[r]
+            keep[r, full[: int((whole < top_p).sum()) + 1]] = True
+        else:
+            keep[r, ordered[r, : count[r]]] = True
     return np.where(keep, weights, 0.0)
 
 
