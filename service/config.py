@@ -121,10 +121,12 @@ class Settings(BaseSettings):
 
     # Step-level decoding: each model's model.json ``parameters.decoding`` says how it decodes; these
     # override a field for every decoding model (unset: the model's own).
-    decode_batching: Literal["step", "request"] | None = Field(
+    decode_batching: Literal["step", "request", "static"] | None = Field(
         None,
         description="step: sequences join and leave the decode batch at every step; request: a batch "
-        "decodes to its last sequence before others join (request-level batching, for comparison).",
+        "decodes to its last sequence before others join (request-level batching, for comparison); static "
+        "(text generation only): request-level with finished rows still computed until the batch ends, as a "
+        "static batch does.",
     )
     decode_max_rows: int | None = Field(None, ge=1, description="Decoder rows per step (a beam of 4 is 4 rows).")
     decode_max_tokens: int | None = Field(

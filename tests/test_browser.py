@@ -84,6 +84,13 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
         page.click("#sentiment-run")
         page.wait_for_function("document.getElementById('sentiment-result').textContent.includes('positive')")
 
+        page.fill("#write-text", "I think that")
+        page.fill("#write-seed", "3")
+        page.click("#write-run")
+        page.wait_for_function("document.getElementById('write-meta').textContent.includes('tokens')")
+        written = page.inner_text("#write-result")
+        assert written.startswith("I think that") and len(written) > len("I think that "), written
+
         page.click("#recommend-run")
         page.wait_for_function("document.querySelectorAll('#recommend-result li').length === 5")
 

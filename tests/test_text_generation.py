@@ -289,3 +289,18 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(tmp_path: Path) -> N
         assert server.metric('neuroserve_batch_size_count{model="long-lm"}') == steps  # nothing decodes on
         assert steps < 2000
         server.stop_cleanly()
+
+
+@pytest.mark.parametrize("batching", ["request", "static"])
+def test_request_level_batching_modes_give_the_same_texts(repo: Path, lm: TestClient, batching: str) -> None:
+    # The comparison modes of the benchmark change only when sequences join (and, static, what
+    # padding is computed), never what a sequence generates.
+    body = {"model": MODEL, "prompt": ["Tom is", "Can you", "I"], "max_tokens": 12, "seed": 4}
+    want = [c["text"] for c in complete(lm, **{k: v for k, v in body.items() if k != "model"})["choices"]]
+    settings = Settings(repository=repo, log_json=False, decode_batching=batching)
+    with TestClient(create_app(settings)) as other:
+        wait_ready(other)
+        with ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(other.post, "/v1/completions", json=body) for _ in range(4)]
+            for answer in answers:
+                assert [c["text"] for c in answer.result().json()["choices"]] == want

@@ -51,4 +51,4 @@ def test_the_client_passes_its_tests_against_a_live_server() -> None:
             timeout=120,
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "# pass 7" in result.stdout and "# fail 0" in result.stdout
+    assert "# pass 8" in result.stdout and "# fail 0" in result.stdout

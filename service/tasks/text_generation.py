@@ -51,10 +51,12 @@ class SpecialTokens(Parameters):
 class GenerationDecoding(Parameters):
     """How the model decodes; a ``NEUROSERVE_DECODE_<FIELD>`` setting overrides a field server-wide."""
 
-    batching: Literal["step", "request"] = Field(
+    batching: Literal["step", "request", "static"] = Field(
         "step",
         description="step: sequences join and leave the batch at every step; request: a batch decodes to its "
-        "last sequence before others join (request-level batching, for comparison)",
+        "last sequence before others join, its finished rows leaving it; static: the same, but every row the "
+        "batch started with is computed until its last ends, finished ones as padding (request-level batching "
+        "as a static-shape batch does it, e.g. FasterTransformer's). request and static are for comparison.",
     )
     max_rows: int = Field(64, ge=1, description="Sequences per decode step")
     max_tokens: int = Field(
@@ -111,9 +113,6 @@ class TextGeneration(Task[TextGenerationParameters]):
         require(
             vocab == -1 or all(0 <= t < vocab for t in (special.pad, special.bos, special.eos, special.unk)),
             f"special tokens must be ids of the vocabulary ({vocab})",
-        )
-        require(
-            parameters.max_new_tokens < parameters.max_context_tokens, "max_new_tokens must leave room for a prompt"
         )
 
     def load_assets(
@@ -243,13 +242,19 @@ class GenerationJob:
 class RecurrentDecoder:
     """Prefill and step for recurrent state: the two graphs and the sampler, no cache to manage."""
 
-    def __init__(self, step: OnnxModel, prefill: OnnxModel, *, never: list[int]) -> None:
+    def __init__(self, step: OnnxModel, prefill: OnnxModel, *, never: list[int], static: bool = False) -> None:
         self.step_graph, self.prefill_graph = step, prefill
         self.never = never  # ids never generated (padding, begin-of-text, unknown)
+        # Static batches (for comparison only): every step computes as many rows as the batch began
+        # with, finished ones as padding. The scheduler admits only into an empty batch then, so each
+        # prefill call begins a batch.
+        self.static = static
+        self._static_rows = 0
 
     def prefill(self, jobs: list[GenerationJob]) -> None:
         """Each prompt through the prefill graph (prompts of one length together, in calls of at
         most PREFILL_TOKENS_PER_CALL tokens), then its first new token drawn."""
+        self._static_rows = len(jobs)
         by_length: dict[int, list[GenerationJob]] = {}
         for job in jobs:
             by_length.setdefault(len(job.prompt), []).append(job)
@@ -287,10 +292,13 @@ class RecurrentDecoder:
             "h": np.stack([job.h for job in live]),
             "c": np.stack([job.c for job in live]),
         }
+        if self.static and self._static_rows > len(live):  # finished rows, computed as padding
+            extra = self._static_rows - len(live)
+            feeds = {name: np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]) for name, a in feeds.items()}
         out = self.step_graph.run(feeds)
         for i, job in enumerate(live):
             job.h, job.c = out["h_next"][i], out["c_next"][i]
-        self._choose(live, out["log_probs"])
+        self._choose(live, out["log_probs"][: len(live)])
 
     def _choose(self, jobs: list[GenerationJob], log_probs: np.ndarray) -> None:
         tokens = sample_rows(log_probs, [job.sampler for job in jobs], banned=self.never)
@@ -317,14 +325,15 @@ class TextGenerationEngine:
         self.assets, self.config, self.observer, self.name = assets, config, observer, name
         self.timeout_s = config.timeout_ms / 1000.0
         self.never = [assets.pad, assets.bos, assets.unk]
-        self.decoder: Decoder[GenerationJob] = RecurrentDecoder(step, assets.prefill, never=self.never)
+        static = config.batching == "static"
+        self.decoder: Decoder[GenerationJob] = RecurrentDecoder(step, assets.prefill, never=self.never, static=static)
         self.scheduler: StepScheduler[GenerationJob] = StepScheduler(
             self.decoder.prefill,
             self.decoder.step,
             max_rows=config.max_rows,
             max_tokens=config.max_tokens,
             max_queue_size=settings.max_queue_size,
-            mode=config.batching,
+            mode="request" if config.batching == "static" else config.batching,
             name=name,
             observer=observer,
             retry_after_s=settings.retry_after_s,

@@ -54,6 +54,20 @@ test("a translation streams token by token, then the whole answer", async () => 
   assert.match(done.translations[0].text, /gare/);
 });
 
+test("a completion comes back in OpenAI's shape, the same for the same seed", async () => {
+  const body = { model: "text-generator", prompt: "I think that", max_tokens: 12, temperature: 0.8, seed: 7 };
+  const first = await api.POST("/v1/completions", { body });
+  const again = await api.POST("/v1/completions", { body });
+  assert.equal(first.error, undefined);
+  assert.equal(first.data.object, "text_completion");
+  assert.ok(["stop", "length"].includes(first.data.choices[0].finish_reason));
+  assert.ok(first.data.usage.completion_tokens <= 12);
+  assert.equal(first.data.choices[0].text, again.data.choices[0].text);
+  const missing = await api.POST("/v1/completions", { body: { ...body, model: "nope" } });
+  assert.equal(missing.response.status, 404);
+  assert.equal(missing.error.error.code, "model_not_found");
+});
+
 test("a mistake comes back in the error shape", async () => {
   const { error, response } = await api.POST("/v1/recommendations", { body: { user_id: "not-an-id", k: 3 } });
   assert.equal(response.status, 400);
