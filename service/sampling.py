@@ -24,6 +24,9 @@ import numpy as np
 # an 8,000-token vocabulary per row per step costs more than the model's step); rows whose nucleus
 # is wider fall back to a full sort.
 NUCLEUS_CANDIDATES = 256
+# Below this temperature a draw is the most probable token: dividing by less overflows float32
+# (a temperature of 1e-39 gave NaN weights and the padding token).
+MIN_TEMPERATURE = 1e-4
 DRAW_BLOCK = 64  # tokens per block of the two-level inverse-CDF search (see _inverse_cdf)
 
 
@@ -41,7 +44,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def penalised(self) -> bool:
@@ -56,7 +59,7 @@ class SamplingParams:
 class Sampler:
     """One row's choices: its parameters, its random generator, the tokens it has seen."""
 
-    __slots__ = ("counts", "params", "prompt", "rng")
+    __slots__ = ("bias_ids", "bias_values", "counts", "params", "prompt", "rng")
 
     def __init__(self, params: SamplingParams, *, choice: int = 0, prompt: list[int] | None = None) -> None:
         self.params = params
@@ -65,6 +68,8 @@ class Sampler:
         self.rng = np.random.default_rng(entropy)
         self.prompt = set(prompt or ())  # for the repetition penalty
         self.counts: dict[int, int] = {}  # output tokens so far
+        self.bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias))
+        self.bias_values = np.fromiter(params.logit_bias.values(), dtype=np.float64, count=len(params.logit_bias))
 
     def seen(self, token: int) -> None:
         self.counts[token] = self.counts.get(token, 0) + 1
@@ -83,9 +88,8 @@ class Sampler:
             ids = np.fromiter(self.counts.keys(), dtype=np.int64)
             times = np.fromiter(self.counts.values(), dtype=np.float64)
             scores[ids] -= times * p.frequency_penalty + p.presence_penalty
-        for token, bias in p.logit_bias.items():
-            if 0 <= token < scores.size:
-                scores[token] += bias
+        if self.bias_ids.size:
+            scores[self.bias_ids] += self.bias_values  # ids checked against the vocabulary by the route
         return scores
 
 

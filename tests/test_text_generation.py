@@ -179,21 +179,27 @@ def test_stream_sends_openai_chunks_that_add_up_to_the_same_text_then_done(lm: T
     ("body", "status", "code", "param"),
     [
         ({"model": "nope", "prompt": "hi"}, 404, "model_not_found", "model"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 49}, 422, "schema_error", "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 49}, 400, "schema_error", "max_tokens"),
         ({"model": MODEL, "prompt": "Tom is " * 30, "max_tokens": 10}, 400, "context_length_exceeded", "prompt"),
-        ({"model": MODEL, "prompt": "hi", "temperature": -0.5}, 422, "schema_error", None),
-        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 422, "schema_error", None),
-        ({"model": MODEL, "prompt": "hi", "n": 65}, 413, "too_many_items", "n"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -0.5}, 400, "schema_error", "temperature"),
+        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "schema_error", "temperature"),
+        ({"model": MODEL, "prompt": "hi", "n": 65}, 400, "too_many_items", "n"),
         ({"model": MODEL, "prompt": [5, 99999]}, 400, "invalid_input", "prompt"),
-        ({"model": MODEL, "prompt": []}, 422, "schema_error", "prompt"),
-        ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "schema_error", "stop"),
-        ({"model": MODEL, "prompt": "hi", "stop": [""]}, 422, "schema_error", "stop"),
-        ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 422, "schema_error", "suffix"),
-        ({"model": MODEL, "prompt": "hi", "best_of": 3}, 422, "schema_error", "best_of"),
-        ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 422, "schema_error", None),
-        ({"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 422, "schema_error", "logit_bias"),
-        ({"model": MODEL, "prompt": "hi", "frobnicate": True}, 422, "schema_error", None),
-        ({"prompt": "hi"}, 422, "schema_error", None),
+        ({"model": MODEL, "prompt": []}, 400, "schema_error", "prompt"),
+        ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "schema_error", "stop"),
+        ({"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "schema_error", "stop"),
+        ({"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "schema_error", "suffix"),
+        ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "schema_error", "best_of"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "schema_error", "logprobs"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 400, "schema_error", "logit_bias"),
+        (
+            {"model": MODEL, "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}},
+            400,
+            "schema_error",
+            "logit_bias",
+        ),
+        ({"model": MODEL, "prompt": "hi", "frobnicate": True}, 400, "schema_error", "frobnicate"),
+        ({"prompt": "hi"}, 400, "schema_error", "model"),
     ],
 )
 def test_bad_requests_get_a_4xx_in_openais_error_shape(lm: TestClient, body: dict, status: int, code: str, param):
@@ -204,9 +210,61 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape(lm: TestClient, body: dic
     assert error["type"] == "invalid_request_error" and error["message"]
 
 
+def test_openai_paths_this_server_lacks_answer_in_openais_shape(lm: TestClient) -> None:
+    r = lm.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_tiny_temperature_is_greedy_not_garbage(lm: TestClient) -> None:
+    greedy = complete(lm, prompt="Tom is", max_tokens=10, temperature=0)["choices"][0]["text"]
+    for temperature in (1e-39, 1e-46, 1e-6):
+        assert complete(lm, prompt="Tom is", max_tokens=10, temperature=temperature)["choices"][0]["text"] == greedy
+    assert complete(lm, prompt="Tom is", max_tokens=10, top_p=0, seed=1)["choices"][0]["text"] == greedy
+
+
+def stream_of(lm: TestClient, **body) -> dict:
+    """A streamed completion put back together: text, finish reason and log-probabilities per choice."""
+    r = lm.post("/v1/completions", json={"model": MODEL, **body, "stream": True})
+    assert r.status_code == 200, r.text
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    out: dict[int, dict] = {}
+    for event in events[:-1]:
+        for c in json.loads(event)["choices"]:
+            got = out.setdefault(c["index"], {"text": "", "finish_reason": None, "tokens": [], "lp": [], "offsets": []})
+            got["text"] += c["text"]
+            got["finish_reason"] = c["finish_reason"] or got["finish_reason"]
+            if c["logprobs"]:
+                got["tokens"] += c["logprobs"]["tokens"]
+                got["lp"] += c["logprobs"]["token_logprobs"]
+                got["offsets"] += c["logprobs"]["text_offset"]
+    return out
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "I think", "max_tokens": 30, "seed": 4, "logprobs": 2},
+        {"prompt": ["I think", "Tom"], "n": 2, "stop": [" the", " a", "e"], "logprobs": 1, "seed": 4, "max_tokens": 30},
+        {"prompt": "Tom is", "max_tokens": 12, "echo": True, "logprobs": 2, "seed": 2},
+        {"prompt": "Tom is", "max_tokens": 0, "echo": True, "logprobs": 1},
+    ],
+)
+def test_streamed_log_probabilities_are_the_unstreamed_ones(lm: TestClient, body: dict) -> None:
+    whole = complete(lm, **body)["choices"]
+    streamed = stream_of(lm, **body)
+    for choice in whole:
+        got = streamed[choice["index"]]
+        assert got["text"] == choice["text"] and got["finish_reason"] == choice["finish_reason"]
+        assert got["tokens"] == choice["logprobs"]["tokens"]
+        assert got["lp"] == choice["logprobs"]["token_logprobs"]
+        assert got["offsets"] == choice["logprobs"]["text_offset"]
+
+
 def test_invalid_json_on_an_openai_route_is_a_400_in_its_shape(lm: TestClient) -> None:
     r = lm.post("/v1/completions", content=b'{"model": "tiny-lm", "temperature": NaN}')
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert lm.post("/v1/completions", json={"model": MODEL, "prompt": None, "max_tokens": 2}).status_code == 200
 
 
 def test_models_lists_the_generation_models_only(lm: TestClient) -> None:
@@ -244,7 +302,7 @@ def test_house_style_text_generation(lm: TestClient) -> None:
     again = lm.post("/v1/text-generation", json={"prompts": ["Tom is", ""], "max_new_tokens": 10, "seed": 3}).json()
     assert again["generations"] == body["generations"]
     bad = lm.post("/v1/text-generation", json={"prompts": ["x"], "max_new_tokens": 0})
-    assert bad.status_code == 422 and bad.json()["error_type"] == "schema_error"  # the house shape here
+    assert bad.status_code == 422 and bad.json()["error_type"] == "schema_error"  # the house shape and status here
 
 
 def test_an_api_key_error_on_an_openai_route_is_in_openais_shape(repo: Path, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from service.errors import (
     Overloaded,
     SchemaError,
     ServiceError,
+    TextTooLong,
+    TooManyItems,
     describe_validation,
     error_for_status,
 )
@@ -26,8 +28,17 @@ log = logging.getLogger(__name__)
 
 
 def speaks_openai(path: str) -> bool:
-    """The OpenAI-compatible routes answer errors in OpenAI's shape (its clients parse that)."""
-    return path == "/v1/completions" or path == "/v1/models" or path.startswith("/v1/models/")
+    """The OpenAI-compatible routes (and OpenAI paths this server lacks, so that an OpenAI client
+    reads their 404) answer errors in OpenAI's shape: its client libraries parse that."""
+    return path in ("/v1/completions", "/v1/models") or path.startswith(("/v1/models/", "/v1/chat/", "/v1/embeddings"))
+
+
+def error_status(exc: ServiceError, path: str | None = None) -> int:
+    """On the OpenAI routes a request OpenAI would call invalid is a 400, as there (its clients map
+    400 to BadRequestError): a schema error (422 here) or too many or too long prompts (413)."""
+    if path is not None and isinstance(exc, SchemaError | TooManyItems | TextTooLong) and speaks_openai(path):
+        return 400
+    return exc.status_code
 
 
 def error_body(exc: ServiceError, path: str | None = None) -> dict:
@@ -35,7 +46,7 @@ def error_body(exc: ServiceError, path: str | None = None) -> dict:
 
 
 def error_response(exc: ServiceError, path: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(exc, path), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(exc, path), status_code=error_status(exc, path), headers=exc.headers)
 
 
 def install_handlers(app: FastAPI) -> None:

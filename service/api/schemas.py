@@ -59,7 +59,9 @@ def parse_body(body: bytes, model: type[M]) -> M:
     try:
         return model.model_validate(parse_json(body))
     except ValidationError as exc:
-        raise SchemaError(describe_validation(exc.errors())) from None
+        errors = exc.errors()
+        where = errors[0].get("loc", ()) if errors else ()
+        raise SchemaError(describe_validation(errors), param=str(where[0]) if where else None) from None
 
 
 def validate(model: type[M], fields: dict) -> M:

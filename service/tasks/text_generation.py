@@ -358,13 +358,14 @@ class TextGenerationEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.assets.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def pieces(self, ids: list[int], *, final: bool = True) -> list[str]:
-        """Each token's share of ``detokenize(ids)``, so that they join into exactly that text: a
-        token that ends inside a character (byte-level pieces) gets "" and the token that completes
-        the character gets all of it. ``final``: the text ends here (else a trailing unfinished
-        character is left for the tokens to come)."""
-        out, before = [], ""
-        for k in range(1, len(ids) + 1):
+    def pieces(self, ids: list[int], *, start: int = 0, final: bool = True) -> list[str]:
+        """Each token's share of ``detokenize(ids)`` (from ``ids[start]`` on), so that they join into
+        exactly that text: a token that ends inside a character (byte-level pieces) gets "" and the
+        token that completes the character gets all of it. ``final``: the text ends here (else a
+        trailing unfinished character is left for the tokens to come)."""
+        out: list[str] = []
+        before = self.detokenize(ids[:start]).rstrip("\ufffd") if start else ""
+        for k in range(start + 1, len(ids) + 1):
             text = self.detokenize(ids[:k])
             if k < len(ids) or not final:
                 text = text.rstrip("\ufffd")
@@ -399,10 +400,12 @@ class TextGenerationEngine:
             never=self.never,
         )
 
-    async def generate_all(self, jobs: Sequence[GenerationJob]) -> list[DecodeStats]:
+    async def generate_all(self, jobs: Sequence[GenerationJob], *, admitted: bool = False) -> list[DecodeStats]:
         """A request's jobs, admitted (or refused, 429) as one before any decodes, then decoded as
-        one group that shares the batch's rows fairly with other requests; if one fails, all do."""
-        self.scheduler.admit(len(jobs))
+        one group that shares the batch's rows fairly with other requests; if one fails, all do.
+        ``admitted``: the caller admitted them already (a stream, before its 200)."""
+        if not admitted:
+            self.scheduler.admit(len(jobs))
         group = object()
         return await gather_all([self._generate(job, group) for job in jobs])
 

@@ -46,6 +46,7 @@ router = APIRouter()
 
 MAX_LOGPROBS = 5  # OpenAI's limit on top alternatives per token
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries (each costs every step of its rows)
 Number = StrictFloat | StrictInt
 
 
@@ -75,7 +76,8 @@ OPENAI_ERROR_RESPONSES = _openai_errors()
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = Field(False, description="A last chunk with the usage counts (and no choices).")
+    include_usage: bool | None = Field(False, description="A last chunk with the usage counts (and no choices).")
+    include_obfuscation: bool | None = Field(None, description="Accepted for OpenAI's clients; no effect here.")
 
 
 class CompletionRequest(BaseModel):
@@ -90,13 +92,13 @@ class CompletionRequest(BaseModel):
         },
     )
     model: StrictStr = Field(description="A text-generation model (GET /v1/models lists them).")
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
-        "", description="A text, a list of texts, a list of token ids, or a list of such lists."
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = Field(
+        "", description='A text, a list of texts, a list of token ids, or a list of such lists (null: "").'
     )
     suffix: StrictStr | None = Field(None, description="Not supported (insertion); must be absent or null.")
     max_tokens: StrictInt | None = Field(16, ge=0, description="Most tokens to generate per choice (OpenAI: 16).")
     temperature: Number | None = Field(1.0, ge=0, le=2, description="0: always the most probable token.")
-    top_p: Number | None = Field(1.0, gt=0, le=1)
+    top_p: Number | None = Field(1.0, ge=0, le=1, description="0: only the most probable token.")
     n: StrictInt | None = Field(1, ge=1, description="Choices per prompt.")
     best_of: StrictInt | None = Field(None, ge=1, description="Accepted only when equal to n (no re-ranking).")
     stream: StrictBool | None = False
@@ -108,7 +110,9 @@ class CompletionRequest(BaseModel):
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"Up to {MAX_STOP} stop sequences.")
     presence_penalty: Number | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: Number | None = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, Number] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
+    logit_bias: dict[str, Number] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias in [-100, 100]."
+    )
     seed: StrictInt | None = Field(None, description="The same seed and prompt give the same text.")
     user: StrictStr | None = None
     top_k: StrictInt | None = Field(None, ge=0, description="Extension: sample among the k most probable (0: off).")
@@ -241,7 +245,7 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
     served = _served(registry, body.model)
     engine: task.TextGenerationEngine = served.engine  # type: ignore[assignment]
     assets: task.GenerationAssets = served.assets
-    prompts = _prompts(body.prompt, engine, settings)
+    prompts = _prompts("" if body.prompt is None else body.prompt, engine, settings)
     n = body.n or 1
     if body.best_of is not None and body.best_of != n:
         raise SchemaError("best_of: only best_of equal to n is supported (no re-ranking)", param="best_of")
@@ -261,14 +265,14 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
         if len(ids) + max_tokens > assets.max_context_tokens:
             raise ContextTooLong(
                 f"model {served.name}'s maximum context length is {assets.max_context_tokens} tokens; prompt "
-                f"{i} has {len(ids)} (with its begin-of-text token) and max_tokens is {max_tokens}",
+                f"{i} has {len(ids) - 1} (plus a begin-of-text token) and max_tokens is {max_tokens}",
                 param="prompt",
             )
     stop = _stop_sequences(body.stop)
     params = SamplingParams(
         temperature=float(1.0 if body.temperature is None else body.temperature),
         top_k=body.top_k or 0,
-        top_p=float(body.top_p or 1.0),
+        top_p=float(1.0 if body.top_p is None else body.top_p),
         repetition_penalty=float(body.repetition_penalty or 1.0),
         frequency_penalty=float(body.frequency_penalty or 0.0),
         presence_penalty=float(body.presence_penalty or 0.0),
@@ -279,7 +283,7 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
     echo = bool(body.echo)
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.name}
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
         engine.scheduler.admit(len(prompts) * n)  # refused (429) here, before the stream's 200 begins
         chunks = _stream(engine, prompts, n, params, max_tokens, stop, echo, head, include_usage)
         return StreamingResponse(
@@ -459,9 +463,9 @@ def _logprobs(
     token has none), the first starting at ``offset``; none past ``text_end`` (a stop sequence)."""
     tokens, logprobs, tops, offsets = [], [], [], []
     for i, record in enumerate(records):
-        if text_end is not None and offset >= text_end and offsets:
-            break
-        piece = pieces[i] if i < len(pieces) else ""
+        if record.token == engine.assets.eos or (text_end is not None and offset >= text_end and offsets):
+            break  # the end of the text (OpenAI shows no end-of-text token), or past a stop sequence
+        piece = pieces[i]
         tokens.append(piece)
         logprobs.append(record.logprob)
         top: dict[str, float] = {}
@@ -484,13 +488,6 @@ def _choice(engine: task.TextGenerationEngine, job: task.GenerationJob, index: i
     return CompletionChoice(text=prompt_text + text, index=index, logprobs=logprobs, finish_reason=job.finish_reason)
 
 
-def _chunk(head: dict, choices: list[dict], usage: dict | None = None) -> bytes:
-    data = {**head, "object": "text_completion", "choices": choices}
-    if usage is not None:
-        data["usage"] = usage
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
 async def _stream(
     engine: task.TextGenerationEngine,
     prompts: list[list[int]],
@@ -504,8 +501,10 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """OpenAI's stream: a chunk per new piece of text of a choice (held back while it may be the
     start of a stop sequence or an unfinished character), a last chunk per choice with its
-    ``finish_reason``, the usage chunk if asked, then ``[DONE]``. A client that leaves cancels the
-    decoding: its rows leave the batch at the next step."""
+    ``finish_reason``, the usage chunk if asked, then ``[DONE]``; the same text and log-probabilities
+    as without streaming. With ``echo`` a choice's first chunk carries its prompt (after the prompt's
+    prefill, which scores it). A client that leaves cancels the decoding: its rows leave the batch
+    at the next step."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, int, int, bool]] = asyncio.Queue()
 
@@ -515,25 +514,33 @@ async def _stream(
             events.put_nowait, (index, len(job.generated), len(job.logprobs), job.done)
         )
 
-    jobs = []
-    for p, ids in enumerate(prompts):
-        for j in range(n):
-            jobs.append(
-                engine.new_job(
-                    ids,
-                    params,
-                    choice=j,
-                    max_new_tokens=max_tokens,
-                    stop=stop,
-                    score_prompt=echo and params.logprobs is not None,
-                    on_token=notify(p * n + j),
-                )
-            )
+    jobs = [
+        engine.new_job(
+            ids,
+            params,
+            choice=j,
+            max_new_tokens=max_tokens,
+            stop=stop,
+            score_prompt=echo and params.logprobs is not None,
+            on_token=notify(p * n + j),
+        )
+        for p, ids in enumerate(prompts)
+        for j in range(n)
+    ]
     hold = max((len(s) for s in stop), default=1) - 1
+    prompt_texts = [engine.detokenize(job.prompt[1:]) if echo else "" for job in jobs]
     sent = [0] * len(jobs)  # characters of each choice's completion already sent
-    sent_logprobs = [0] * len(jobs)
-    offsets = [0] * len(jobs)
+    sent_logprobs = [0] * len(jobs)  # log-probability records of its completion already sent
+    offsets = [0] * len(jobs)  # where its next log-probability record's text begins
+    opened = [False] * len(jobs)  # its first chunk (with the echoed prompt) has gone
     finished = [False] * len(jobs)
+    usage_field = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        data = {**head, "object": "text_completion", "choices": choices, **usage_field}
+        if usage is not None:
+            data["usage"] = usage
+        return b"data: " + orjson.dumps(data) + b"\n\n"
 
     def emit(index: int, generated: int, scored: int, done: bool) -> bytes | None:
         job = jobs[index]
@@ -548,52 +555,51 @@ async def _stream(
                 safe -= 1
             text = text[: max(safe, sent[index])]
         delta = text[sent[index] :]
+        prefix = "" if opened[index] else prompt_texts[index]
         logprobs = None
-        if params.logprobs is not None and scored > sent_logprobs[index]:
-            pieces = engine.pieces(job.generated[:scored], final=done)[sent_logprobs[index] :]
-            block = _logprobs(engine, job.logprobs[sent_logprobs[index] : scored], pieces, offsets[index])
-            sent_logprobs[index] = scored
+        if params.logprobs is not None and (scored > sent_logprobs[index] or not opened[index] or done):
+            records = job.logprobs[sent_logprobs[index] : scored]
+            pieces = engine.pieces(job.generated[:scored], start=sent_logprobs[index], final=done)
+            if not opened[index] and echo:
+                records = job.prompt_logprobs + records
+                pieces = engine.pieces(job.prompt[1:]) + pieces
+            end = len(prompt_texts[index]) + len(engine.text_of(job)) if done else None
+            block = _logprobs(engine, records, pieces, offsets[index], end)
             offsets[index] += sum(len(t) for t in block.tokens)
             logprobs = block.model_dump()
+            sent_logprobs[index] = scored
         sent[index] += len(delta)
         finished[index] = done
-        if not (delta or logprobs is not None or done):
+        if not (prefix or delta or logprobs is not None or done):
             return None
+        opened[index] = True
         reason = job.finish_reason if done else None
-        return _chunk(head, [{"index": index, "text": delta, "logprobs": logprobs, "finish_reason": reason}])
+        return chunk([{"index": index, "text": prefix + delta, "logprobs": logprobs, "finish_reason": reason}])
 
-    work = asyncio.ensure_future(engine.generate_all(jobs))
+    work = asyncio.ensure_future(engine.generate_all(jobs, admitted=True))
     try:
-        if echo:
-            first = []
-            for i, job in enumerate(jobs):
-                prompt_text = engine.detokenize(job.prompt[1:])
-                offsets[i] = len(prompt_text)
-                first.append({"index": i, "text": prompt_text, "logprobs": None, "finish_reason": None})
-            yield _chunk(head, first)
         while True:
             getter = asyncio.ensure_future(events.get())
             await asyncio.wait((getter, work), return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 getter.cancel()
                 break
-            if (chunk := emit(*getter.result())) is not None:
-                yield chunk
-        if work.exception() is None:
-            while not events.empty():  # the last step's events, queued before the work ended
-                if (chunk := emit(*events.get_nowait())) is not None:
-                    yield chunk
+            if (data := emit(*getter.result())) is not None:
+                yield data
         try:
             work.result()
         except ServiceError as exc:
             yield b"data: " + orjson.dumps(exc.to_openai_dict()) + b"\n\n"
             yield b"data: [DONE]\n\n"
             return
-        # Choices that ended without an event of their own (max_tokens 0): their last chunk.
-        for index, job in enumerate(jobs):
+        while not events.empty():  # the last step's events, queued before the work ended
+            if (data := emit(*events.get_nowait())) is not None:
+                yield data
+        for index, job in enumerate(jobs):  # choices that ended with no event (max_tokens 0)
             if not finished[index]:
-                rest = {"index": index, "text": engine.text_of(job)[sent[index] :], "logprobs": None}
-                yield _chunk(head, [{**rest, "finish_reason": job.finish_reason}])
+                data = emit(index, len(job.generated), len(job.logprobs), True)
+                if data is not None:
+                    yield data
         if include_usage:
             prompt_tokens = sum(len(job.prompt) - 1 for job in jobs[::n])
             completion_tokens = sum(job.sampled for job in jobs)
@@ -602,7 +608,7 @@ async def _stream(
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             }
-            yield _chunk(head, [], usage)
+            yield chunk([], usage)
         yield b"data: [DONE]\n\n"
     finally:
         if not work.done():
