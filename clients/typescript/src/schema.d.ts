@@ -378,6 +378,74 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The text-generation models (OpenAI's model list) */
+        get: operations["list_models_v1_models_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/models/{model}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One text-generation model (OpenAI's model object) */
+        get: operations["get_model_v1_models__model__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/completions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Complete prompts (OpenAI's completions API; stream: server-sent events) */
+        post: operations["completions_v1_completions_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/text-generation": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Continue English prompts with generated text */
+        post: operations["text_generation_v1_text_generation_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/metrics": {
         parameters: {
             query?: never;
@@ -427,6 +495,52 @@ export interface components {
             /** Y2 */
             y2: number;
         };
+        /** Completion */
+        Completion: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default text_completion
+             * @constant
+             */
+            object: "text_completion";
+            /** Created */
+            created: number;
+            /** Model */
+            model: string;
+            /** System Fingerprint */
+            system_fingerprint?: string | null;
+            /** Choices */
+            choices: components["schemas"]["CompletionChoice"][];
+            usage?: components["schemas"]["Usage"] | null;
+        };
+        /** CompletionChoice */
+        CompletionChoice: {
+            /** Text */
+            text: string;
+            /** Index */
+            index: number;
+            logprobs?: components["schemas"]["CompletionLogprobs"] | null;
+            /**
+             * Finish Reason
+             * @description stop: the model ended the text or a stop sequence did; length: max_tokens did.
+             */
+            finish_reason: ("stop" | "length") | null;
+        };
+        /** CompletionLogprobs */
+        CompletionLogprobs: {
+            /** Tokens */
+            tokens: string[];
+            /** Token Logprobs */
+            token_logprobs: (number | null)[];
+            /** Top Logprobs */
+            top_logprobs: ({
+                [key: string]: number;
+            } | null)[];
+            /** Text Offset */
+            text_offset: number[];
+        };
         /** Detection */
         Detection: {
             /** Label */
@@ -462,7 +576,7 @@ export interface components {
              * @description Stable machine-readable kind (one class in service/errors.py).
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** GeneratedImage */
         GeneratedImage: {
@@ -482,6 +596,23 @@ export interface components {
              * @description The PNG file, base64-encoded (grey, 8 bits).
              */
             png: string;
+        };
+        /** Generation */
+        Generation: {
+            /** Text */
+            text: string;
+            /**
+             * Finish Reason
+             * @enum {string}
+             */
+            finish_reason: "stop" | "length";
+            /**
+             * Prompt Tokens
+             * @description Tokens of the prompt.
+             */
+            prompt_tokens: number;
+            /** Generated Tokens */
+            generated_tokens: number;
         };
         /** ImageClassificationResponse */
         ImageClassificationResponse: {
@@ -579,6 +710,35 @@ export interface components {
             /** Live */
             live: boolean;
         };
+        /** ModelCard */
+        ModelCard: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default model
+             * @constant
+             */
+            object: "model";
+            /** Created */
+            created: number;
+            /**
+             * Owned By
+             * @default neuroserve
+             */
+            owned_by: string;
+        };
+        /** ModelList */
+        ModelList: {
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object: "list";
+            /** Data */
+            data: components["schemas"]["ModelCard"][];
+        };
         /** ModelNotReadyResponse */
         ModelNotReadyResponse: {
             /** Error */
@@ -587,7 +747,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
             /** Name */
             name: string;
             /** Ready */
@@ -708,7 +868,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** ObjectDetectionResponse */
         ObjectDetectionResponse: {
@@ -739,6 +899,30 @@ export interface components {
              * @description The score is past the threshold calibrated on held-out training-like images: the image is probably not what the model knows (a digit, for a digit classifier).
              */
             flagged: boolean;
+        };
+        /** OpenAIError */
+        OpenAIError: {
+            error: components["schemas"]["OpenAIErrorDetail"];
+        };
+        /** OpenAIErrorDetail */
+        OpenAIErrorDetail: {
+            /** Message */
+            message: string;
+            /**
+             * Type
+             * @description invalid_request_error, authentication_error, permission_error, ...
+             */
+            type: string;
+            /**
+             * Param
+             * @description The request field at fault, when one is.
+             */
+            param?: string | null;
+            /**
+             * Code
+             * @description This service's error_type.
+             */
+            code?: string | null;
         };
         /** OutputTensor */
         OutputTensor: {
@@ -902,6 +1086,15 @@ export interface components {
              */
             shape: number[];
         };
+        /** TextGenerationResponse */
+        TextGenerationResponse: {
+            /** Model */
+            model: string;
+            /** Version */
+            version: string;
+            /** Generations */
+            generations: components["schemas"]["Generation"][];
+        };
         /** Translation */
         Translation: {
             /**
@@ -940,6 +1133,18 @@ export interface components {
             version: string;
             /** Translations */
             translations: components["schemas"]["Translation"][];
+        };
+        /** Usage */
+        Usage: {
+            /** Prompt Tokens */
+            prompt_tokens: number;
+            /**
+             * Completion Tokens
+             * @description Tokens generated, the end-of-text token included.
+             */
+            completion_tokens: number;
+            /** Total Tokens */
+            total_tokens: number;
         };
     };
     responses: never;
@@ -1080,7 +1285,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1230,7 +1435,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1379,7 +1584,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1528,7 +1733,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1678,7 +1883,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1827,7 +2032,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1977,7 +2182,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2944,7 +3149,7 @@ export interface operations {
                     "application/json": components["schemas"]["InferResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3912,7 +4117,7 @@ export interface operations {
                     "application/json": components["schemas"]["InferResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4093,7 +4298,7 @@ export interface operations {
                     "application/json": components["schemas"]["ImageClassificationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4322,7 +4527,7 @@ export interface operations {
                     "image/jpeg": unknown;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4489,7 +4694,7 @@ export interface operations {
                     "application/json": components["schemas"]["SentimentResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4652,7 +4857,7 @@ export interface operations {
                     "application/json": components["schemas"]["RatingResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4819,7 +5024,7 @@ export interface operations {
                     "application/json": components["schemas"]["RecommendationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4997,7 +5202,7 @@ export interface operations {
                     "application/json": components["schemas"]["TranslationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5190,7 +5395,767 @@ export interface operations {
                     "image/png": unknown;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    list_models_v1_models_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelList"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+        };
+    };
+    get_model_v1_models__model__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelCard"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+        };
+    };
+    completions_v1_completions_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Model
+                     * @description A text-generation model (GET /v1/models lists them).
+                     */
+                    model: string;
+                    /**
+                     * Prompt
+                     * @description A text, a list of texts, a list of token ids, or a list of such lists (null: "").
+                     * @default
+                     */
+                    prompt?: string | string[] | number[] | number[][] | null;
+                    /**
+                     * Suffix
+                     * @description Not supported (insertion); must be absent or null.
+                     */
+                    suffix?: string | null;
+                    /**
+                     * Max Tokens
+                     * @description Most tokens to generate per choice (OpenAI: 16).
+                     * @default 16
+                     */
+                    max_tokens?: number | null;
+                    /**
+                     * Temperature
+                     * @description 0: always the most probable token.
+                     * @default 1
+                     */
+                    temperature?: (number) | null;
+                    /**
+                     * Top P
+                     * @description 0: only the most probable token.
+                     * @default 1
+                     */
+                    top_p?: (number) | null;
+                    /**
+                     * N
+                     * @description Choices per prompt.
+                     * @default 1
+                     */
+                    n?: number | null;
+                    /**
+                     * Best Of
+                     * @description Accepted only when equal to n (no re-ranking).
+                     */
+                    best_of?: number | null;
+                    /**
+                     * Stream
+                     * @default false
+                     */
+                    stream?: boolean | null;
+                    stream_options?: {
+                        /**
+                         * Include Usage
+                         * @description A last chunk with the usage counts (and no choices).
+                         * @default false
+                         */
+                        include_usage?: boolean | null;
+                        /**
+                         * Include Obfuscation
+                         * @description Accepted for OpenAI's clients; no effect here.
+                         */
+                        include_obfuscation?: boolean | null;
+                    } | null;
+                    /**
+                     * Logprobs
+                     * @description Log-probability of each token and of its top alternatives.
+                     */
+                    logprobs?: number | null;
+                    /**
+                     * Echo
+                     * @description Prompt + completion; with max_tokens 0, scores a prompt.
+                     * @default false
+                     */
+                    echo?: boolean | null;
+                    /**
+                     * Stop
+                     * @description Up to 4 stop sequences.
+                     */
+                    stop?: string | string[] | null;
+                    /**
+                     * Presence Penalty
+                     * @default 0
+                     */
+                    presence_penalty?: (number) | null;
+                    /**
+                     * Frequency Penalty
+                     * @default 0
+                     */
+                    frequency_penalty?: (number) | null;
+                    /**
+                     * Logit Bias
+                     * @description Token id (as a string) -> bias in [-100, 100].
+                     */
+                    logit_bias?: {
+                        [key: string]: number;
+                    } | null;
+                    /**
+                     * Seed
+                     * @description The same seed and prompt give the same text.
+                     */
+                    seed?: number | null;
+                    /** User */
+                    user?: string | null;
+                    /**
+                     * Top K
+                     * @description Extension: sample among the k most probable (0: off).
+                     */
+                    top_k?: number | null;
+                    /**
+                     * Repetition Penalty
+                     * @description Extension: > 1 discourages tokens already in the prompt or output.
+                     */
+                    repetition_penalty?: (number) | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Completion"];
+                    "text/event-stream": string;
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIError"];
+                };
+            };
+        };
+    };
+    text_generation_v1_text_generation_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Prompts
+                     * @description One generation per prompt; an empty prompt generates from nothing. At most 64 on this server (NEUROSERVE_MAX_TEXTS_PER_REQUEST).
+                     */
+                    prompts: string[];
+                    /**
+                     * Max New Tokens
+                     * @description Most tokens per generation (ceiling: the model's).
+                     * @default 32
+                     */
+                    max_new_tokens?: number;
+                    /**
+                     * Temperature
+                     * @description 0: always the most probable token (greedy).
+                     * @default 0.8
+                     */
+                    temperature?: number;
+                    /**
+                     * Top K
+                     * @description Sample among the k most probable tokens (0: off).
+                     * @default 0
+                     */
+                    top_k?: number;
+                    /**
+                     * Top P
+                     * @description Sample among the most probable tokens of this mass.
+                     * @default 0.95
+                     */
+                    top_p?: number;
+                    /**
+                     * Repetition Penalty
+                     * @default 1
+                     */
+                    repetition_penalty?: number;
+                    /**
+                     * Stop
+                     * @description Stop before any of these texts.
+                     * @default []
+                     */
+                    stop?: string[];
+                    /**
+                     * Seed
+                     * @description The same seed and prompt give the same text.
+                     */
+                    seed?: number | null;
+                    /**
+                     * Model
+                     * @description A text-generation model by name; default: the task's default.
+                     */
+                    model?: string | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TextGenerationResponse"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
