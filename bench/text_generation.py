@@ -134,6 +134,7 @@ def drive(port: int, prompts: list[str], concurrency: int, seconds: float, seed:
                     first = time.perf_counter() - started
                 payload = line[6:].strip()
                 if payload == b"[DONE]":
+                    response.read()  # the end of the chunked body, so the connection can be reused
                     break
                 chunk = json.loads(payload)
                 if chunk.get("usage"):

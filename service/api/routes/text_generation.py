@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
@@ -506,13 +507,40 @@ async def _stream(
     prefill, which scores it). A client that leaves cancels the decoding: its rows leave the batch
     at the next step."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, int, int, bool]] = asyncio.Queue()
+    # The decode thread marks choices that moved on and wakes this stream once until it has looked:
+    # under load several tokens go out in one chunk, rather than a hand-over to the event loop per
+    # token per row (64 per step), which left a step-level batch a third full at 64 streams.
+    changed: set[int] = set()
+    lock = threading.Lock()
+    wake = asyncio.Event()
+    waking = [False]
 
     def notify(index: int) -> Callable[[task.GenerationJob], None]:
-        # In the decode thread: a snapshot of how far the job is (its lists only grow).
-        return lambda job: loop.call_soon_threadsafe(
-            events.put_nowait, (index, len(job.generated), len(job.logprobs), job.done)
-        )
+        def on_token(_: task.GenerationJob) -> None:  # in the decode thread
+            with lock:
+                changed.add(index)
+                if waking[0]:
+                    return
+                waking[0] = True
+            loop.call_soon_threadsafe(wake.set)
+
+        return on_token
+
+    def moved() -> list[tuple[int, int, int, bool]]:
+        """How far each changed choice is (its lists only grow; ``done`` is read first, and a job
+        sets it last)."""
+        with lock:
+            indexes = sorted(changed)
+            changed.clear()
+            waking[0] = False
+        out = []
+        for index in indexes:
+            job = jobs[index]
+            done = job.done
+            generated = len(job.generated)
+            scored = len(job.logprobs) if done else min(len(job.logprobs), generated)
+            out.append((index, generated, scored, done))
+        return out
 
     jobs = [
         engine.new_job(
@@ -579,21 +607,23 @@ async def _stream(
     work = asyncio.ensure_future(engine.generate_all(jobs, admitted=True))
     try:
         while True:
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait((getter, work), return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+            waiter = asyncio.ensure_future(wake.wait())
+            await asyncio.wait((waiter, work), return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
                 break
-            if (data := emit(*getter.result())) is not None:
-                yield data
+            wake.clear()
+            for event in moved():
+                if (data := emit(*event)) is not None:
+                    yield data
         try:
             work.result()
         except ServiceError as exc:
             yield b"data: " + orjson.dumps(exc.to_openai_dict()) + b"\n\n"
             yield b"data: [DONE]\n\n"
             return
-        while not events.empty():  # the last step's events, queued before the work ended
-            if (data := emit(*events.get_nowait())) is not None:
+        for event in moved():  # the last step's, marked before the work ended
+            if (data := emit(*event)) is not None:
                 yield data
         for index, job in enumerate(jobs):  # choices that ended with no event (max_tokens 0)
             if not finished[index]:
