@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-object-detection train-image-generation train-digit-ood bench bench-translation bench-object-detection clean
+.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-text-generation train-object-detection train-image-generation train-digit-ood bench bench-translation bench-object-detection clean
 DURATION ?= 60s
 USERS    ?= 32
 
@@ -62,6 +62,10 @@ train-rating: $(VENV)/.dev
 
 train-translation: $(VENV)/.dev
 	$(BIN)/python -m training.translation --data-dir $(DATA)/translation --output-dir models --version 1
+
+# An LSTM language model over byte-level BPE (Tatoeba English), with its character n-gram baseline.
+train-text-generation: $(VENV)/.dev
+	$(BIN)/python -m training.text_generation --data-dir $(DATA)/translation --output-dir models --version 1 --threads 2 --dropout 0.3 --weight-drop 0
 
 # The committed digit detector, both stages (--device cuda where there is a GPU).
 # The committed generator: the seeds' MLP GAN first (the baseline its metadata compares with), then the DCGAN.

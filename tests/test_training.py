@@ -190,6 +190,58 @@ def test_translation_split_keeps_every_translation_of_a_sentence_on_one_side() -
     assert len(train) == 160
 
 
+def test_text_generation_smoke_training_exports_two_graphs_with_parity(data_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from training import text_generation
+
+    meta = text_generation.main(
+        ["--smoke", "--data-dir", str(data_dir / "translation"), "--output-dir", str(tmp_path), "--seed", "3"]
+    )
+    model_dir = tmp_path / "text-generator"
+    version_dir = model_dir / "1"
+    for name in ("model.onnx", "prefill.onnx", "tokenizer.json", "metadata.json"):
+        assert (version_dir / name).is_file(), name
+    assert json.loads((version_dir / "metadata.json").read_text()) == meta
+    metrics = meta["metrics"]
+    for split in ("validation", "test"):
+        assert 0.0 < metrics[f"{split}_bits_per_character"] < 10.0 and metrics[f"{split}_perplexity"] > 1.0
+    baseline = metrics["ngram_baseline"]
+    assert set(baseline["bits_per_character"]) == {"5", "6", "7"} and baseline["chosen_order"] in (5, 6, 7)
+    assert metrics["test_bits_per_character_ratio_to_ngram"] > 0.0
+    assert max(metrics["onnx_vs_torch_max_abs_diff"].values()) < 1e-4
+    assert "--smoke" in meta["training"]["command"]
+
+    spec = json.loads((model_dir / "model.json").read_text())
+    assert spec["task"] == "text-generation" and spec["parameters"]["prefill"] == "prefill.onnx"
+    vocab = spec["outputs"][0]["shape"][1]
+    _, layers, hidden = spec["inputs"][1]["shape"]
+    step = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    state = np.zeros((3, layers, hidden), dtype=np.float32)
+    log_probs, h_next, c_next = step.run(None, {"token": np.array([1, 5, 9]), "h": state, "c": state})
+    assert log_probs.shape == (3, vocab) and h_next.shape == c_next.shape == state.shape
+    assert np.allclose(np.exp(log_probs).sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_character_ngram_distributions_sum_to_one_and_unseen_characters_have_mass() -> None:
+    import numpy as np
+
+    from training.text_generation import CharNgram
+
+    sentences = ["Tom is here.", "Tom is happy.", "I think so.", "Is Tom here?", "I'm happy."] * 3
+    model = CharNgram(sentences, max_order=5)
+    alphabet = [*sorted({ch for s in sentences for ch in s}), "é"]  # é: never seen
+    for context in ("", "Tom i", "I thi", "xyz"):
+        for order in (1, 3, 5):
+            p_next = model.probabilities([context + ch for ch in alphabet], order)
+            after = np.cumsum([len(context) + 2] * len(alphabet)) - 2  # each text's last character
+            p_end = model.probabilities([context], order)[-1]
+            # the seen characters, the unknown symbol (é) and the end: the whole vocabulary
+            assert p_next[after].sum() + p_end == pytest.approx(1.0, abs=1e-9)
+            assert p_next[after][-1] > 0.0
+
+
 @pytest.mark.parametrize("dataset", ["digits", "yolo"])
 def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp_path: Path, dataset: str) -> None:
     from training import object_detection
