@@ -65,7 +65,7 @@ train-translation: $(VENV)/.dev
 
 # An LSTM language model over byte-level BPE (Tatoeba English), with its character n-gram baseline.
 train-text-generation: $(VENV)/.dev
-	$(BIN)/python -m training.text_generation --data-dir $(DATA)/translation --output-dir models --version 1 --threads 2 --dropout 0.3 --weight-drop 0
+	$(BIN)/python -m training.text_generation --data-dir $(DATA)/translation --output-dir models --version 1 --threads 2 --dropout 0.3 --weight-drop 0 --no-variational
 
 # The committed digit detector, both stages (--device cuda where there is a GPU).
 # The committed generator: the seeds' MLP GAN first (the baseline its metadata compares with), then the DCGAN.

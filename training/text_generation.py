@@ -63,6 +63,9 @@ class Config:
     hidden: int = 512
     layers: int = 2
     dropout: float = field(default=0.4, metadata={"help": "on the embeddings, between the layers and on the output"})
+    variational: bool = field(
+        default=True, metadata={"help": "one dropout mask per sentence for all its positions (embeddings, output)"}
+    )
     weight_drop: float = field(
         default=0.25, metadata={"help": "DropConnect on the LSTM's hidden-to-hidden weights while training"}
     )
@@ -296,6 +299,7 @@ class LanguageModel(nn.Module):
             cfg.embed_dim, cfg.hidden, cfg.layers, batch_first=True, dropout=cfg.dropout if cfg.layers > 1 else 0.0
         )
         self.dropout = nn.Dropout(cfg.dropout)
+        self.variational = cfg.variational
         self.weight_drop = cfg.weight_drop
         self.project = nn.Linear(cfg.hidden, cfg.embed_dim) if cfg.hidden != cfg.embed_dim else nn.Identity()
         self.bias = nn.Parameter(torch.zeros(vocab))
@@ -303,13 +307,19 @@ class LanguageModel(nn.Module):
         with torch.no_grad():
             self.embed.weight[PAD_ID].zero_()
 
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout of ``[B, T, D]``: with ``variational``, the same units of a sentence at every position."""
+        if not (self.training and self.variational):
+            return self.dropout(x)
+        return x * self.dropout(x.new_ones(x.shape[0], 1, x.shape[2]))
+
     def logits(self, out: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.project(self.dropout(out)), self.embed.weight, self.bias)
+        return F.linear(self.project(self.drop(out)), self.embed.weight, self.bias)
 
     def forward(self, ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``ids [B, T]`` -> logits ``[B, T, V]`` and the state, torch's way (``[layers, B, hidden]``).
         While training, the recurrent weights are dropped (one mask per batch, AWD-LSTM's weight drop)."""
-        x = self.dropout(self.embed(ids))
+        x = self.drop(self.embed(ids))
         if self.training and self.weight_drop > 0:
             dropped = {
                 name: F.dropout(weight, self.weight_drop, training=True)
