@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.repository import sha256_file
+from training import prefill_graph
 
 
 def scale_model(
@@ -217,7 +218,8 @@ def lstm_language_model(root: Path, name: str = "tiny-lm", *, hidden: int = 16, 
     """A one-layer LSTM language model with random weights in the text-generation task's two graphs
     (the ONNX LSTM operator, as torch exports it), over a byte-level BPE trained on a few
     sentences: ``model.onnx`` (token, h, c -> log_probs, h_next, c_next) and ``prefill.onnx``
-    (ids -> log_probs at every position, h, c). Both share the weights, so a prefill followed by
+    (ids, lengths, positions -> log_probs at those positions, h, c; built as torch exports it, then
+    rewritten by ``training.prefill_graph`` as training does). Both share the weights, so a prefill followed by
     steps must agree with a prefill of the whole sequence."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -302,6 +304,8 @@ def lstm_language_model(root: Path, name: str = "tiny-lm", *, hidden: int = 16, 
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.checker.check_model(model)
+        if filename == "prefill.onnx":  # as training does after torch's export: any lengths, chosen positions
+            model = prefill_graph.ragged(model)
         onnx.save(model, str(version_dir / filename))
     tokenizer.save(str(version_dir / "tokenizer.json"))
     spec = {

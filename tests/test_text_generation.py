@@ -57,12 +57,19 @@ def complete(client: TestClient, **body) -> dict:
     return r.json()
 
 
+def every_position(prefill, seq: list[int]) -> np.ndarray:
+    """The prefill graph's log-probabilities at every position of one sequence, ``[T, vocab]``."""
+    n = len(seq)
+    feeds = {"ids": np.asarray([seq], np.int64), "lengths": np.asarray([n]), "positions": np.arange(n)[None, :]}
+    return prefill.run(None, feeds)[0][0]
+
+
 def greedy_reference(prefill, ids: list[int], steps: int, never=(0, 1, 3)) -> list[int]:
     """Greedy decoding by re-running the prefill graph over the whole growing sequence."""
     out = []
     seq = list(ids)
     for _ in range(steps):
-        log_probs = prefill.run(None, {"ids": np.asarray([seq], dtype=np.int64)})[0][0, -1].copy()
+        log_probs = every_position(prefill, seq)[-1].copy()
         log_probs[list(never)] = -np.inf
         token = int(log_probs.argmax())
         out.append(token)
@@ -135,7 +142,7 @@ def test_echo_with_no_new_tokens_scores_the_prompt_from_begin_of_text(lm: TestCl
     ids = tokenizer.encode(prompt).ids
     choice = complete(lm, prompt=prompt, max_tokens=0, echo=True, logprobs=2)["choices"][0]
     assert choice["text"] == prompt and choice["finish_reason"] == "length"
-    want = prefill.run(None, {"ids": np.asarray([[1, *ids]], dtype=np.int64)})[0][0]
+    want = every_position(prefill, [1, *ids])
     expected = [float(want[p, t]) for p, t in enumerate(ids)]  # the first conditioned on <bos>
     lp = choice["logprobs"]
     assert np.allclose(lp["token_logprobs"], expected, atol=1e-4)

@@ -63,7 +63,9 @@ def test_scoring_through_http_is_scoring_the_graph_directly(client: TestClient, 
     bits_direct = 0.0
     for sentence in sentences:
         ids = [1, *tokenizer.encode(sentence, add_special_tokens=False).ids]
-        log_probs = prefill.run(["log_probs"], {"ids": np.asarray([ids], dtype=np.int64)})[0][0]
+        n = len(ids)
+        feeds = {"ids": np.asarray([ids], np.int64), "lengths": np.asarray([n]), "positions": np.arange(n)[None, :]}
+        log_probs = prefill.run(["log_probs"], feeds)[0][0]
         bits_direct -= sum(float(log_probs[p, t]) for p, t in enumerate(ids[1:])) / math.log(2)
     chars = sum(len(s) for s in sentences)
     assert bits_http / chars == pytest.approx(bits_direct / chars, abs=1e-4)

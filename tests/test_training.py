@@ -211,7 +211,10 @@ def test_text_generation_smoke_training_exports_two_graphs_with_parity(data_dir:
     assert set(baseline["bits_per_character"]) == {"5", "6", "7"} and baseline["chosen_order"] in (5, 6, 7)
     assert metrics["test_bits_per_character_ratio_to_ngram"] > 0.0
     assert max(metrics["onnx_vs_torch_max_abs_diff"].values()) < 1e-4
+    assert "prefill_ragged_lengths_5_12_3_9" in metrics["onnx_vs_torch_max_abs_diff"]  # torch row by row
     assert "--smoke" in meta["training"]["command"]
+    prefill = ort.InferenceSession(str(version_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in prefill.get_inputs()] == ["ids", "lengths", "positions"]
 
     spec = json.loads((model_dir / "model.json").read_text())
     assert spec["task"] == "text-generation" and spec["parameters"]["prefill"] == "prefill.onnx"

@@ -17,8 +17,11 @@ plus one for the end. The graphs (rows are independent sequences; states are bat
 
 - ``model.onnx``: ``token [rows]``, ``h``, ``c [rows, layers, hidden]`` -> ``log_probs [rows, vocab]``
   (of the token after ``token``), ``h_next``, ``c_next``;
-- ``prefill.onnx``: ``ids [rows, T]`` (``<bos>`` first, no padding) -> ``log_probs [rows, T, vocab]``
-  (position t predicts token t + 1) and the state ``h``, ``c`` after the last position.
+- ``prefill.onnx``: ``ids [rows, T]`` (``<bos>`` first, right-padded), ``lengths [rows]``,
+  ``positions [rows, P]`` -> ``log_probs [rows, P, vocab]`` at those positions (position t predicts
+  token t + 1) and the state ``h``, ``c`` after each row's last token: torch's export of the whole
+  prompt, rewritten by :mod:`training.prefill_graph` so prompts of any lengths share a call and
+  only the positions asked for are projected.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -43,7 +47,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from tqdm import tqdm
 
-from training import common
+from training import common, prefill_graph
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, relied on by the graphs and the service
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -527,19 +531,46 @@ def export_graphs(model: LanguageModel, cfg: Config, held: list[list[int]], vers
             prefill, ids, version_dir / "prefill.onnx", ["ids"], ["log_probs", "h", "c"], GRAPH_AXES["prefill.onnx"]
         )
     parity = {"step": common.check_parity(step, version_dir / "model.onnx", step_inputs)}
-    for length in (5, 12):
-        ids = {"ids": rows[:, :length]}
-        parity[f"prefill_length_{length}"] = common.check_parity(prefill, version_dir / "prefill.onnx", ids)
-    full = rows.numpy()
+    exported = onnx.load(str(version_dir / "prefill.onnx"))
+    onnx.save(prefill_graph.ragged(exported), str(version_dir / "prefill.onnx"))
     pre, one = session(version_dir / "prefill.onnx"), session(version_dir / "model.onnx")
-    _, h, c = pre.run(None, {"ids": full[:, :-1]})
+    # torch, one row at a time at its own length, against one ragged call (every position)
+    ragged_rows = [s[:n] for s, n in zip(held, (5, 12, 3, 9), strict=False)]
+    ids, lengths = prefill_graph.pad_rows(ragged_rows, PAD_ID)
+    got, got_h, got_c = pre.run(
+        None, {"ids": ids, "lengths": lengths, "positions": prefill_graph.every_position(lengths, ids.shape[1])}
+    )
+    worst = 0.0
+    with torch.no_grad():
+        for i, row in enumerate(ragged_rows):
+            want, want_h, want_c = (t.numpy() for t in prefill(torch.tensor([row])))
+            n = len(row)
+            worst = max(
+                worst,
+                float(np.abs(got[i, :n] - want[0]).max()),
+                float(np.abs(got_h[i] - want_h[0]).max()),
+                float(np.abs(got_c[i] - want_c[0]).max()),
+            )
+    parity["prefill_ragged_lengths_5_12_3_9"] = worst
+    if worst > 1e-4:
+        raise AssertionError(f"the prefill graph disagrees with torch on prompts of different lengths: {worst}")
+    full = rows.numpy()
+    _, h, c = run_prefill(pre, full[:, :-1])
     log_probs, h_next, c_next = one.run(None, {"token": full[:, -1], "h": h, "c": c})
-    want_log_probs, want_h, want_c = pre.run(None, {"ids": full})
+    want_log_probs, want_h, want_c = run_prefill(pre, full)
     parity["chain_log_probs"] = float(np.abs(log_probs - want_log_probs[:, -1]).max())
     parity["chain_state"] = float(max(np.abs(h_next - want_h).max(), np.abs(c_next - want_c).max()))
     if max(parity["chain_log_probs"], parity["chain_state"]) > 1e-4:
         raise AssertionError(f"prefill + step disagrees with prefill of the longer prompt: {parity}")
     return parity
+
+
+def run_prefill(prefill: ort.InferenceSession, ids: np.ndarray, *, every: bool = True) -> list[np.ndarray]:
+    """``ids [rows, T]`` (unpadded) through the prefill graph: log-probabilities at every position
+    (or at the last), ``h``, ``c``."""
+    lengths = np.full(ids.shape[0], ids.shape[1], np.int64)
+    positions = prefill_graph.every_position(lengths, ids.shape[1]) if every else prefill_graph.last_positions(lengths)
+    return prefill.run(None, {"ids": ids.astype(np.int64), "lengths": lengths, "positions": positions})
 
 
 def onnx_bits(prefill_path: Path, seqs: list[list[int]], rows: int = 256) -> float:
@@ -553,7 +584,7 @@ def onnx_bits(prefill_path: Path, seqs: list[list[int]], rows: int = 256) -> flo
     for group in by_length.values():
         for i in range(0, len(group), rows):
             ids = np.array(group[i : i + rows], dtype=np.int64)
-            log_probs = prefill.run(None, {"ids": ids[:, :-1]})[0]
+            log_probs = run_prefill(prefill, ids[:, :-1])[0]
             nats -= float(np.take_along_axis(log_probs, ids[:, 1:, None], axis=2).sum())
     return nats / math.log(2)
 
@@ -575,7 +606,7 @@ def greedy_continuations(version_dir: Path, tokenizer: Tokenizer, prompts: list[
     out = []
     for prompt in prompts:
         ids = [BOS_ID, *tokenizer.encode(prompt).ids]
-        log_probs, h, c = pre.run(None, {"ids": np.array([ids], dtype=np.int64)})
+        log_probs, h, c = run_prefill(pre, np.array([ids], dtype=np.int64), every=False)
         last, new = log_probs[:, -1], []
         while len(new) < max_new:
             token = int(last[0].argmax())
@@ -595,7 +626,8 @@ def model_config(cfg: Config, vocab: int) -> dict:
         "default": True,
         "description": "English sentences (Tatoeba): a 2-layer LSTM language model over byte-level BPE. "
         "This graph is one decode step (token, state h, c -> log_probs of the next token, next state); "
-        "prefill.onnx reads a whole prompt (ids -> log_probs at every position, state after the last).",
+        "prefill.onnx reads whole prompts of any lengths (ids, lengths, positions -> log_probs at those positions, "
+        "state after each row's last token).",
         "platform": "onnx_onnxv1",
         "inputs": [
             {"name": "token", "datatype": "INT64", "shape": [-1], "value_range": [0, vocab - 1]},

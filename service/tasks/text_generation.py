@@ -2,8 +2,10 @@
 
 The model is a recurrent language model in two graphs: the version's ``model.onnx``, one decode
 step (``token [rows], h, c [rows, layers, hidden] -> log_probs [rows, vocab], h_next, c_next``,
-also what v2 serves), and ``prefill.onnx`` over whole prompts (``ids [rows, T] -> log_probs
-[rows, T, vocab], h, c``). A prompt (or one of its ``n`` choices) is a :class:`GenerationJob`: its
+also what v2 serves), and ``prefill.onnx`` over whole prompts of any lengths in one call (``ids
+[rows, T]`` right-padded, ``lengths [rows]``, ``positions [rows, P]`` -> ``log_probs [rows, P,
+vocab]`` at the positions asked for, ``h, c`` after each row's last token; see
+``training/prefill_graph.py``). A prompt (or one of its ``n`` choices) is a :class:`GenerationJob`: its
 :class:`~service.sampling.Sampler` and its recurrent state, fixed in size, so a row joins and
 leaves the step batch at any step with nothing to grow (see :mod:`service.decoding` for how the
 same scheduler carries a translation's key/value cache instead).
@@ -34,10 +36,11 @@ from service.tasks.assets import find_asset, load_tokenizer
 from service.tasks.base import Parameters, Task, require
 
 STEP_TENSORS = (["token", "h", "c"], ["log_probs", "h_next", "c_next"])
-PREFILL_TENSORS = (["ids"], ["log_probs", "h", "c"])
+PREFILL_TENSORS = (["ids", "lengths", "positions"], ["log_probs", "h", "c"])
 
-# Tokens per prefill call (rows x prompt length): its log-probabilities are rows x T x vocab
-# floats, 64 MB at 2,048 tokens of an 8,000-token vocabulary, held only for the call.
+# Tokens per prefill call (rows x the longest prompt of the call). Generation projects one position
+# a row; scoring projects every position, rows x T x vocab floats: 64 MB at 2,048 tokens of an
+# 8,000-token vocabulary, held only for the call.
 PREFILL_TOKENS_PER_CALL = 2048
 
 
@@ -72,7 +75,11 @@ class GenerationDecoding(Parameters):
 
 class TextGenerationParameters(Parameters):
     tokenizer: str = "tokenizer.json"
-    prefill: str = Field("prefill.onnx", description="ids [rows, T] -> log_probs [rows, T, vocab], h, c")
+    prefill: str = Field(
+        "prefill.onnx",
+        description="ids [rows, T] (right-padded), lengths [rows], positions [rows, P] -> log_probs [rows, P, vocab] "
+        "at those positions, h, c after each row's last token",
+    )
     special_tokens: SpecialTokens
     max_context_tokens: int = Field(256, ge=2, description="Prompt (with its begin-of-text token) + generated")
     max_new_tokens: int = Field(256, ge=1, description="Most tokens one completion may generate")
@@ -130,7 +137,7 @@ class TextGeneration(Task[TextGenerationParameters]):
             raise ModelLoadError(
                 prefill.path,
                 f"the graph takes {_names(prefill.inputs)} and returns {_names(prefill.outputs)}; "
-                f"this task needs {inputs} -> {outputs}",
+                f"this task needs {inputs} -> {outputs} (python -m training.prefill_graph rewrites an older one)",
             )
         vocab = tokenizer.get_vocab_size()
         declared = next(t for t in spec.outputs if t.name == "log_probs").shape[-1]
@@ -242,8 +249,11 @@ class GenerationJob:
 class RecurrentDecoder:
     """Prefill and step for recurrent state: the two graphs and the sampler, no cache to manage."""
 
-    def __init__(self, step: OnnxModel, prefill: OnnxModel, *, never: list[int], static: bool = False) -> None:
+    def __init__(
+        self, step: OnnxModel, prefill: OnnxModel, *, never: list[int], pad: int, static: bool = False
+    ) -> None:
         self.step_graph, self.prefill_graph = step, prefill
+        self.pad = pad
         self.never = never  # ids never generated (padding, begin-of-text, unknown)
         # Static batches (for comparison only): every step computes as many rows as the batch began
         # with, finished ones as padding. The scheduler admits only into an empty batch then, so each
@@ -252,20 +262,31 @@ class RecurrentDecoder:
         self._static_rows = 0
 
     def prefill(self, jobs: list[GenerationJob]) -> None:
-        """Each prompt through the prefill graph (prompts of one length together, in calls of at
-        most PREFILL_TOKENS_PER_CALL tokens), then its first new token drawn."""
+        """The prompts through the prefill graph, then each one's first new token drawn. Prompts of
+        any length share a call (shortest first, so a call pads little), in calls of at most
+        PREFILL_TOKENS_PER_CALL padded tokens; prompts to score (every position projected) go
+        apart from those that only generate (the last position)."""
         self._static_rows = len(jobs)
-        by_length: dict[int, list[GenerationJob]] = {}
-        for job in jobs:
-            by_length.setdefault(len(job.prompt), []).append(job)
-        for length, group in by_length.items():
-            per_call = max(1, PREFILL_TOKENS_PER_CALL // length)
-            for start in range(0, len(group), per_call):
-                self._prefill(group[start : start + per_call])
+        for scoring in (False, True):
+            group = sorted((job for job in jobs if job.score_prompt == scoring), key=lambda job: len(job.prompt))
+            start = 0
+            while start < len(group):
+                end = start + 1
+                while end < len(group) and (end - start + 1) * len(group[end].prompt) <= PREFILL_TOKENS_PER_CALL:
+                    end += 1
+                self._prefill(group[start:end], scoring)
+                start = end
 
-    def _prefill(self, jobs: list[GenerationJob]) -> None:
-        ids = np.asarray([job.prompt for job in jobs], dtype=np.int64)
-        out = self.prefill_graph.run({"ids": ids})
+    def _prefill(self, jobs: list[GenerationJob], scoring: bool) -> None:
+        lengths = np.fromiter((len(job.prompt) for job in jobs), np.int64, count=len(jobs))
+        ids = np.full((len(jobs), int(lengths.max())), self.pad, np.int64)
+        for i, job in enumerate(jobs):
+            ids[i, : len(job.prompt)] = job.prompt
+        if scoring:  # every position (a shorter row repeats its last)
+            positions = np.minimum(np.arange(ids.shape[1], dtype=np.int64)[None, :], lengths[:, None] - 1)
+        else:
+            positions = (lengths - 1)[:, None]
+        out = self.prefill_graph.run({"ids": ids, "lengths": lengths, "positions": positions})
         log_probs, h, c = out["log_probs"], out["h"], out["c"]
         for i, job in enumerate(jobs):
             job.h, job.c = h[i], c[i]
@@ -280,7 +301,7 @@ class RecurrentDecoder:
             if job.max_new_tokens == 0:
                 job.finish_reason, job.done = "length", True
         if waiting:
-            last = log_probs[[i for i, _ in waiting], -1]
+            last = log_probs[[i for i, _ in waiting], lengths[[i for i, _ in waiting]] - 1 if scoring else 0]
             self._choose([job for _, job in waiting], last)
 
     def step(self, jobs: list[GenerationJob]) -> None:
@@ -326,7 +347,9 @@ class TextGenerationEngine:
         self.timeout_s = config.timeout_ms / 1000.0
         self.never = [assets.pad, assets.bos, assets.unk]
         static = config.batching == "static"
-        self.decoder: Decoder[GenerationJob] = RecurrentDecoder(step, assets.prefill, never=self.never, static=static)
+        self.decoder: Decoder[GenerationJob] = RecurrentDecoder(
+            step, assets.prefill, never=self.never, pad=assets.pad, static=static
+        )
         self.scheduler: StepScheduler[GenerationJob] = StepScheduler(
             self.decoder.prefill,
             self.decoder.step,
