@@ -45,6 +45,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.harness import load_arguments, neuroserve, scrape, write_results
+from service.config import Settings
 
 MODEL = "text-generator"
 OUTPUT_LENGTHS = (8, 16, 32, 64, 128)
@@ -192,14 +193,21 @@ def main(argv: list[str] | None = None) -> dict:
     p = load_arguments(__doc__, duration_help="seconds per configuration and concurrency")
     p.set_defaults(data_dir=p.get_default("data_dir") / "translation")
     p.add_argument("--rounds", type=int, default=3, help="the duration is split into this many interleaved rounds")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (unset: the service's default, one core less than the machine's; "
+        "0: onnxruntime's, a spinning thread per core, which halved every configuration's tokens/s on 2 cores)",
+    )
     p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by label)")
     args = p.parse_args(argv)
 
     prompts = prompts_from(args.data_dir, 500)
     repo = Path(tempfile.mkdtemp(prefix="bench-text-generation-"))
     (repo / MODEL).symlink_to((args.repository / MODEL).resolve())
-    ceiling = step_ceiling(args.repository / MODEL / "1", args.threads)
+    threads = args.threads if args.threads is not None else Settings().intra_op_threads_or_default()
+    ceiling = step_ceiling(args.repository / MODEL / "1", threads)
     print("raw onnxruntime decode step:")
     for r in ceiling:
         print(f"  {r['rows']:>3} rows: {r['ms_per_step']:6.2f} ms/step  {r['tokens_per_s']:7.0f} tokens/s")
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ExitStack() as running:
         servers = []
         for label, env in configs:
-            server = neuroserve(repo, label=label, NEUROSERVE_INTRA_OP_THREADS=str(args.threads), **env)
+            server = neuroserve(repo, label=label, **{"NEUROSERVE_INTRA_OP_THREADS": str(threads), **env})
             servers.append(running.enter_context(server))
             drive(server.port, prompts, max(args.concurrency), min(2.0, args.duration))  # warm up
         for c in args.concurrency:
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_over_request_at_top_concurrency": gain,
         "duration_s": args.duration,
         "rounds": args.rounds,
+        "intra_op_threads": threads,
     }
     write_results(args.output, "text-generation", result)
     return result

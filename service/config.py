@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         "(at least 1); 0: onnxruntime's own default (a thread per physical core).",
     )
     inter_op_threads: int = Field(1, ge=0, description="Threads across operators (sequential execution).")
+    intra_op_spinning: bool = Field(
+        True,
+        description="onnxruntime's intra-op threads spin while they wait for work (its default). Off, an idle "
+        "thread sleeps: less CPU taken from the event loop and the decode threads between operators, a little "
+        "more latency to wake it.",
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     model_instances: int = Field(1, ge=1, description="Batches one model may run at the same time.")
 
@@ -155,6 +161,20 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Most rows that take extra steps in one iteration (and at most a quarter of the batch's).",
+    )
+    stream_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Streamed completions: after a chunk, a stream waits this long before it sends the tokens "
+        "that came meanwhile, as one chunk (the first goes at once). 0: a chunk whenever the stream finds new "
+        "tokens.",
+    )
+    decode_admit_every: int | None = Field(
+        None,
+        ge=1,
+        description="Step-level text generation: while a batch decodes, newcomers join at most every this many "
+        "steps, so that one prefill call serves several.",
     )
     decode_fair: bool | None = Field(
         None,

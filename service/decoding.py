@@ -41,6 +41,12 @@ rows, so only large batches, whose steps are slow, do it): a step of a few rows 
 it spends compute on the oldest requests first (first come, first finished) without holding back
 the rest. Every token is still computed once; only the order changes.
 
+A prefill's cost grows little with the prompts it takes (the recurrent model's, on a CPU: 1.6 ms
+for one prompt of 8 tokens, 2.6 ms for four), and at a steady state about one sequence joins per
+step. With ``admit_every=k``, newcomers join a decoding batch at most every k steps (at once when
+nothing decodes), so one prefill serves several: fewer prefill calls for up to k - 1 steps more
+before a newcomer's first token.
+
 ``mode="request"`` keeps the same machinery but admits only into an empty batch: a static batch
 decodes until its last sequence ends, which is request-level batching, kept for benchmarks.
 """
@@ -159,9 +165,10 @@ class StepScheduler(Generic[S]):
         boost_steps: int = 0,
         boost_rows: int = 8,
         fair: bool = True,
+        admit_every: int = 1,
     ) -> None:
-        if max_rows < 1 or max_tokens < 1:
-            raise ValueError("max_rows and max_tokens must be >= 1")
+        if max_rows < 1 or max_tokens < 1 or admit_every < 1:
+            raise ValueError("max_rows, max_tokens and admit_every must be >= 1")
         if mode not in ("step", "request"):
             raise ValueError(f"mode must be 'step' or 'request', not {mode!r}")
         self._prefill, self._step = prefill, step
@@ -169,6 +176,10 @@ class StepScheduler(Generic[S]):
         self.max_queue_size = max_queue_size
         self.mode = mode
         self.fair = fair  # requests share max_rows (see _admit)
+        # Step mode: while a batch decodes, newcomers join at most every this many steps, so that
+        # one prefill call serves several (see _admit).
+        self.admit_every = admit_every
+        self._since_admit = 0  # iterations since newcomers last joined a decoding batch
         self.name = name
         # Extra steps for old sequences (step mode only; 0 turns it off).
         self.boost_after, self.boost_steps, self.boost_rows = boost_after, boost_steps, boost_rows
@@ -475,6 +486,10 @@ class StepScheduler(Generic[S]):
         stops admission (nobody smaller slips past it, so a large one is never starved)."""
         if self.mode == "request" and self._active:
             return []  # a static batch runs to its end
+        if self._active and self._since_admit + 1 < self.admit_every:
+            self._since_admit += 1
+            return []  # newcomers wait for the next admitting step, to share its prefill
+        self._since_admit = 0
         rows = sum(e.seq.rows for e in self._active)
         tokens = sum(e.seq.tokens * e.seq.rows for e in self._active)
         held: dict[object, int] = {}

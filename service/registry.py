@@ -285,6 +285,7 @@ class ModelRegistry:
             intra_op_threads=settings.intra_op_threads_or_default(),
             inter_op_threads=settings.inter_op_threads,
             graph_optimization=settings.graph_optimization,
+            intra_op_spinning=settings.intra_op_spinning,
         )
 
     # -- loading ------------------------------------------------------------------------------

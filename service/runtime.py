@@ -66,6 +66,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = "all"
+    intra_op_spinning: bool = True
 
 
 def select_providers(preferred: Sequence[str]) -> list[str]:
@@ -99,6 +100,8 @@ class OnnxModel:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
         so.log_severity_level = 3
+        if not options.intra_op_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = select_providers(options.providers)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)

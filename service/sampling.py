@@ -47,6 +47,16 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
     @property
+    def bias_only(self) -> bool:
+        """``logit_bias`` and no penalty: applied to every such row at once."""
+        return (
+            self.repetition_penalty == 1.0
+            and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0
+            and bool(self.logit_bias)
+        )
+
+    @property
     def penalised(self) -> bool:
         return (
             self.repetition_penalty != 1.0
@@ -98,14 +108,27 @@ def sample_rows(log_probs: np.ndarray, samplers: list[Sampler], banned: list[int
     token ids never chosen (padding, begin-of-text). Returns int64 [rows].
 
     Vectorised over rows (a Python loop per row per step cost more than the model's step at 64
-    rows): float32 scores, float64 only for the cumulative sums that the draws search."""
+    rows), in one float32 working copy changed in place (3.4 ms a call at 54 rows x 8,000 tokens
+    with a copy per operation, as much as the step; float64 only for the cumulative sums that the
+    draws search)."""
     rows = len(samplers)
-    scores = log_probs.astype(np.float32, copy=True)
+    scores = np.array(log_probs, dtype=np.float32, copy=True)
     if banned:
         scores[:, banned] = -np.inf
+    biased: list[int] = []
     for i, sampler in enumerate(samplers):
-        if sampler.params.penalised:
-            scores[i] = sampler.adjust(scores[i])
+        params = sampler.params
+        if params.penalised:
+            if params.bias_only:
+                biased.append(i)
+            else:
+                scores[i] = sampler.adjust(scores[i])
+    if biased:  # logit_bias alone, every such row at once
+        ids = [samplers[i].bias_ids for i in biased]
+        where = np.repeat(biased, [len(x) for x in ids])
+        scores[where, np.concatenate(ids)] += np.concatenate([samplers[i].bias_values for i in biased]).astype(
+            np.float32
+        )
     chosen = np.empty(rows, dtype=np.int64)
     greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
     if len(greedy) == rows:
@@ -120,18 +143,22 @@ def sample_rows(log_probs: np.ndarray, samplers: list[Sampler], banned: list[int
             groups.setdefault((s.params.temperature, s.params.top_k, s.params.top_p), []).append(i)
     for (temperature, top_k, top_p), members in groups.items():
         draws = np.array([samplers[i].rng.random() for i in members])
-        part = scores if len(members) == rows else scores[members]
-        chosen[members] = _draw(part / np.float32(temperature), top_k, top_p, draws)
+        part = scores if len(members) == rows else scores[members]  # the whole copy, or a copy of rows
+        chosen[members] = _draw(part, temperature, top_k, top_p, draws)
     return chosen
 
 
-def _draw(scores: np.ndarray, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draws (one uniform per row) from softmax(scores) restricted to top-k / top-p."""
+def _draw(scores: np.ndarray, temperature: float, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draws (one uniform per row) from softmax(scores / temperature) restricted to
+    top-k / top-p. ``scores`` is a working copy: it is overwritten."""
     vocab = scores.shape[1]
     if top_k and top_k < vocab:
         kth = np.partition(scores, vocab - top_k, axis=1)[:, vocab - top_k : vocab - top_k + 1]
-        scores = np.where(scores >= kth, scores, -np.inf)
-    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores[scores < kth] = -np.inf
+    weights = scores  # exp((scores - max) / temperature), in place
+    np.subtract(scores, scores.max(axis=1, keepdims=True), out=weights)
+    weights *= np.float32(1.0 / temperature)
+    np.exp(weights, out=weights)
     if top_p < 1.0:
         weights = _nucleus(weights, top_p)
     return _inverse_cdf(weights, draws)
@@ -144,10 +171,13 @@ def _inverse_cdf(weights: np.ndarray, draws: np.ndarray) -> np.ndarray:
     10x the exponentials)."""
     rows, vocab = weights.shape
     blocks = -(-vocab // DRAW_BLOCK)
-    padded = np.zeros((rows, blocks * DRAW_BLOCK), dtype=weights.dtype)
-    padded[:, :vocab] = weights
+    if vocab % DRAW_BLOCK:
+        padded = np.zeros((rows, blocks * DRAW_BLOCK), dtype=weights.dtype)
+        padded[:, :vocab] = weights
+    else:
+        padded = np.ascontiguousarray(weights)
     tiles = padded.reshape(rows, blocks, DRAW_BLOCK)
-    block_sums = np.cumsum(tiles.sum(axis=2, dtype=np.float64), axis=1)
+    block_sums = np.cumsum(tiles.sum(axis=2), axis=1, dtype=np.float64)
     targets = draws * block_sums[:, -1]
     block = np.minimum((block_sums <= targets[:, None]).sum(axis=1), blocks - 1)
     before = np.where(block > 0, block_sums[np.arange(rows), block - 1], 0.0)

@@ -111,6 +111,31 @@ async def test_short_sequence_joins_a_running_batch_and_leaves_before_the_long_o
     await sched.close()
 
 
+async def test_with_admit_every_newcomers_join_a_decoding_batch_together_every_k_steps() -> None:
+    model = FakeModel(delay_s=0.002)
+    sched = model.scheduler(admit_every=4)
+    first = FakeSeq("first", 3)
+    await sched.submit(first)  # nothing was decoding: it joined at once
+    assert model.steps_with("first") == [0, 1, 2]
+    long = FakeSeq("long", 60)
+    long_task = asyncio.ensure_future(sched.submit(long))
+    await wait_until(lambda: len(long.out) >= 2)
+    newcomers = [FakeSeq(f"n{i}", 2) for i in range(6)]
+    tasks = []
+    for seq in newcomers:  # arriving one or two steps apart
+        tasks.append(asyncio.ensure_future(sched.submit(seq)))
+        await asyncio.sleep(0.003)
+    await asyncio.gather(*tasks)
+    joined = sorted({model.steps_with(s.name)[0] for s in newcomers})
+    long_steps = model.steps_with("long")
+    # newcomers joined only at every fourth step of the long one's batch, several to a prefill
+    assert all((long_steps.index(step) - long_steps.index(joined[0])) % 4 == 0 for step in joined)
+    assert len(joined) < len(newcomers)
+    assert any(len(p) > 1 for p in model.prefills)
+    await long_task
+    await sched.close()
+
+
 async def test_request_mode_runs_a_static_batch_to_its_end_before_admitting() -> None:
     model = FakeModel(delay_s=0.002)
     sched = model.scheduler(mode="request")

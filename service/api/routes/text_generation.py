@@ -286,7 +286,9 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
     if body.stream:
         include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
         engine.scheduler.admit(len(prompts) * n)  # refused (429) here, before the stream's 200 begins
-        chunks = _stream(engine, prompts, n, params, max_tokens, stop, echo, head, include_usage)
+        chunks = _stream(
+            engine, prompts, n, params, max_tokens, stop, echo, head, include_usage, settings.stream_interval_ms / 1000
+        )
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
         )
@@ -499,13 +501,15 @@ async def _stream(
     echo: bool,
     head: dict,
     include_usage: bool,
+    interval_s: float = 0.0,
 ) -> AsyncIterator[bytes]:
     """OpenAI's stream: a chunk per new piece of text of a choice (held back while it may be the
     start of a stop sequence or an unfinished character), a last chunk per choice with its
     ``finish_reason``, the usage chunk if asked, then ``[DONE]``; the same text and log-probabilities
     as without streaming. With ``echo`` a choice's first chunk carries its prompt (after the prompt's
     prefill, which scores it). A client that leaves cancels the decoding: its rows leave the batch
-    at the next step."""
+    at the next step. ``interval_s``: after a chunk, the stream waits this long before it looks
+    again (the first chunk goes at once), so that it sends what came meanwhile as one chunk."""
     loop = asyncio.get_running_loop()
     # The decode thread marks choices that moved on and wakes this stream once until it has looked:
     # under load several tokens go out in one chunk, rather than a hand-over to the event loop per
@@ -605,17 +609,20 @@ async def _stream(
         return chunk([{"index": index, "text": prefix + delta, "logprobs": logprobs, "finish_reason": reason}])
 
     work = asyncio.ensure_future(engine.generate_all(jobs, admitted=True))
+    # One event wakes the stream for new tokens and for the end of the work: a task and an
+    # asyncio.wait per wake cost the event loop more than the chunk it sent.
+    work.add_done_callback(lambda _: wake.set())
     try:
-        while True:
-            waiter = asyncio.ensure_future(wake.wait())
-            await asyncio.wait((waiter, work), return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                break
+        while not work.done():
+            await wake.wait()
             wake.clear()
+            sent_any = False
             for event in moved():
                 if (data := emit(*event)) is not None:
+                    sent_any = True
                     yield data
+            if sent_any and interval_s > 0 and not work.done():
+                await asyncio.sleep(interval_s)
         try:
             work.result()
         except ServiceError as exc:
