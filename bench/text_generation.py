@@ -200,6 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="onnxruntime intra-op threads (unset: the service's default, one core less than the machine's; "
         "0: onnxruntime's, a spinning thread per core, which halved every configuration's tokens/s on 2 cores)",
     )
+    p.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="onnxruntime's idle intra-op threads sleep (NEUROSERVE_INTRA_OP_SPINNING=false)",
+    )
     p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by label)")
     args = p.parse_args(argv)
 
@@ -216,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     with ExitStack() as running:
         servers = []
         for label, env in configs:
-            server = neuroserve(repo, label=label, **{"NEUROSERVE_INTRA_OP_THREADS": str(threads), **env})
+            runtime = {"NEUROSERVE_INTRA_OP_THREADS": str(threads)}
+            if args.no_spinning:
+                runtime["NEUROSERVE_INTRA_OP_SPINNING"] = "false"
+            server = neuroserve(repo, label=label, **{**runtime, **env})
             servers.append(running.enter_context(server))
             drive(server.port, prompts, max(args.concurrency), min(2.0, args.duration))  # warm up
         for c in args.concurrency:
@@ -258,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "intra_op_threads": threads,
+        "intra_op_spinning": not args.no_spinning,
     }
     write_results(args.output, "text-generation", result)
     return result
