@@ -54,6 +54,29 @@ class Settings(BaseSettings):
         2048, ge=1, description="Open connections; beyond, a new one gets 503 and is closed at once."
     )
 
+    # Model control (Triton's modes): none, the repository as found at start; explicit, also
+    # POST /v2/repository/models/{name}/load and /unload; poll, the repository watched for changes.
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="none: the models found at start; explicit: also load/unload requests "
+        "(/v2/repository/models/{name}/load, /unload; the admin scope where keys are configured); poll: the "
+        "repository is watched, new or changed model folders (re)load and removed ones unload.",
+    )
+    model_poll_interval_s: float = Field(
+        5.0, gt=0, description="poll: how often the repository is read; a change loads once it held for an interval."
+    )
+
+    # Tracing (service/tracing.py).
+    otel_exporter: Literal["none", "otlp", "console", "provider"] = Field(
+        "none",
+        description="Where OpenTelemetry spans go: none (off), otlp (OTLP over HTTP; the tracing extra), console, "
+        "or provider (the tracer provider the process already has).",
+    )
+    otel_endpoint: str | None = Field(
+        None, description="otlp: the collector's traces URL (else the standard OTEL_EXPORTER_OTLP_* variables)."
+    )
+    otel_service_name: str = Field("neuroserve", description="The service.name of the spans.")
+
     # onnxruntime.
     providers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROVIDERS),

@@ -74,6 +74,14 @@ class Forbidden(ServiceError):
     summary = "The API key does not have the scope this route needs"
 
 
+class ModelControlDisabled(Forbidden):
+    error_type = "model_control_disabled"  # load/unload need NEUROSERVE_MODEL_CONTROL=explicit
+
+
+class ModelLoadFailed(InvalidInput):
+    error_type = "model_load_failed"  # the versions that served before still serve
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     error_type = "model_not_found"

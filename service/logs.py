@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import orjson
 
+from service import tracing
+
 # The request a log line belongs to (set by the request guard, carried into worker threads).
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 ACCESS = logging.getLogger("neuroserve.access")
@@ -42,6 +44,10 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get()
+        if not hasattr(record, "trace_id"):
+            trace_id = tracing.current_trace_id()  # None unless tracing is on and a trace is current
+            if trace_id is not None:
+                record.trace_id = trace_id
         return True
 
 

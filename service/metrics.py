@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service import tracing
 from service.errors import ServiceError
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -163,6 +164,7 @@ class ModelObserver:
     """The batcher's hooks, bound to one model's label values once (labels() is not free)."""
 
     def __init__(self, metrics: Metrics, model: str) -> None:
+        self.model = model
         self._depth = metrics.queue_depth.labels(model)
         self._batch = metrics.batch_size.labels(model)
         self._compute = metrics.compute_time.labels(model)
@@ -191,6 +193,10 @@ class ModelObserver:
         """A step-level decoder step: its rows are the model's batch, like a batcher's batch."""
         self.on_batch(rows, seconds)
         self._active.set(sequences)
+        if tracing.enabled():  # a trace of its own: one step serves many requests
+            end = tracing.now_ns()
+            attributes = {"neuroserve.model": self.model, "neuroserve.rows": rows, "neuroserve.sequences": sequences}
+            tracing.record("decode step", end - int(seconds * 1e9), end, attributes, root=True)
 
     def on_active(self, sequences: int) -> None:
         """Sequences still decoding after a step (0 once the batch empties)."""

@@ -16,25 +16,39 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from service import tracing
 from service.batching import BatchResult, DynamicBatcher
 from service.config import Settings
 from service.errors import (
     InferenceFailed,
     InvalidTensor,
     ModelLoadError,
+    ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
     NoDefaultModel,
     Overloaded,
+    ServiceError,
     describe_validation,
 )
 from service.metrics import Metrics, ModelObserver
-from service.repository import V2_ONLY, ModelEntry, ModelSpec, VersionEntry, check_graph, scan
+from service.repository import (
+    V2_ONLY,
+    ModelEntry,
+    ModelSpec,
+    VersionEntry,
+    check_graph,
+    fingerprint,
+    model_dirs,
+    scan,
+    scan_model,
+)
 from service.runtime import OnnxModel, RuntimeOptions
 from service.tasks import TASKS, CannotFeed, Engine, Parameters, Task, check_labels
 
@@ -52,6 +66,7 @@ class ModelState(enum.StrEnum):
     LOADING = "LOADING"
     READY = "READY"
     FAILED = "FAILED"
+    UNAVAILABLE = "UNAVAILABLE"  # unloaded by model control (Triton's name)
 
 
 @dataclass(frozen=True)
@@ -232,8 +247,15 @@ class ServedModel:
     async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
         self.runtime.check_shared_axes(feeds)
+        submitted = tracing.now_ns()
         with self.observer.track():
             result = await self._submit(feeds)
+        if tracing.enabled():
+            ran = submitted + int(result.queue_s * 1e9)
+            where = {"neuroserve.model": self.name, "neuroserve.version": self.version}
+            tracing.record("queue", submitted, ran, where)
+            batch = {**where, "neuroserve.batch_size": result.batch_size}
+            tracing.record("batch", ran, ran + int(result.compute_s * 1e9), batch)
         if self.batched:
             outputs = {name: np.stack([row[i] for row in result.outputs]) for i, name in enumerate(self.output_names)}
         else:
@@ -263,6 +285,8 @@ class ModelStatus:
     parameters: Parameters | None = None  # parsed by its task
     scope: str | None = None  # its task's default scope (a sentiment model's language)
     default: bool = False
+    # One load or unload of this model at a time (model control); requests never wait on it.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     def fail(self, reason: str) -> None:
         self.state, self.reason = ModelState.FAILED, reason
@@ -280,6 +304,7 @@ class ModelRegistry:
         self.models: dict[str, ModelStatus] = {}
         self.error: str | None = None  # the repository itself could not be read
         self.loading_done = asyncio.Event()
+        self._retiring: set[asyncio.Task] = set()  # versions replaced or unloaded, draining
         self.options = RuntimeOptions(
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads_or_default(),
@@ -392,9 +417,25 @@ class ModelRegistry:
         entry = status.entry
         assert entry is not None and entry.spec is not None
         try:
+            status.versions = await self._open_versions(entry, status.parameters, status.default)
+            status.state = ModelState.READY
+        except ModelLoadError as exc:
+            self._fail(status, exc.message)
+        except Exception as exc:  # a model must never take the server down with it
+            log.exception("model %s failed to load", entry.name)
+            self._fail(status, f"{type(exc).__name__}: {exc}")
+
+    async def _open_versions(
+        self, entry: ModelEntry, parameters: Parameters | None, default: bool
+    ) -> dict[int, ServedModel]:
+        """Every version of ``entry`` loaded, warmed and started, or (if one fails) none: what was
+        started is closed and the error raised."""
+        assert entry.spec is not None
+        versions: dict[int, ServedModel] = {}
+        try:
             for version in entry.versions:
                 started = time.perf_counter()
-                runtime, assets = await asyncio.to_thread(self._open, entry.spec, status.parameters, version)
+                runtime, assets = await asyncio.to_thread(self._open, entry.spec, parameters, version)
                 observer = self.metrics.observer(entry.name)
                 served = ServedModel(
                     entry.spec,
@@ -404,8 +445,8 @@ class ModelRegistry:
                     observer,
                     assets,
                     task=TASKS.get(entry.spec.task),
-                    parameters=status.parameters,
-                    default=status.default,
+                    parameters=parameters,
+                    default=default,
                 )
                 if self.settings.warmup:
                     await asyncio.to_thread(served.warmup)
@@ -414,8 +455,7 @@ class ModelRegistry:
                     served.engine = served.task.make_engine(served, self.settings)
                 if served.engine is not None:
                     served.engine.start()
-                status.versions[version.version] = served
-                self.metrics.model_ready.labels(entry.name, str(version.version)).set(1)
+                versions[version.version] = served
                 log.info(
                     "model %s version %d ready on %s in %.2f s (max batch %d)",
                     entry.name,
@@ -424,14 +464,149 @@ class ModelRegistry:
                     time.perf_counter() - started,
                     served.max_batch_size,
                 )
-            status.state = ModelState.READY
-        except ModelLoadError as exc:
-            self._fail(status, exc.message)
-        except Exception as exc:  # a model must never take the server down with it
-            log.exception("model %s failed to load", entry.name)
-            self._fail(status, f"{type(exc).__name__}: {exc}")
-        if status.state is ModelState.FAILED:
-            await self._close_versions(status)
+        except BaseException:
+            await asyncio.gather(*(served.close(drain=False) for served in versions.values()))
+            raise
+        for number in versions:
+            self.metrics.model_ready.labels(entry.name, str(number)).set(1)
+        return versions
+
+    # -- model control (load, unload, poll) ----------------------------------------------------------
+
+    async def load_model(self, name: str, override: dict[str, Any] | None = None) -> ModelStatus:
+        """(Re)load model ``name`` from its folder, ``override`` replacing fields of its model.json.
+        The new versions load and warm beside those that serve, then requests switch to them at
+        once; requests already given the old versions (running or queued) finish on them, which
+        then close. If loading fails, what served goes on serving and ModelLoadFailed says why
+        (the reason also shows in the index)."""
+        if name not in {d.name for d in model_dirs(self.settings.repository)}:
+            raise ModelNotFound(f"no model folder {name!r} in the repository")
+        status = self.models.get(name)
+        if status is None:
+            status = self.models[name] = ModelStatus(name, None, ModelState.LOADING)
+        async with status.lock:
+            entry = await asyncio.to_thread(scan_model, self.settings.repository / name, override)
+            candidate = ModelStatus(name, entry.spec.task if entry.spec else None, ModelState.LOADING, entry=entry)
+            if entry.error is not None:
+                self._fail(candidate, entry.error.message)
+            else:
+                self._check_task(candidate)
+            if candidate.state is not ModelState.FAILED:
+                self._claim_default(candidate)
+            versions: dict[int, ServedModel] = {}
+            if candidate.state is not ModelState.FAILED:
+                assert entry.spec is not None
+                try:
+                    versions = await self._open_versions(entry, candidate.parameters, candidate.default)
+                except ModelLoadError as exc:
+                    self._fail(candidate, exc.message)
+                except Exception as exc:
+                    log.exception("model %s failed to load", name)
+                    self._fail(candidate, f"{type(exc).__name__}: {exc}")
+            if candidate.state is ModelState.FAILED:
+                reason = candidate.reason or "cannot be loaded"
+                if status.versions:  # the versions that serve go on serving
+                    status.reason = f"a new load failed, the loaded versions serve: {reason}"
+                    log.error("model %s: load failed, versions %s still serve", name, sorted(status.versions))
+                else:
+                    status.task, status.entry = candidate.task, entry
+                    self._fail(status, reason)
+                raise ModelLoadFailed(f"model {name!r} failed to load: {reason}")
+            old = status.versions
+            # The switch: one set of assignments on the event loop, between two requests.
+            status.entry, status.task, status.parameters = entry, candidate.task, candidate.parameters
+            status.scope, status.default = candidate.scope, candidate.default
+            status.versions, status.state, status.reason = versions, ModelState.READY, None
+            self._retire(name, old, keep=set(versions))
+            log.info("model %s serves versions %s", name, sorted(versions))
+            return status
+
+    async def unload_model(self, name: str, *, reason: str = "unloaded") -> ModelStatus:
+        """Stop serving model ``name``: new requests get 503 at once; those already given a
+        version finish on it, then it closes."""
+        status = self.status(name)
+        async with status.lock:
+            old = status.versions
+            status.versions, status.state, status.reason = {}, ModelState.UNAVAILABLE, reason
+            self._retire(name, old, keep=set())
+            log.info("model %s unloaded (%s)", name, reason)
+            return status
+
+    def _retire(self, name: str, versions: dict[int, ServedModel], *, keep: set[int]) -> None:
+        """Drain and close ``versions`` in the background (their queued requests are answered)."""
+        for number, served in versions.items():
+            if number not in keep:
+                self.metrics.model_ready.labels(name, str(number)).set(0)
+            task = asyncio.create_task(served.close(drain=True), name=f"retire-{name}-{number}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _claim_default(self, candidate: ModelStatus) -> None:
+        """A (re)loaded model is its task's default if its model.json or NEUROSERVE_DEFAULT_MODELS
+        says so, unless another model already is (then it fails: which model answers must not
+        change under clients by a load)."""
+        spec = candidate.entry.spec if candidate.entry is not None else None
+        if spec is None or candidate.task in (None, V2_ONLY):
+            return
+        named = set(self.settings.default_models)
+        group = (candidate.task, candidate.scope)
+        by_setting = candidate.name in named or any(
+            s.name in named and (s.task, s.scope) == group for s in self.models.values()
+        )
+        wants = candidate.name in named if by_setting else bool(spec.default)
+        if not wants:
+            return
+        holders = [
+            s.name
+            for s in self.models.values()
+            if s.name != candidate.name
+            and s.default
+            and (s.task, s.scope) == (candidate.task, candidate.scope)
+            and s.state in (ModelState.READY, ModelState.LOADING)
+        ]
+        if holders:
+            where = f" ({candidate.scope})" if candidate.scope else ""
+            self._fail(candidate, f"model {holders[0]} is already the default for task {candidate.task}{where}")
+        else:
+            candidate.default = True
+
+    async def poll_repository(self, interval_s: float) -> None:
+        """Watch the repository (model control ``poll``): a model folder that appears or changes
+        is (re)loaded, one that disappears is unloaded. A change is acted on once it has stayed
+        the same for one whole interval (a copy in progress is not loaded half-written)."""
+        await self.loading_done.wait()
+        root = self.settings.repository
+        seen = await asyncio.to_thread(self._fingerprints, root)
+        pending: dict[str, tuple | None] = {}
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                now = await asyncio.to_thread(self._fingerprints, root)
+            except OSError as exc:
+                log.error("model repository cannot be read: %s", exc)
+                continue
+            for name in sorted(set(now) | set(seen)):
+                current = now.get(name)
+                if current == seen.get(name):
+                    pending.pop(name, None)
+                    continue
+                if name not in pending or pending[name] != current:
+                    pending[name] = current  # changed: wait one interval for it to settle
+                    continue
+                del pending[name]
+                seen[name] = current
+                try:
+                    if current is None:
+                        if name in self.models:
+                            await self.unload_model(name, reason="removed from the repository")
+                    else:
+                        await self.load_model(name)
+                except ServiceError as exc:
+                    log.error("polling: model %s: %s", name, exc.message)
+
+    @staticmethod
+    def _fingerprints(root: Path) -> dict[str, tuple | None]:
+        return {d.name: fingerprint(d) for d in model_dirs(root)}
 
     def _open(self, spec: ModelSpec, parameters: Parameters | None, version: VersionEntry) -> tuple[OnnxModel, Any]:
         task = TASKS.get(spec.task)
@@ -444,16 +619,11 @@ class ModelRegistry:
             return runtime, None
         return runtime, task.load_assets(spec, parameters, version.path, options, self.settings)
 
-    async def _close_versions(self, status: ModelStatus) -> None:
-        for served in status.versions.values():
-            await served.close(drain=False)
-            self.metrics.model_ready.labels(status.name, str(served.version)).set(0)
-        status.versions.clear()
-
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher; with ``drain`` the queued requests are answered first."""
         await asyncio.gather(
-            *(s.close(drain=drain) for status in self.models.values() for s in status.versions.values())
+            *(s.close(drain=drain) for status in self.models.values() for s in status.versions.values()),
+            *self._retiring,
         )
 
     # -- readiness and lookup ----------------------------------------------------------------------
@@ -462,7 +632,8 @@ class ModelRegistry:
     def ready(self) -> bool:
         if not self.loading_done.is_set():
             return False
-        states = [s.state for s in self.models.values()]
+        # A model an operator unloaded is not a failure of this replica.
+        states = [s.state for s in self.models.values() if s.state is not ModelState.UNAVAILABLE]
         if self.settings.require_all_models and any(s is not ModelState.READY for s in states):
             return False
         return ModelState.READY in states

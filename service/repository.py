@@ -146,9 +146,15 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(path, f"cannot be read: {exc}") from None
 
 
-def load_spec(model_dir: Path) -> ModelSpec:
+def load_spec(model_dir: Path, override: dict[str, Any] | None = None) -> ModelSpec:
+    """``model_dir/model.json``; ``override``: fields that replace the file's (a load request's
+    configuration, Triton's ``config`` parameter)."""
     path = model_dir / "model.json"
     raw = _read_json(path)
+    if override:
+        if not isinstance(raw, dict):
+            raise ModelLoadError(path, "must hold a JSON object")
+        raw = {**raw, **override}
     try:
         spec = ModelSpec.model_validate(raw)
     except ValidationError as exc:
@@ -197,16 +203,43 @@ def scan(root: Path) -> list[ModelEntry]:
     """Every model folder under ``root``; a broken one carries its error instead of a spec."""
     if not root.is_dir():
         raise ModelLoadError(root, "model repository folder does not exist")
-    entries = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        entry = ModelEntry(model_dir.name, model_dir)
-        try:
-            entry.spec = load_spec(model_dir)
-            entry.versions = _scan_versions(model_dir, entry.spec)
-        except ModelLoadError as exc:
-            entry.error = exc
-        entries.append(entry)
-    return entries
+    return [scan_model(model_dir) for model_dir in model_dirs(root)]
+
+
+def model_dirs(root: Path) -> list[Path]:
+    """The model folders of a repository, by name (hidden ones skipped)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_model(model_dir: Path, override: dict[str, Any] | None = None) -> ModelEntry:
+    """One model folder; a broken one carries its error instead of a spec."""
+    entry = ModelEntry(model_dir.name, model_dir)
+    try:
+        entry.spec = load_spec(model_dir, override)
+        entry.versions = _scan_versions(model_dir, entry.spec)
+    except ModelLoadError as exc:
+        entry.error = exc
+    return entry
+
+
+def fingerprint(model_dir: Path) -> tuple | None:
+    """What a model folder holds, as far as polling can tell: model.json and every file of its
+    numbered version folders, with sizes and modification times (None: the folder is gone)."""
+    try:
+        files = [model_dir / "model.json"]
+        for child in model_dir.iterdir():
+            if child.is_dir() and child.name.isdigit():
+                files.extend(sorted(f for f in child.iterdir() if f.is_file()))
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            out.append((str(f.relative_to(model_dir)), st.st_size, st.st_mtime_ns))
+        return tuple(sorted(out))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _check_tensors(kind: str, declared: list[TensorSpec], actual: list[TensorInfo], path: Path) -> None:

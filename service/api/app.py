@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
-from service import __version__
+from service import __version__, tracing
 from service.api.auth import KeyStore, load_keys
 from service.api.handlers import install_handlers
 from service.api.middleware import EarlyRefusals, RequestGuard
@@ -100,6 +100,7 @@ def _state_limits(app: FastAPI, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    tracing.configure(settings.otel_exporter, endpoint=settings.otel_endpoint, service_name=settings.otel_service_name)
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
 
@@ -109,9 +110,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Load in the background so that liveness answers at once and readiness reports progress.
         loader = asyncio.create_task(registry.load_all(), name="load-models")
         loader.add_done_callback(lambda _: settle_heap())
+        poller = None
+        if settings.model_control == "poll":
+            poller = asyncio.create_task(registry.poll_repository(settings.model_poll_interval_s), name="poll-models")
         try:
             yield
         finally:
+            if poller is not None:
+                poller.cancel()
+                await asyncio.gather(poller, return_exceptions=True)
             # Shutdown: the server has stopped taking requests; answer everything already queued.
             if not loader.done():
                 loader.cancel()

@@ -3,7 +3,8 @@
 A keys file (``NEUROSERVE_API_KEYS_FILE``) is a JSON list of ``{"name", "sha256", "scopes",
 "requests_per_minute"}``: only each key's SHA-256 is stored, a presented key is hashed and compared
 with every stored hash in constant time, and no key is ever logged. Scopes: ``infer`` (inference
-and model metadata), ``metrics`` (``/metrics``), ``admin`` (the repository index and model list).
+and model metadata), ``metrics`` (``/metrics``), ``admin`` (the repository index, the model list, loading
+and unloading models).
 Health, the docs and the playground stay open. ``neuroserve keys add NAME --scope infer`` makes a
 key, prints it once and appends its hash.
 
@@ -150,8 +151,8 @@ def scope_of(method: str, path: str) -> Scope | None:
         return None
     if path == "/metrics" or (path.startswith("/v2/models") and path.endswith("/stats")):
         return "metrics"  # operators' figures (Triton's statistics extension too)
-    if path in ("/v2/models", "/v2/repository/index"):
-        return "admin"
+    if path == "/v2/models" or path.startswith("/v2/repository/"):
+        return "admin"  # the index, and loading and unloading models
     return "infer"
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.api.auth import KeyStore, presented_key, scope_of
 from service.api.handlers import error_body, error_response
 from service.errors import PayloadTooLarge, ServiceError
@@ -174,10 +175,18 @@ class RequestGuard:
             await send(message)
 
         app = (self.fast(scope) if self.fast is not None else None) or self.app
-        try:
-            await app(scope, limited_receive, tracking_send)
-        finally:
-            self._record(scope, status, started, request_id)
+        if not tracing.enabled():
+            try:
+                await app(scope, limited_receive, tracking_send)
+            finally:
+                self._record(scope, status, started, request_id)
+            return
+        with tracing.server_span(scope["method"], scope["path"], scope["headers"], request_id) as span:
+            try:
+                await app(scope, limited_receive, tracking_send)
+            finally:
+                tracing.finish_server_span(span, status, getattr(scope.get("route"), "path", None))
+                self._record(scope, status, started, request_id)
 
     def _record(self, scope: Scope, status: int, started: float, request_id: str = "-") -> None:
         elapsed = time.perf_counter() - started
@@ -206,6 +215,7 @@ class RequestGuard:
                     "duration_ms": round(elapsed * 1000, 3),
                     "route": template,
                     "client": (scope.get("client") or ("-",))[0],
+                    **({"trace_id": trace_id} if (trace_id := tracing.current_trace_id()) else {}),
                 },
             )
 

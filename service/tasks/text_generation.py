@@ -34,6 +34,7 @@ from service.runtime import OnnxModel, RuntimeOptions
 from service.sampling import Sampler, SamplingParams, sample_rows, top_alternatives
 from service.tasks.assets import find_asset, load_tokenizer
 from service.tasks.base import Parameters, Task, require
+from service.tracing import decode_span
 
 STEP_TENSORS = (["token", "h", "c"], ["log_probs", "h_next", "c_next"])
 PREFILL_TENSORS = (["ids", "lengths", "positions"], ["log_probs", "h", "c"])
@@ -474,10 +475,12 @@ class TextGenerationEngine:
             return DecodeStats(0.0, 0.0, 0, 0)
         submit = self.scheduler.submit(job, timeout_s=self.timeout_s, group=group, admitted=True)
         if self.observer is None:
-            return await submit
-        with self.observer.track():
             stats = await submit
-        self.observer.on_tokens(job.sampled)
+        else:
+            with self.observer.track():
+                stats = await submit
+            self.observer.on_tokens(job.sampled)
+        decode_span(self.scheduler.name, stats, tokens=job.sampled)
         return stats
 
     def text_of(self, job: GenerationJob) -> str:

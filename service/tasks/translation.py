@@ -42,6 +42,7 @@ from service.runtime import OnnxModel, RuntimeOptions, TensorInfo
 from service.search import Search, new_search
 from service.tasks.assets import encode_each, find_asset, load_tokenizer
 from service.tasks.base import Parameters, Task, require
+from service.tracing import decode_span
 
 # Rows per decoder call in a cached step: big enough to use the matrix units well on a CPU, small
 # enough that a group's padding to its longest cache stays close to its members' own lengths.
@@ -517,10 +518,12 @@ class TranslationEngine:
         job = self.new_job(source, beam_size=beam_size, max_new_tokens=max_new_tokens, on_token=on_token)
         submit = self.scheduler.submit(job, timeout_s=self.timeout_s, group=group, admitted=group is not None)
         if self.observer is None:
-            return job, await submit
-        with self.observer.track():
             stats = await submit
-        self.observer.on_tokens(len(job.result()))
+        else:
+            with self.observer.track():
+                stats = await submit
+            self.observer.on_tokens(len(job.result()))
+        decode_span(self.scheduler.name, stats, tokens=len(job.result()))
         return job, stats
 
     async def translate_all(

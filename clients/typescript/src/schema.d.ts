@@ -55,6 +55,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v2/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Every model in the repository with its state */
+        get: operations["models_index_v2_models_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v2/repository/index": {
         parameters: {
             query?: never;
@@ -72,17 +89,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/v2/models": {
+    "/v2/repository/models/{model}/load": {
         parameters: {
             query?: never;
             header?: never;
             path?: never;
             cookie?: never;
         };
-        /** Every model in the repository with its state */
-        get: operations["repository_index_v2_models_get"];
+        get?: never;
         put?: never;
-        post?: never;
+        /**
+         * Load or reload a model (Triton's model repository extension)
+         * @description The model's folder is read again; its versions load and warm beside those that serve, then requests switch to them at once; requests already running or queued finish on the old ones. If loading fails, the versions that served go on serving (400 with the reason). Needs NEUROSERVE_MODEL_CONTROL=explicit.
+         */
+        post: operations["load_model_v2_repository_models__model__load_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v2/repository/models/{model}/unload": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Unload a model (Triton's model repository extension)
+         * @description New requests for it get 503 at once; requests already running or queued finish. Needs NEUROSERVE_MODEL_CONTROL=explicit.
+         */
+        post: operations["unload_model_v2_repository_models__model__unload_post"];
         delete?: never;
         options?: never;
         head?: never;
@@ -576,7 +616,7 @@ export interface components {
              * @description Stable machine-readable kind (one class in service/errors.py).
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** GeneratedImage */
         GeneratedImage: {
@@ -614,6 +654,11 @@ export interface components {
             /** Generated Tokens */
             generated_tokens: number;
         };
+        /** HTTPValidationError */
+        HTTPValidationError: {
+            /** Detail */
+            detail?: components["schemas"]["ValidationError"][];
+        };
         /** ImageClassificationResponse */
         ImageClassificationResponse: {
             /** Model */
@@ -649,6 +694,15 @@ export interface components {
             /** Images */
             images: components["schemas"]["GeneratedImage"][];
         };
+        /** IndexRequest */
+        IndexRequest: {
+            /**
+             * Ready
+             * @description Only the models that are ready to serve
+             * @default false
+             */
+            ready: boolean;
+        };
         /** IndexRow */
         IndexRow: {
             /** Name */
@@ -667,7 +721,7 @@ export interface components {
              * State
              * @enum {string}
              */
-            state: "LOADING" | "READY" | "FAILED";
+            state: "LOADING" | "READY" | "FAILED" | "UNAVAILABLE";
             /** Version */
             version?: string | null;
             /**
@@ -710,6 +764,18 @@ export interface components {
             /** Live */
             live: boolean;
         };
+        /** LoadParameters */
+        LoadParameters: {
+            /**
+             * Config
+             * @description model.json fields (a JSON object as a string: Triton's form) replacing the file's for this load
+             */
+            config?: string | null;
+        };
+        /** LoadRequest */
+        LoadRequest: {
+            parameters?: components["schemas"]["LoadParameters"] | null;
+        };
         /** ModelCard */
         ModelCard: {
             /** Id */
@@ -727,6 +793,23 @@ export interface components {
              * @default neuroserve
              */
             owned_by: string;
+        };
+        /** ModelControlAnswer */
+        ModelControlAnswer: {
+            /** Name */
+            name: string;
+            /**
+             * State
+             * @enum {string}
+             */
+            state: "LOADING" | "READY" | "FAILED" | "UNAVAILABLE";
+            /**
+             * Versions
+             * @description The versions that serve now
+             */
+            versions: string[];
+            /** Reason */
+            reason?: string | null;
         };
         /** ModelList */
         ModelList: {
@@ -747,7 +830,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
             /** Name */
             name: string;
             /** Ready */
@@ -850,7 +933,7 @@ export interface components {
              * @description Every model's state, by name.
              */
             models: {
-                [key: string]: "LOADING" | "READY" | "FAILED";
+                [key: string]: "LOADING" | "READY" | "FAILED" | "UNAVAILABLE";
             };
             /**
              * Failed
@@ -868,7 +951,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** ObjectDetectionResponse */
         ObjectDetectionResponse: {
@@ -979,7 +1062,7 @@ export interface components {
              * @description Every model's state, by name.
              */
             models: {
-                [key: string]: "LOADING" | "READY" | "FAILED";
+                [key: string]: "LOADING" | "READY" | "FAILED" | "UNAVAILABLE";
             };
             /**
              * Failed
@@ -1146,6 +1229,19 @@ export interface components {
             /** Total Tokens */
             total_tokens: number;
         };
+        /** ValidationError */
+        ValidationError: {
+            /** Location */
+            loc: (string | number)[];
+            /** Message */
+            msg: string;
+            /** Error Type */
+            type: string;
+            /** Input */
+            input?: unknown;
+            /** Context */
+            ctx?: Record<string, never>;
+        };
     };
     responses: never;
     parameters: never;
@@ -1224,7 +1320,7 @@ export interface operations {
             };
         };
     };
-    repository_index_v2_repository_index_post: {
+    models_index_v2_models_get: {
         parameters: {
             query?: never;
             header?: never;
@@ -1244,11 +1340,198 @@ export interface operations {
             };
         };
     };
-    repository_index_v2_models_get: {
+    repository_index_v2_repository_index_post: {
         parameters: {
             query?: never;
             header?: never;
             path?: never;
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["IndexRequest"] | null;
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IndexRow"][];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    load_model_v2_repository_models__model__load_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["LoadRequest"] | null;
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelControlAnswer"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    unload_model_v2_repository_models__model__unload_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
             cookie?: never;
         };
         requestBody?: never;
@@ -1259,7 +1542,133 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["IndexRow"][];
+                    "application/json": components["schemas"]["ModelControlAnswer"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
         };
@@ -1285,7 +1694,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1303,7 +1712,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1435,7 +1844,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1453,7 +1862,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1584,7 +1993,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1602,7 +2011,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1733,7 +2142,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1751,7 +2160,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1883,7 +2292,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1901,7 +2310,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2032,7 +2441,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2050,7 +2459,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2182,7 +2591,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2200,7 +2609,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -3149,7 +3558,7 @@ export interface operations {
                     "application/json": components["schemas"]["InferResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3167,7 +3576,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4117,7 +4526,7 @@ export interface operations {
                     "application/json": components["schemas"]["InferResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4135,7 +4544,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4298,7 +4707,7 @@ export interface operations {
                     "application/json": components["schemas"]["ImageClassificationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4316,7 +4725,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4527,7 +4936,7 @@ export interface operations {
                     "image/jpeg": unknown;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4545,7 +4954,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4694,7 +5103,7 @@ export interface operations {
                     "application/json": components["schemas"]["SentimentResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4712,7 +5121,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4857,7 +5266,7 @@ export interface operations {
                     "application/json": components["schemas"]["RatingResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4875,7 +5284,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5024,7 +5433,7 @@ export interface operations {
                     "application/json": components["schemas"]["RecommendationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5042,7 +5451,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5202,7 +5611,7 @@ export interface operations {
                     "application/json": components["schemas"]["TranslationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5220,7 +5629,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5395,7 +5804,7 @@ export interface operations {
                     "image/png": unknown;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5413,7 +5822,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5541,7 +5950,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelList"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5559,7 +5968,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5689,7 +6098,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelCard"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5707,7 +6116,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5954,7 +6363,7 @@ export interface operations {
                     "text/event-stream": string;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5972,7 +6381,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6155,7 +6564,7 @@ export interface operations {
                     "application/json": components["schemas"]["TextGenerationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -6173,7 +6582,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;

@@ -15,9 +15,9 @@ from service.responses import ModelResponse
 
 router = APIRouter(tags=["health"])
 
-ModelStateName = Literal["LOADING", "READY", "FAILED"]
-# What is implemented of the protocol's extensions: Triton's binary tensor data and statistics. Not
-# "model_repository": its index is served, but load and unload are not.
+ModelStateName = Literal["LOADING", "READY", "FAILED", "UNAVAILABLE"]
+# What is implemented of the protocol's extensions: Triton's binary tensor data and statistics, and
+# its model repository (index, load, unload) where model control is on.
 EXTENSIONS = ["binary_tensor_data", "statistics"]
 
 
@@ -70,5 +70,6 @@ async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
 
 
 @router.get("/v2", summary="Server metadata", response_model=ServerMetadata)
-async def server_metadata() -> ModelResponse:
-    return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=EXTENSIONS))
+async def server_metadata(settings: SettingsDep) -> ModelResponse:
+    extensions = [*EXTENSIONS, "model_repository"] if settings.model_control != "none" else EXTENSIONS
+    return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=extensions))

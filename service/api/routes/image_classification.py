@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_each, decode_inline, read_images, request_doc
@@ -119,10 +120,11 @@ async def classify(request: Request, registry: RegistryDep, settings: SettingsDe
     parameters: task.ImageClassificationParameters = served.parameters  # type: ignore[assignment]
     spec_input, spec_output = served.spec.inputs[0], served.spec.outputs[0]
     prepare = functools.partial(_prepare, request, blobs, spec_input.shape, parameters)
-    if decode_inline(blobs, settings):
-        batch = prepare(inline=True)
-    else:
-        batch = await run_in_threadpool(prepare)
+    with tracing.stage("preprocess", images=len(blobs)):
+        if decode_inline(blobs, settings):
+            batch = prepare(inline=True)
+        else:
+            batch = await run_in_threadpool(prepare)
     companion = _companion(registry, parameters)
     if companion is None:
         result = await unless_disconnected(request, served.infer_rows({spec_input.name: batch}))

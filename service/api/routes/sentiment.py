@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
+from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, parse_body
@@ -97,11 +98,13 @@ async def classify_sentiment(request: Request, registry: RegistryDep, settings: 
 async def _classify(
     request: Request, served: ServedModel, texts: list[str]
 ) -> tuple[list[SentimentPrediction], Inference]:
-    encoded = await run_in_threadpool(task.encode, served.assets, texts)
+    with tracing.stage("preprocess", texts=len(texts)):
+        encoded = await run_in_threadpool(task.encode, served.assets, texts)
     result = await unless_disconnected(
         request, served.infer_rows({"input_ids": encoded.ids, "attention_mask": encoded.mask})
     )
-    probabilities = result.outputs[served.spec.outputs[0].name]
-    labels = served.spec.labels or [str(i) for i in range(probabilities.shape[1])]
-    rows = task.predictions(probabilities, labels, encoded)
+    with tracing.stage("postprocess"):
+        probabilities = result.outputs[served.spec.outputs[0].name]
+        labels = served.spec.labels or [str(i) for i in range(probabilities.shape[1])]
+        rows = task.predictions(probabilities, labels, encoded)
     return [SentimentPrediction(model=served.name, **row) for row in rows], result

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, parse_body
@@ -246,7 +247,8 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
     served = _served(registry, body.model)
     engine: task.TextGenerationEngine = served.engine  # type: ignore[assignment]
     assets: task.GenerationAssets = served.assets
-    prompts = _prompts("" if body.prompt is None else body.prompt, engine, settings)
+    with tracing.stage("preprocess"):
+        prompts = _prompts("" if body.prompt is None else body.prompt, engine, settings)
     n = body.n or 1
     if body.best_of is not None and body.best_of != n:
         raise SchemaError("best_of: only best_of equal to n is supported (no re-ranking)", param="best_of")

@@ -16,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
+from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, parse_body
@@ -93,10 +94,11 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
     max_new = body.max_new_tokens or assets.max_new_tokens
     if max_new > assets.max_new_tokens:
         raise SchemaError(f"max_new_tokens: at most {assets.max_new_tokens} for model {served.name}, got {max_new}")
-    if sum(len(t) for t in body.texts) <= 4096:  # short: tokenising (Rust) costs less than a thread hop
-        sources = task.encode_sources(assets, body.texts)
-    else:
-        sources = await run_in_threadpool(task.encode_sources, assets, body.texts)
+    with tracing.stage("preprocess", texts=len(body.texts)):
+        if sum(len(t) for t in body.texts) <= 4096:  # short: tokenising (Rust) costs less than a thread hop
+            sources = task.encode_sources(assets, body.texts)
+        else:
+            sources = await run_in_threadpool(task.encode_sources, assets, body.texts)
     for i, source in enumerate(sources):
         if not source.readable:
             unknown = "".join(source.unknown)[:40]

@@ -16,12 +16,13 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Scope
 
 from service import protocol
-from service.api.deps import RegistryDep
+from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.routes.health import ModelStateName
 from service.api.schemas import ERROR_RESPONSES, ErrorType
-from service.errors import ModelNotReady
-from service.registry import ModelState, ModelVersionMetadata
+from service.config import Settings
+from service.errors import InvalidInput, ModelControlDisabled, ModelNotReady
+from service.registry import ModelRegistry, ModelState, ModelVersionMetadata
 from service.responses import JSONResponse, ModelResponse
 
 router = APIRouter(tags=["open inference protocol (v2)"])
@@ -101,12 +102,26 @@ _INFER_DOC = {
 
 
 @router.get("/v2/models", summary="Every model in the repository with its state", response_model=list[IndexRow])
+async def models_index(registry: RegistryDep) -> Response:
+    return _index(registry, ready_only=False)
+
+
+class IndexRequest(BaseModel):
+    ready: bool = Field(False, description="Only the models that are ready to serve")
+
+
 @router.post(
     "/v2/repository/index", summary="Model repository index (Triton's extension)", response_model=list[IndexRow]
 )
-async def repository_index(registry: RegistryDep) -> Response:
+async def repository_index(registry: RegistryDep, body: IndexRequest | None = None) -> Response:
+    return _index(registry, ready_only=body is not None and body.ready)
+
+
+def _index(registry: ModelRegistry, *, ready_only: bool) -> Response:
     rows = []
     for status in registry.models.values():
+        if ready_only and status.state is not ModelState.READY:
+            continue
         for version in sorted(status.versions) or [None]:
             rows.append(
                 IndexRow(
@@ -121,6 +136,78 @@ async def repository_index(registry: RegistryDep) -> Response:
     # "version" and "reason" only where there is one; "task" always (null: model.json unreadable).
     dumped = [{k: v for k, v in row.model_dump().items() if v is not None or k == "task"} for row in rows]
     return JSONResponse(dumped)
+
+
+class LoadParameters(BaseModel):
+    config: str | None = Field(
+        None,
+        description="model.json fields (a JSON object as a string: Triton's form) replacing the file's for this load",
+    )
+
+
+class LoadRequest(BaseModel):
+    parameters: LoadParameters | None = None
+
+
+class ModelControlAnswer(BaseModel):
+    name: str
+    state: ModelStateName
+    versions: list[str] = Field(description="The versions that serve now")
+    reason: str | None = None
+
+
+def _control_allowed(settings: Settings) -> None:
+    if settings.model_control != "explicit":
+        how = "the repository is polled" if settings.model_control == "poll" else "model control is off"
+        raise ModelControlDisabled(f"loading and unloading by request needs NEUROSERVE_MODEL_CONTROL=explicit ({how})")
+
+
+def _answer(status: Any) -> ModelResponse:
+    return ModelResponse(
+        ModelControlAnswer(
+            name=status.name,
+            state=status.state.value,
+            versions=[str(v) for v in sorted(status.versions)],
+            reason=status.reason,
+        )
+    )
+
+
+@router.post(
+    "/v2/repository/models/{model}/load",
+    summary="Load or reload a model (Triton's model repository extension)",
+    description="The model's folder is read again; its versions load and warm beside those that serve, then "
+    "requests switch to them at once; requests already running or queued finish on the old ones. If loading "
+    "fails, the versions that served go on serving (400 with the reason). Needs NEUROSERVE_MODEL_CONTROL=explicit.",
+    response_model=ModelControlAnswer,
+    responses=ERROR_RESPONSES,
+)
+async def load_model(
+    model: str, registry: RegistryDep, settings: SettingsDep, body: LoadRequest | None = None
+) -> ModelResponse:
+    _control_allowed(settings)
+    override = None
+    if body is not None and body.parameters is not None and body.parameters.config is not None:
+        try:
+            override = orjson.loads(body.parameters.config)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"parameters.config is not JSON: {exc}") from None
+        if not isinstance(override, dict):
+            raise InvalidInput("parameters.config must be a JSON object of model.json fields")
+    return _answer(await registry.load_model(model, override))
+
+
+@router.post(
+    "/v2/repository/models/{model}/unload",
+    summary="Unload a model (Triton's model repository extension)",
+    description="New requests for it get 503 at once; requests already running or queued finish. Needs "
+    "NEUROSERVE_MODEL_CONTROL=explicit.",
+    response_model=ModelControlAnswer,
+    responses=ERROR_RESPONSES,
+)
+async def unload_model(model: str, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
+    _control_allowed(settings)
+    return _answer(await registry.unload_model(model))
 
 
 class DurationStat(BaseModel):
