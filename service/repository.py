@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,11 @@ V2_ONLY = "none"  # the task of a model served on the Open Inference Protocol on
 
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 assert set(Datatype.__args__) == set(V2_TO_NUMPY)  # type: ignore[attr-defined]
+
+
+# A version in a path: what the folder is called, no sign, padding or non-ASCII digit.
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
+MAX_BATCH_SIZE = 65_536
 
 
 class TensorSpec(BaseModel):
@@ -100,7 +106,11 @@ class ModelSpec(BaseModel):
     )
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
-    max_batch_size: int = Field(0, ge=0, description="0: the model takes no batch axis and is never batched")
+    # Warm-up runs a batch of this size: 10^8 rows of an MNIST image asked for 314 GB (a config
+    # override did, and the kernel killed the server).
+    max_batch_size: int = Field(
+        0, ge=0, le=MAX_BATCH_SIZE, description="0: the model takes no batch axis and is never batched"
+    )
     dynamic_batching: DynamicBatchingSpec = Field(default_factory=DynamicBatchingSpec)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     labels: list[str] | None = None
@@ -172,10 +182,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_version(name: str) -> bool:
+    """A version folder's name: ASCII digits, no sign or leading zero (str.isdigit() takes "²")."""
+    return VERSION_PATTERN.fullmatch(name) is not None
+
+
 def _scan_versions(model_dir: Path, spec: ModelSpec) -> list[VersionEntry]:
     found = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit():
+        if child.is_dir() and is_version(child.name):
             found.append(int(child.name))
     if not found:
         raise ModelLoadError(model_dir, "no numbered version folder (expected e.g. 1/model.onnx)")
@@ -228,7 +243,7 @@ def fingerprint(model_dir: Path) -> tuple | None:
     try:
         files = [model_dir / "model.json"]
         for child in model_dir.iterdir():
-            if child.is_dir() and child.name.isdigit():
+            if child.is_dir() and is_version(child.name):
                 files.extend(sorted(f for f in child.iterdir() if f.is_file()))
         out = []
         for f in files:
