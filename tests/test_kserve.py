@@ -1,9 +1,11 @@
 """Offline checks of the KServe manifests (deploy/kserve): the ServingRuntime against KServe's own
-CRD schema (a copy in tests/data/kserve, see its SOURCE.md), every Kubernetes part of them against
-the Kubernetes API schema, and the InferenceServices consistent with the runtime and the service."""
+CRD schema and the InferenceServices against KServe's published v1beta1 definitions (copies in
+tests/data/kserve, see its SOURCE.md), every Kubernetes part of them against the Kubernetes API
+schema, and the InferenceServices consistent with the runtime and the service."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jsonschema
@@ -16,6 +18,8 @@ from tests.conftest import ROOT
 
 KSERVE = ROOT / "deploy" / "kserve"
 CRD = ROOT / "tests" / "data" / "kserve" / "serving.kserve.io_servingruntimes.yaml"
+# KServe's published OpenAPI definitions of the InferenceService down to the model spec (an excerpt).
+V1BETA1 = ROOT / "tests" / "data" / "kserve" / "v1beta1-definitions.json"
 # What an InferenceService's predictor.model adds to a Kubernetes container (KServe's ModelSpec).
 MODEL_FIELDS = {"modelFormat", "runtime", "protocolVersion", "storageUri", "storage"}
 
@@ -58,6 +62,29 @@ def crd_schema() -> dict:
     return version["schema"]["openAPIV3Schema"]
 
 
+def v1beta1(value: Any, schema: dict, where: str, definitions: dict) -> list[str]:
+    """Fields KServe's v1beta1 definitions do not declare, and required ones missing. Kubernetes
+    types they point to (metadata, env, resources) are left to the Kubernetes schema check."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        if name not in definitions["definitions"]:
+            assert name in definitions["kubernetes_refs"], f"{where}: {name} is not in the excerpt"
+            return []
+        schema = definitions["definitions"][name]
+    problems: list[str] = []
+    if isinstance(value, dict) and "properties" in schema:
+        problems += [f"{where}.{key}: required" for key in schema.get("required", []) if key not in value]
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                problems.append(f"{where}.{key}: not a field of the schema")
+            else:
+                problems += v1beta1(item, schema["properties"][key], f"{where}.{key}", definitions)
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            problems += v1beta1(item, schema["items"], f"{where}[{i}]", definitions)
+    return problems
+
+
 def pod(spec: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": spec}
 
@@ -93,6 +120,19 @@ def test_the_runtime_runs_the_v2_protocol_on_the_port_it_probes_with_settings_th
     fields = set(Settings.model_fields)
     for name in env:
         assert name.startswith("NEUROSERVE_") and name.removeprefix("NEUROSERVE_").lower() in fields, name
+
+
+def test_the_inference_services_are_valid_against_kserves_v1beta1_definitions() -> None:
+    definitions = json.loads(V1BETA1.read_text())
+    root = {"$ref": "#/definitions/v1beta1.InferenceService"}
+    for service in documents("inferenceservice.yaml"):
+        assert v1beta1(service, root, service["metadata"]["name"], definitions) == []
+    # the check refuses what the definitions do not know, and misses nothing required
+    wrong = {"spec": {"predictor": {"minReplica": 1, "model": {"runtime": "neuroserve"}}}}
+    assert v1beta1(wrong, root, "x", definitions) == [
+        "x.spec.predictor.minReplica: not a field of the schema",
+        "x.spec.predictor.model.modelFormat: required",
+    ]
 
 
 @pytest.mark.parametrize("index", [0, 1])
