@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,53 @@ def test_an_exporter_whose_packages_are_missing_leaves_tracing_off(monkeypatch) 
 
     monkeypatch.setattr(builtins, "__import__", no_sdk)
     assert tracing.configure("console") is False and not tracing.enabled()
+
+
+def test_a_server_with_the_otlp_exporter_sends_its_spans_to_the_collector(tmp_path: Path) -> None:
+    # The whole path, in a server process of its own (a process has one tracer provider): OTLP
+    # over HTTP to a collector stand-in that decodes what it receives.
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from bench.harness import neuroserve
+
+    received: list[ExportTraceServiceRequest] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/v1/traces" and self.headers["content-type"] == "application/x-protobuf":
+                received.append(ExportTraceServiceRequest.FromString(body))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    write_model(tmp_path, "scale")
+    try:
+        with neuroserve(
+            tmp_path,
+            NEUROSERVE_OTEL_EXPORTER="otlp",
+            NEUROSERVE_OTEL_ENDPOINT=f"http://127.0.0.1:{collector.server_port}/v1/traces",
+            NEUROSERVE_OTEL_SERVICE_NAME="neuroserve-test",
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        ) as server:
+            status, _, _ = server.request("POST", "/v2/models/scale/infer", X)
+            assert status == 200
+            deadline = time.monotonic() + 10
+            names: set[str] = set()
+            while time.monotonic() < deadline and not {"queue", "batch", "POST /v2/models/{model}/infer"} <= names:
+                time.sleep(0.1)
+                names = {s.name for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans}
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    assert {"queue", "batch", "POST /v2/models/{model}/infer"} <= names
+    resource = received[0].resource_spans[0].resource
+    assert {(a.key, a.value.string_value) for a in resource.attributes} >= {("service.name", "neuroserve-test")}
