@@ -369,3 +369,35 @@ def test_request_level_batching_modes_give_the_same_texts(repo: Path, lm: TestCl
             answers = [pool.submit(other.post, "/v1/completions", json=body) for _ in range(4)]
             for answer in answers:
                 assert [c["text"] for c in answer.result().json()["choices"]] == want
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_stop_sequence_at_a_token_boundary_leaves_that_token_out_of_the_log_probabilities(
+    lm: TestClient, first: bool
+) -> None:
+    # The token that starts a stop sequence was listed after the cut text: in a stream's last
+    # chunk, and without streaming when it was the first token generated.
+    found = None
+    for prompt in ("Tom is", "I think", "Can you", "The weather", "Where", "My", "It"):
+        body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1, "logit_bias": {"2": -100}}
+        full = complete(lm, **body)["choices"][0]["logprobs"]
+        tokens, offsets = full["tokens"], full["text_offset"]
+        text = "".join(tokens)
+        for k, piece in enumerate(tokens):
+            # a whole-character piece whose text first appears where that token begins
+            if piece and "\ufffd" not in piece and text.find(piece) == offsets[k] and (k == 0) == first:
+                found = body, tokens, offsets, text, k
+                break
+        if found:
+            break
+    assert found, "no prompt gave a token to stop at"
+    body, tokens, offsets, text, cut = found
+    cut_body = {**body, "stop": [tokens[cut]]}
+    choice = complete(lm, **cut_body)["choices"][0]
+    assert choice["text"] == text[: offsets[cut]] and choice["finish_reason"] == "stop"
+    # the tokens that begin before the cut (a byte of the stop's first character is past it)
+    kept = [k for k in range(cut) if offsets[k] < offsets[cut]]
+    assert choice["logprobs"]["tokens"] == [tokens[k] for k in kept]
+    assert choice["logprobs"]["text_offset"] == [offsets[k] for k in kept]
+    streamed = stream_of(lm, **cut_body)[0]
+    assert streamed["text"] == choice["text"] and streamed["tokens"] == [tokens[k] for k in kept]

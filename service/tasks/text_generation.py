@@ -334,6 +334,8 @@ class RecurrentDecoder:
         for i, job in enumerate(live):
             job.slot = i
         self._choose(live, out["log_probs"][: len(live)])
+        if all(job.done for job in live):  # the batch emptied: hold no finished job until the next
+            self._rows, self._h, self._c = [], None, None
 
     def _states(self, live: list[GenerationJob]) -> tuple[np.ndarray, np.ndarray]:
         """``h, c`` for ``live``: the last step's rows (gathered when rows left or joined) and the

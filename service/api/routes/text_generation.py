@@ -468,7 +468,7 @@ def _logprobs(
     token has none), the first starting at ``offset``; none past ``text_end`` (a stop sequence)."""
     tokens, logprobs, tops, offsets = [], [], [], []
     for i, record in enumerate(records):
-        if record.token == engine.assets.eos or (text_end is not None and offset >= text_end and offsets):
+        if record.token == engine.assets.eos or (text_end is not None and offset >= text_end):
             break  # the end of the text (OpenAI shows no end-of-text token), or past a stop sequence
         piece = pieces[i]
         tokens.append(piece)
