@@ -9,7 +9,10 @@ request began, its status and the version that answered. Three scenarios, one af
 2. ``unload``: ``/unload`` then, a second later, ``/load`` again: in between, mnist answers 503
    (by design: it is not served), and nothing else fails;
 3. ``poll``: a fresh server with ``NEUROSERVE_MODEL_CONTROL=poll`` (interval 0.5 s) finds
-   version 3 copied in by itself.
+   version 3 copied in by itself;
+4. ``wrk``: ``--wrk-connections`` wrk connections on the same route for ``--wrk-seconds`` while
+   version 4 is copied in and loaded (explicit) halfway through: wrk's count of failed and non-2xx
+   answers (wrk cannot tell versions apart; the scenarios above do).
 
 Reported per scenario: requests, answers by status, requests begun after the switch that an old
 version answered (must be 0), and request latency p50/p99 before and around the switch.
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import DATA, ROOT, neuroserve, write_results
+from bench.harness import DATA, ROOT, neuroserve, run_wrk, write_results
 
 
 def digit_body(data_dir: Path) -> bytes:
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0, help="steady load before and after each switch")
+    parser.add_argument("--wrk-connections", type=int, default=64)
+    parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -159,9 +164,25 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds_from_copy_to_first_v3_answer": round(switched - copied, 2),
                 **summary(clients.records, switched, {"2"}),
             }
+        body_file = repo / "digit.json"
+        body_file.write_bytes(body)
+        with neuroserve(repo, label="wrk", NEUROSERVE_MODEL_CONTROL="explicit") as server:
+            loaded: list = []
+
+            def switch() -> None:
+                time.sleep(args.wrk_seconds / 2)
+                shutil.copytree(source / "1", repo / "mnist" / "4")
+                loaded.append(post(server.port, "/v2/repository/models/mnist/load"))
+
+            switcher = threading.Thread(target=switch)
+            switcher.start()
+            route, connections = "/v2/models/mnist/infer", args.wrk_connections
+            run = run_wrk(server.port, route, body_file, "application/json", connections, args.wrk_seconds)
+            switcher.join()
+            results["wrk"] = {"connections": args.wrk_connections, "load": loaded[0], **run}
     finally:
         shutil.rmtree(repo, ignore_errors=True)
-    for name in ("explicit", "unload", "poll"):
+    for name in ("explicit", "unload", "poll", "wrk"):
         print(name, json.dumps(results[name]))
     write_results(args.output, "model-control", results)
     return results
