@@ -206,6 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="onnxruntime's idle intra-op threads sleep (NEUROSERVE_INTRA_OP_SPINNING=false)",
     )
     p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by label)")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("LABEL", "NAME=VALUE"),
+        help="one more configuration: a label and its NEUROSERVE_* settings (repeatable), e.g. "
+        "--variant 'admit 1' NEUROSERVE_DECODE_ADMIT_EVERY=1",
+    )
     args = p.parse_args(argv)
 
     prompts = prompts_from(args.data_dir, 500)
@@ -217,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in ceiling:
         print(f"  {r['rows']:>3} rows: {r['ms_per_step']:6.2f} ms/step  {r['tokens_per_s']:7.0f} tokens/s")
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    for label, *pairs in args.variant:
+        configs.append((label, dict(pair.split("=", 1) for pair in pairs)))
     rows = []
     with ExitStack() as running:
         servers = []

@@ -41,11 +41,11 @@ rows, so only large batches, whose steps are slow, do it): a step of a few rows 
 it spends compute on the oldest requests first (first come, first finished) without holding back
 the rest. Every token is still computed once; only the order changes.
 
-A prefill's cost grows little with the prompts it takes (the recurrent model's, on a CPU: 1.6 ms
-for one prompt of 8 tokens, 2.6 ms for four), and at a steady state about one sequence joins per
-step. With ``admit_every=k``, newcomers join a decoding batch at most every k steps (at once when
-nothing decodes), so one prefill serves several: fewer prefill calls for up to k - 1 steps more
-before a newcomer's first token.
+A prefill's cost grows little with the prompts it takes (the recurrent model's, on a CPU: 1.7 ms
+for one prompt of 8 tokens, 2.7 ms for four, ``python -m bench.sampling``), and at a steady state
+about one sequence joins per step. With ``admit_every=k``, newcomers join a decoding batch at most
+every k steps (at once when nothing decodes), so one prefill serves several: fewer prefill calls
+for up to k - 1 steps more before a newcomer's first token.
 
 ``mode="request"`` keeps the same machinery but admits only into an empty batch: a static batch
 decodes until its last sequence ends, which is request-level batching, kept for benchmarks.
