@@ -247,7 +247,7 @@ class ServedModel:
     async def infer(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Run ``feeds`` (arrays keyed by input name, batch axis first) through the batcher."""
         self.runtime.check_shared_axes(feeds)
-        submitted = tracing.now_ns()
+        submitted = tracing.now_ns() if tracing.enabled() else 0
         with self.observer.track():
             result = await self._submit(feeds)
         if tracing.enabled():

@@ -189,3 +189,19 @@ def write_version_metadata(
     }
     write_json(version_dir / "metadata.json", meta)
     return meta
+
+
+def token_batches(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped by similar length (little padding), about ``batch_tokens`` each, shuffled."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest = max(longest, lengths[i])
+        if current and longest * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest = [], lengths[i]
+        current.append(i)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches

@@ -31,6 +31,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# The positions and padding the service feeds the rewritten graph (one definition, the service's).
+from service.tasks.text_generation import every_position, last_positions, pad_rows
+
 OUTPUT_LAYER_OPS = {"LogSoftmax", "Add", "MatMul", "Gemm"}
 
 
@@ -108,26 +111,6 @@ def ragged(model: onnx.ModelProto) -> onnx.ModelProto:
         dims[1].dim_param = "positions"
     onnx.checker.check_model(model)
     return model
-
-
-def last_positions(lengths: np.ndarray) -> np.ndarray:
-    """``positions`` for generation: each row's last token, ``[rows, 1]``."""
-    return (np.asarray(lengths, np.int64) - 1)[:, None]
-
-
-def every_position(lengths: np.ndarray, width: int) -> np.ndarray:
-    """``positions`` for scoring: ``0 .. width - 1`` on every row, clipped to the row's last token."""
-    lengths = np.asarray(lengths, np.int64)
-    return np.minimum(np.arange(width, dtype=np.int64)[None, :], lengths[:, None] - 1)
-
-
-def pad_rows(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ``ids`` and the ``lengths`` of ``rows``."""
-    lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
-    ids = np.full((len(rows), int(lengths.max())), pad, np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-    return ids, lengths
 
 
 def check_against(old_path: Path, new_path: Path, step_path: Path, vocab: int, seed: int = 0) -> dict[str, float]:

@@ -371,22 +371,6 @@ def pad(seqs: list[list[int]]) -> torch.Tensor:
     return out
 
 
-def token_batches(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Indices grouped by similar length (little padding), about ``batch_tokens`` each, shuffled."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest = max(longest, lengths[i])
-        if current and longest * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, longest = [], lengths[i]
-        current.append(i)
-    if current:
-        batches.append(current)
-    rng.shuffle(batches)
-    return batches
-
-
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """Linear warm-up, then a cosine down to 5 % of the peak."""
     if step < cfg.warmup_steps:
@@ -409,7 +393,7 @@ def sentence_bits(model: LanguageModel, seqs: list[list[int]], batch_tokens: int
     device = next(model.parameters()).device
     nats = 0.0
     with torch.no_grad():
-        for batch in token_batches([len(s) for s in seqs], batch_tokens, random.Random(0)):
+        for batch in common.token_batches([len(s) for s in seqs], batch_tokens, random.Random(0)):
             ids = pad([seqs[i] for i in batch]).to(device)
             logits, _ = model(ids[:, :-1])
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD_ID)
@@ -433,12 +417,12 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
     rng = random.Random(cfg.seed)
     train = seqs["train"]
     lengths = [len(s) for s in train]
-    total = len(token_batches(lengths, cfg.batch_tokens, random.Random(0))) * epochs
+    total = len(common.token_batches(lengths, cfg.batch_tokens, random.Random(0))) * epochs
     best, best_state, best_epoch, step, history = math.inf, None, 0, 0, []
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
-        bar = tqdm(token_batches(lengths, cfg.batch_tokens, rng), desc=f"epoch {epoch}/{epochs}", unit="batch")
+        bar = tqdm(common.token_batches(lengths, cfg.batch_tokens, rng), desc=f"epoch {epoch}/{epochs}", unit="batch")
         nats, tokens = 0.0, 0
         for batch in bar:
             ids = pad([train[i] for i in batch]).to(device)

@@ -45,6 +45,26 @@ PREFILL_TENSORS = (["ids", "lengths", "positions"], ["log_probs", "h", "c"])
 PREFILL_TOKENS_PER_CALL = 2048
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill graph's right-padded ``ids`` and the ``lengths`` of ``rows``."""
+    lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
+    ids = np.full((len(rows), int(lengths.max())), pad, np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    return ids, lengths
+
+
+def last_positions(lengths: np.ndarray) -> np.ndarray:
+    """``positions`` for generation: each row's last token, ``[rows, 1]``."""
+    return (np.asarray(lengths, np.int64) - 1)[:, None]
+
+
+def every_position(lengths: np.ndarray, width: int) -> np.ndarray:
+    """``positions`` for scoring: ``0 .. width - 1`` on every row, clipped to the row's last token."""
+    lengths = np.asarray(lengths, np.int64)
+    return np.minimum(np.arange(width, dtype=np.int64)[None, :], lengths[:, None] - 1)
+
+
 class SpecialTokens(Parameters):
     pad: int
     bos: int
@@ -290,14 +310,9 @@ class RecurrentDecoder:
                 start = end
 
     def _prefill(self, jobs: list[GenerationJob], scoring: bool) -> None:
-        lengths = np.fromiter((len(job.prompt) for job in jobs), np.int64, count=len(jobs))
-        ids = np.full((len(jobs), int(lengths.max())), self.pad, np.int64)
-        for i, job in enumerate(jobs):
-            ids[i, : len(job.prompt)] = job.prompt
-        if scoring:  # every position (a shorter row repeats its last)
-            positions = np.minimum(np.arange(ids.shape[1], dtype=np.int64)[None, :], lengths[:, None] - 1)
-        else:
-            positions = (lengths - 1)[:, None]
+        ids, lengths = pad_rows([job.prompt for job in jobs], self.pad)
+        # scoring: every position (a shorter row repeats its last); generating: the last
+        positions = every_position(lengths, ids.shape[1]) if scoring else last_positions(lengths)
         out = self.prefill_graph.run({"ids": ids, "lengths": lengths, "positions": positions})
         log_probs, h, c = out["log_probs"], out["h"], out["c"]
         for i, job in enumerate(jobs):

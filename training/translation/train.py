@@ -125,22 +125,6 @@ def normalise_reference(text: str) -> str:
     return normalizer().normalize_str(text)
 
 
-def token_batches(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Indices grouped by similar length (little padding), about ``batch_tokens`` each, shuffled."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest = max(longest, lengths[i])
-        if current and longest * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, longest = [], lengths[i]
-        current.append(i)
-    if current:
-        batches.append(current)
-    rng.shuffle(batches)
-    return batches
-
-
 def model_config(cfg: Config, vocab: int) -> dict:
     return {
         "name": cfg.name,
@@ -322,12 +306,12 @@ def fit(model, cfg: Config, tokenizer, src, tgt, validation: Validation, epochs:
     optimizer = optimizer_for(model, cfg)
     rng = random.Random(cfg.seed)
     lengths = [len(t) for t in tgt]
-    total = len(token_batches(lengths, cfg.batch_tokens, random.Random(0))) * epochs
+    total = len(common.token_batches(lengths, cfg.batch_tokens, random.Random(0))) * epochs
     count = min(cfg.eval_sentences, len(validation.english))
     best, best_state, best_epoch, step = -1.0, None, 0, 0
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        batches = token_batches(lengths, cfg.batch_tokens, rng)
+        batches = common.token_batches(lengths, cfg.batch_tokens, rng)
         step = train_epoch(model, optimizer, src, tgt, batches, step, total, cfg, f"epoch {epoch}/{epochs}")
         score = probe_bleu(model, tokenizer, validation, count, cfg.max_tokens)
         tqdm.write(f"epoch {epoch}: BLEU {score:.2f} on {count} validation sentences (greedy)")
