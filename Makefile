@@ -54,7 +54,7 @@ train-image-classification: $(VENV)/.dev
 	$(BIN)/python -m training.image_classification --data-dir $(DATA)/image_classification/mnist --output-dir models --version 1
 
 train-sentiment: $(VENV)/.dev
-	$(BIN)/python -m training.sentiment --lang en --data-dir $(DATA)/sentiment --output-dir models --version 1
+	$(BIN)/python -m training.sentiment --lang en --data-dir $(DATA)/sentiment --output-dir models --version 2 --arch bilstm --epochs 10 --word-dropout 0.1 --distil 4 --unlabelled $(DATA)/translation/fra-eng.zip --everyday-synthetic 8000
 	$(BIN)/python -m training.sentiment --lang zh --data-dir $(DATA)/sentiment --output-dir models --version 1 --epochs 15 --embed-dim 192 --dropout 0.3
 
 train-rating: $(VENV)/.dev

@@ -197,12 +197,16 @@ def test_every_reference_in_the_openapi_document_resolves(client: TestClient) ->
 # Truthful health and errors.
 
 
+SENTIMENT_VERSION = max((p.name for p in (ROOT / "models" / "sentiment").iterdir() if p.name.isdigit()), key=int)
+
+
 def broken_copy(root: Path) -> Path:
     shutil.copytree(ROOT / "models" / "mnist", root / "mnist")
     shutil.copytree(ROOT / "models" / "sentiment", root / "sentiment")
-    (root / "sentiment" / "1" / "model.onnx").write_bytes(b"not a graph")
+    version = root / "sentiment" / SENTIMENT_VERSION
+    (version / "model.onnx").write_bytes(b"not a graph")
     spec = json.loads((root / "sentiment" / "model.json").read_text())
-    (root / "sentiment" / "1" / "metadata.json").write_text("{}")  # no sha256 to refuse it earlier
+    (version / "metadata.json").write_text("{}")  # no sha256 to refuse it earlier
     (root / "sentiment" / "model.json").write_text(json.dumps(spec))
     return root
 
@@ -215,7 +219,7 @@ def test_a_failed_model_makes_the_replica_not_ready_and_answers_503_with_its_rea
         wait_loaded(client)
         ready = client.get("/v2/health/ready")
         assert ready.status_code == 503 and ready.json()["models"] == {"mnist": "READY", "sentiment": "FAILED"}
-        assert "sentiment/1/model.onnx" in ready.json()["failed"]["sentiment"]
+        assert f"sentiment/{SENTIMENT_VERSION}/model.onnx" in ready.json()["failed"]["sentiment"]
         response = client.post("/v1/sentiment", json={"texts": ["Great film."]})
         assert response.status_code == 503 and response.json()["error_type"] == "model_not_ready"
         assert "retry-after" not in response.headers  # it will not recover by itself

@@ -14,8 +14,11 @@ from tests.conftest import ROOT
 URL = "/v1/sentiment"
 
 
-def metadata(name: str) -> dict:
-    return json.loads((ROOT / "models" / name / "1" / "metadata.json").read_text())
+def metadata(name: str, version: str = "1") -> dict:
+    return json.loads((ROOT / "models" / name / version / "metadata.json").read_text())
+
+
+ENGLISH_VERSION = "2"
 
 
 def http_accuracy(client: TestClient, texts: list[str], labels: list[int], **extra) -> float:
@@ -29,15 +32,39 @@ def http_accuracy(client: TestClient, texts: list[str], labels: list[int], **ext
     return correct / len(texts)
 
 
-def test_sentiment_english_dev_accuracy_through_http_matches_offline(client: TestClient, data_dir: Path) -> None:
-    from training.sentiment import read_sst2
+def english_split(data_dir: Path) -> dict[str, tuple[list[str], list[int]]]:
+    """The served English model's honest split, rebuilt from its metadata (seed and sizes)."""
+    from training.sentiment import honest_split, read_sst2
 
-    texts, labels = read_sst2(data_dir / "sentiment" / "sst2" / "dev.tsv")
+    config = metadata("sentiment", ENGLISH_VERSION)["training"]["config"]
+    folder = data_dir / "sentiment" / "sst2"
+    train, dev = read_sst2(folder / "train.tsv"), read_sst2(folder / "dev.tsv")
+    return honest_split(
+        train[0] + dev[0],
+        train[1] + dev[1],
+        int(config["seed"]),
+        int(config["validation_sentences"]),
+        int(config["test_sentences"]),
+        shared=config["shared_phrases"] == "True",
+    )
+
+
+def test_sentiment_english_unseen_sentences_through_http_match_offline(client: TestClient, data_dir: Path) -> None:
+    """Full SST-2 sentences none of whose phrases it trained on (the headline figure), and the
+    everyday check set, through HTTP against the figures in its metadata."""
+    from training.sentiment import read_everyday
+
+    metrics = metadata("sentiment", ENGLISH_VERSION)["metrics"]
+    texts, labels = english_split(data_dir)["test"]
     accuracy = http_accuracy(client, texts, labels)
-    offline = metadata("sentiment")["metrics"]["dev_accuracy"]
-    print(f"\nSST-2 dev.tsv through HTTP: {accuracy:.2%} (offline {offline:.2%})")
-    assert offline >= 0.83
-    assert abs(accuracy - offline) <= 0.01
+    print(f"\nSST-2 held-out sentences through HTTP: {accuracy:.2%} (offline {metrics['test_accuracy']:.2%})")
+    assert metrics["test_accuracy"] >= 0.83
+    assert abs(accuracy - metrics["test_accuracy"]) <= 0.005
+    everyday = read_everyday(ROOT / "tests" / "data" / "everyday_sentiment.tsv")
+    accuracy = http_accuracy(client, *everyday)
+    print(f"everyday check set through HTTP: {accuracy:.2%} (offline {metrics['everyday_accuracy']:.2%})")
+    assert metrics["everyday_accuracy"] >= 0.85
+    assert abs(accuracy - metrics["everyday_accuracy"]) <= 0.005
 
 
 def test_sentiment_chinese_heldout_accuracy_through_http_matches_offline(client: TestClient, data_dir: Path) -> None:
@@ -62,12 +89,48 @@ def test_sentiment_everyday_english_including_contractions(client: TestClient) -
         "It’s a charming and often affecting journey.",
     ]
     body = client.post(URL, json={"texts": texts}).json()
-    assert body["model"] == "sentiment" and body["version"] == "1"
+    assert body["model"] == "sentiment" and body["version"] == ENGLISH_VERSION
     assert [p["label"] for p in body["predictions"]] == ["positive", "negative", "negative", "positive"]
     for p in body["predictions"]:
         assert set(p["scores"]) == {"negative", "positive"}
         assert abs(sum(p["scores"].values()) - 1) < 1e-4 and p["score"] == max(p["scores"].values())
         assert p["truncated"] is False and p["tokens"] > 0
+
+
+NEGATIONS = [
+    # Negated complaints are praise, negated praise is a complaint; "at all", "never", "not" and "n't"
+    # occur on both sides, so no one word can decide. Written for this test, none of them a composed
+    # training sentence (checked below).
+    ("I didn't mind it at all.", "positive"),
+    ("The room was not dirty at all.", "positive"),
+    ("I don't regret it.", "positive"),
+    ("I wouldn't change a thing.", "positive"),
+    ("The delivery was never late.", "positive"),
+    ("Not a bad choice at all.", "positive"),
+    ("I didn't like it at all.", "negative"),
+    ("I did not enjoy the movie at all.", "negative"),
+    ("The room wasn't clean at all.", "negative"),
+    ("The update didn't fix anything.", "negative"),
+    ("I have never been so disappointed.", "negative"),
+    ("The staff were not helpful at all.", "negative"),
+]
+
+
+def test_sentiment_english_negations_go_both_ways(client: TestClient) -> None:
+    from training.everyday_sentences import generate
+
+    config = metadata("sentiment", ENGLISH_VERSION)["training"]["config"]
+    composed, _ = generate(int(config["everyday_synthetic"]), int(config["seed"]))
+    texts = [t for t, _ in NEGATIONS]
+    assert not {t.lower() for t in texts} & {t.lower() for t in composed}
+    predictions = client.post(URL, json={"texts": texts}).json()["predictions"]
+    wrong = [
+        (t, p["label"], round(p["score"], 3))
+        for (t, want), p in zip(NEGATIONS, predictions, strict=True)
+        if p["label"] != want
+    ]
+    print(f"\nnegations wrong: {wrong}")
+    assert len(wrong) <= 3, wrong  # the previous model (v1) got 6 of 12: every one "negative"
 
 
 def test_sentiment_routes_chinese_by_detection_language_or_name(client: TestClient) -> None:

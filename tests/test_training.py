@@ -98,6 +98,74 @@ def test_sentiment_bigrams_and_ensemble_export_one_servable_graph(data_dir: Path
         assert response.json()["model"] == "sentiment-zh"
 
 
+def test_sentiment_distilled_bilstm_with_composed_and_unlabelled_text_exports_a_servable_graph(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The recipe of the committed English model, at smoke size: a teacher of two BiLSTMs labels
+    Tatoeba sentences, one student learns from it and the composed everyday sentences, and the graph
+    has one LSTM op with each row's length."""
+    import onnx
+
+    from training import sentiment
+
+    argv = ["--smoke", "--lang", "en", "--data-dir", str(data_dir / "sentiment"), "--output-dir", str(tmp_path)]
+    unlabelled = data_dir / "translation" / "fra-eng.zip"
+    meta = sentiment.main(
+        [*argv, "--arch", "bilstm", "--distil", "2", "--unlabelled", str(unlabelled), "--everyday-synthetic", "100"]
+    )
+    assert meta["metrics"]["onnx_vs_torch_max_abs_diff"] < 1e-4
+    assert meta["metrics"]["teacher"]["members"] == 2 and meta["metrics"]["teacher"]["unlabelled_sentences"] == 200
+    assert meta["dataset"]["composed_everyday_training_sentences"] == 100
+    graph = onnx.load(str(tmp_path / "sentiment" / "1" / "model.onnx")).graph
+    lstms = [node for node in graph.node if node.op_type == "LSTM"]
+    assert len(lstms) == 1 and lstms[0].input[4] == "sequence_lens"
+    with make_client(repository=tmp_path) as client:
+        wait_ready(client)
+        response = client.post("/v1/sentiment", json={"texts": ["fine", "a fine film , and a long one"]})
+        assert response.status_code == 200, response.text
+
+
+def test_fused_bilstm_graph_reads_each_row_backwards_from_its_own_end(tmp_path: Path) -> None:
+    """Random weights (an untrained model's outputs are too flat to tell) and rows of 1 to 30 tokens:
+    the graph with one bidirectional LSTM op and sequence_lens equals the two-LSTM torch network at
+    batch 1 and batch 5; without the lengths, padding would reach the backward direction."""
+    import onnxruntime as ort
+    import torch
+
+    from training import sentiment
+
+    torch.manual_seed(0)
+    model = sentiment.BiLSTM(300, sentiment.Config(arch="bilstm", hidden=32, embed_dim=16)).eval()
+    for weight in model.parameters():
+        weight.data.normal_(0, 0.4)
+    rows = [torch.randint(2, 300, (n,)).tolist() for n in (5, 17, 1, 30, 9)]
+    path = tmp_path / "model.onnx"
+    sentiment.export(model, rows, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in ([rows[0]], rows):
+        ids, mask = sentiment.pad_batch(batch)
+        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        assert abs(got - model(ids, mask).detach().numpy()).max() < 1e-5
+
+    def run(batch: list[list[int]]):
+        ids, mask = sentiment.pad_batch(batch)
+        return session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+    short_alone, short_padded = run([rows[2]]), run([rows[2], rows[3]])
+    assert abs(short_alone[0] - short_padded[0]).max() < 1e-5  # 29 padding tokens change nothing
+
+
+def test_composed_everyday_sentences_are_distinct_balanced_seeded_and_never_a_check_sentence() -> None:
+    from training.everyday_sentences import generate
+
+    check = ["This phone works great.", "Never again!"]
+    texts, labels = generate(2000, seed=3, exclude=check)
+    assert len(set(texts)) == 2000 and sum(labels) == 1000
+    assert generate(2000, seed=3, exclude=check) == (texts, labels)
+    keys = {" ".join(t.lower().strip(".!").split()) for t in texts}
+    assert "this phone works great" not in keys and "never again" not in keys
+
+
 def test_rating_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path: Path) -> None:
     from training import rating
 

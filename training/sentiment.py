@@ -21,7 +21,7 @@ phrases nest. It also reports accuracy on ``tests/data/everyday_sentiment.tsv``,
 products and services, never used for training or choice. Chinese makes a seeded, stratified 80/10/10
 split of ChnSentiCorp and reports the held-out 10 %.
 
-    python -m training.sentiment --lang en --evaluate models/sentiment/1   # a saved model on the same split
+    python -m training.sentiment --lang en --evaluate models/sentiment/2   # a saved model on the same split
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 from tqdm import tqdm
 
-from training import common
+from training import common, everyday_sentences
 
 LABELS = ["negative", "positive"]
 PAD, UNK = "[PAD]", "[UNK]"
@@ -79,12 +79,34 @@ class Config:
     ensemble: int = field(
         default=1, metadata={"help": "members (seeds seed, seed+1, ...) whose probabilities one graph averages"}
     )
+    distil: int = field(
+        default=0,
+        metadata={
+            "help": "train this many members (seeds seed..) as a teacher, then one student of --arch on its "
+            "probabilities; the student is what is exported (0: no teacher)"
+        },
+    )
+    student_arch: Literal["", "cnn", "bilstm", "transformer"] = field(
+        default="", metadata={"help": "with --distil: the student's network (empty: --arch)"}
+    )
+    unlabelled: Path | None = field(
+        default=None,
+        metadata={"help": "en, with --distil: a Tatoeba zip (fra-eng.zip) whose English sentences the teacher labels"},
+    )
+    unlabelled_sentences: int = field(default=30000, metadata={"help": "how many of them, drawn with the seed"})
     hidden: int = field(default=128, metadata={"help": "bilstm: units per direction; transformer: d_model"})
     layers: int = field(default=2, metadata={"help": "transformer layers"})
     heads: int = field(default=4, metadata={"help": "transformer attention heads"})
     dropout: float = 0.5
     word_dropout: float = field(default=0.0, metadata={"help": "training tokens replaced by [UNK]"})
     validation_sentences: int = field(default=500, metadata={"help": "en: held-out sentences to pick on"})
+    shared_phrases: bool = field(
+        default=True,
+        metadata={"help": "en: keep a phrase of a held-out sentence that is also a run of a training sentence"},
+    )
+    everyday_synthetic: int = field(
+        default=0, metadata={"help": "en: composed everyday sentences added to training (training.everyday_sentences)"}
+    )
     test_sentences: int = field(default=1000, metadata={"help": "en: held-out sentences to report"})
     everyday: Path = field(
         default=Path("tests/data/everyday_sentiment.tsv"), metadata={"help": "en: everyday-English check set"}
@@ -116,14 +138,18 @@ def read_sst2(path: Path) -> tuple[list[str], list[int]]:
 
 
 def honest_split(
-    texts: list[str], labels: list[int], seed: int, n_validation: int, n_test: int
+    texts: list[str], labels: list[int], seed: int, n_validation: int, n_test: int, shared: bool = False
 ) -> dict[str, tuple[list[str], list[int]]]:
     """SST-2's rows are treebank phrases, and a sentence's phrases are rows of their own. The full
     sentences are the phrases inside no longer phrase (6,885 of the 67,349 rows; SST's train part has
     6,920 sentences). ``n_validation`` + ``n_test`` of them are drawn with the seed and held out, and
     every row whose tokens are a contiguous run of a held-out sentence's tokens (the sentence itself, its
     sub-phrases, and any identical short phrase such as "good" that other sentences share) is removed
-    from training. What remains trains: whole sentences and phrases of the other sentences."""
+    from training. What remains trains: whole sentences and phrases of the other sentences.
+
+    With ``shared``, a removed phrase comes back when it is also a contiguous run of a training
+    sentence ("good", "the film"): GLUE's own split has such phrases in training, since they are
+    phrases of training sentences too, and without them the model loses most single-word labels."""
     tokens = [tuple(t.split()) for t in texts]
     inside: set[tuple[str, ...]] = set()
     sentences = []
@@ -140,7 +166,12 @@ def honest_split(
     for i in validation + test:
         n = len(tokens[i])
         held.update(tokens[i][a:b] for a in range(n) for b in range(a + 1, n + 1))
-    train = [i for i in range(len(texts)) if tokens[i] not in held]
+    kept: set[tuple[str, ...]] = set()
+    if shared:
+        for i in sentences[n_validation + n_test :]:
+            n = len(tokens[i])
+            kept.update(tokens[i][a:b] for a in range(n) for b in range(a + 1, n + 1))
+    train = [i for i in range(len(texts)) if tokens[i] not in held or tokens[i] in kept]
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     return {"train": pick(train), "dev": pick(sorted(validation)), "test": pick(sorted(test))}
 
@@ -270,6 +301,68 @@ class BiLSTM(nn.Module):
         return torch.softmax(self.logits(input_ids, attention_mask), dim=1)
 
 
+class FusedBiLSTM(nn.Module):
+    """The same network for export: one bidirectional LSTM (forward and backward weights copied), so
+    the graph has one LSTM op per model instead of two and two gathers. :func:`lengths_into_lstms` then
+    gives that op each row's length (``sequence_lens``), which makes onnxruntime read each row
+    backwards from its own last token, as :class:`BiLSTM` does; the parity check compares the graph
+    with :class:`BiLSTM` itself on rows of different lengths."""
+
+    def __init__(self, model: BiLSTM) -> None:
+        super().__init__()
+        self.embed, self.dropout, self.fc = model.embed, model.dropout, model.fc
+        lstm = model.forward_lstm
+        self.lstm = nn.LSTM(lstm.input_size, lstm.hidden_size, batch_first=True, bidirectional=True)
+        for name, weight in model.forward_lstm.named_parameters():
+            getattr(self.lstm, name).data.copy_(weight.data)
+            getattr(self.lstm, name + "_reverse").data.copy_(getattr(model.backward_lstm, name).data)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.embed(input_ids))
+        mask = attention_mask.unsqueeze(2).to(h.dtype)
+        pooled_max = h.masked_fill(mask == 0, -1e4).max(dim=1).values
+        pooled_mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return torch.softmax(self.fc(torch.cat([pooled_max, pooled_mean], dim=1)), dim=1)
+
+
+def lengths_into_lstms(onnx_path: Path) -> int:
+    """Give every LSTM op of the graph the rows' lengths (the attention mask's sum) as
+    ``sequence_lens``; returns how many ops were changed."""
+    import onnx
+    from onnx import helper
+
+    graph_model = onnx.load(str(onnx_path))
+    graph = graph_model.graph
+    lstms = [node for node in graph.node if node.op_type == "LSTM"]
+    if not lstms:
+        return 0
+    axes = helper.make_tensor("lengths_axes", onnx.TensorProto.INT64, [1], [1])
+    graph.initializer.append(axes)
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", "lengths_axes"], ["lengths_i64"], keepdims=0),
+        helper.make_node("Cast", ["lengths_i64"], ["sequence_lens"], to=onnx.TensorProto.INT32),
+    ]
+    for node in lstms:
+        inputs = list(node.input) + [""] * max(0, 5 - len(node.input))
+        inputs[4] = "sequence_lens"
+        del node.input[:]
+        node.input.extend(inputs)
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(onnx_path))
+    return len(lstms)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """``model`` with each :class:`BiLSTM` (alone or in an ensemble) as its :class:`FusedBiLSTM`."""
+    if isinstance(model, BiLSTM):
+        return FusedBiLSTM(model).eval()
+    if isinstance(model, Ensemble):
+        return Ensemble([exportable(m) for m in model.members]).eval()
+    return model
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -374,7 +467,13 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
         if cfg.smoke:
             texts, labels = texts[:3000], labels[:3000]
         n_val, n_test = (50, 50) if cfg.smoke else (cfg.validation_sentences, cfg.test_sentences)
-        return {**honest_split(texts, labels, cfg.seed, n_val, n_test), "everyday": read_everyday(cfg.everyday)}
+        split = honest_split(texts, labels, cfg.seed, n_val, n_test, shared=cfg.shared_phrases)
+        everyday = read_everyday(cfg.everyday)
+        if cfg.everyday_synthetic:
+            # Never the check set's own sentences; see training.everyday_sentences.
+            extra = everyday_sentences.generate(cfg.everyday_synthetic, cfg.seed, exclude=everyday[0])
+            split["train"] = (split["train"][0] + extra[0], split["train"][1] + extra[1])
+        return {**split, "everyday": everyday}
     texts, labels = read_chnsenticorp(cfg.data_dir / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
     train_idx, dev_idx, test_idx = stratified_split(labels, cfg.seed)
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
@@ -390,8 +489,12 @@ def model_config(cfg: Config, name: str, vocab: int) -> dict:
         "en": "English (trained on SST-2 movie-review phrases)",
         "zh": "Chinese (trained on ChnSentiCorp hotel reviews)",
     }[cfg.lang]
-    network = ARCH_NAMES[cfg.arch] + (" with hashed token-bigram embeddings" if cfg.bigram_buckets else "")
-    if cfg.ensemble > 1:
+    arch = cfg.student_arch or cfg.arch if cfg.distil else cfg.arch
+    bigrams = " with hashed token-bigram embeddings" if cfg.bigram_buckets and arch == "cnn" else ""
+    network = ARCH_NAMES[arch] + bigrams
+    if cfg.distil:
+        network = f"{network} taught by the mean of {cfg.distil} {ARCH_NAMES[cfg.arch]}s (distillation)"
+    elif cfg.ensemble > 1:
         network = f"mean of {cfg.ensemble} models (seeds {cfg.seed}..{cfg.seed + cfg.ensemble - 1}), each a {network},"
     return {
         "name": name,
@@ -431,13 +534,40 @@ def model_config(cfg: Config, name: str, vocab: int) -> dict:
     }
 
 
+def unlabelled_texts(cfg: Config, exclude: list[str]) -> tuple[list[str], list[int]]:
+    """English sentences of a Tatoeba zip (everyday language, no sentiment labels: -1), drawn with the
+    seed; SST-2 is never among them, so no held-out sentence is."""
+    from training.text_generation import read_sentences
+
+    sentences = read_sentences(cfg.unlabelled.parent) if cfg.unlabelled.name == "fra-eng.zip" else []
+    if not sentences:
+        raise ValueError(f"{cfg.unlabelled}: expected the translation data's fra-eng.zip")
+    skip = set(exclude)
+    sentences = [t for t in sentences if t not in skip]
+    random.Random(cfg.seed).shuffle(sentences)
+    chosen = sentences[: 200 if cfg.smoke else cfg.unlabelled_sentences]
+    return chosen, [-1] * len(chosen)
+
+
+def probabilities(model: nn.Module, seqs: list[list[int]]) -> torch.Tensor:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), 256):
+            ids, mask = pad_batch(seqs[i : i + 256])
+            out.append(model(ids, mask))
+    return torch.cat(out)
+
+
 def encoded_data(cfg: Config) -> tuple[Tokenizer, dict[str, list[list[int]]], dict[str, list[int]]]:
     """The tokenizer trained on the training texts, and every split's token ids and labels."""
     data = load_data(cfg)
     if cfg.smoke:
         data = {k: (v[0][:600], v[1][:600]) for k, v in data.items()}
+    if cfg.distil and cfg.unlabelled:
+        data["unlabelled"] = unlabelled_texts(cfg, exclude=data["train"][0])
     data = {k: v for k, v in data.items() if v[0]}
-    tokenizer = build_tokenizer(data["train"][0], cfg.vocab_size)
+    tokenizer = build_tokenizer(data["train"][0] + data.get("unlabelled", ([], []))[0], cfg.vocab_size)
     seqs = {k: encode(tokenizer, v[0], cfg.max_len) for k, v in data.items()}
     return tokenizer, seqs, {k: v[1] for k, v in data.items()}
 
@@ -453,8 +583,14 @@ def batches(lengths: list[int], size: int, generator: torch.Generator) -> list[l
     return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
 
-def fit(model: nn.Module, cfg: Config, seqs, labels, epochs: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Train, keeping the weights of the epoch with the best dev accuracy; returns them and that epoch."""
+def fit(
+    model: nn.Module, cfg: Config, seqs, labels, epochs: int, soft: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Train, keeping the weights of the epoch with the best dev accuracy; returns them and that epoch.
+
+    With ``soft`` (a teacher's probabilities for each training row), the loss is the mean of the
+    cross-entropy with the label and with the teacher's probabilities; rows labelled -1 (unlabelled
+    text) learn from the teacher alone."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(seqs["train"]) / cfg.batch_size)
@@ -472,7 +608,14 @@ def fit(model: nn.Module, cfg: Config, seqs, labels, epochs: int) -> tuple[dict[
                 drop = (torch.rand(ids.shape, generator=generator) < cfg.word_dropout) & (mask == 1)
                 ids = ids.masked_fill(drop, unk)
             y = torch.tensor([labels["train"][i] for i in idx], device=device)
-            loss = F.cross_entropy(model.logits(ids.to(device), mask.to(device)), y)
+            logits = model.logits(ids.to(device), mask.to(device))
+            if soft is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                taught = -(soft[idx].to(device) * F.log_softmax(logits, dim=1)).sum(1)
+                labelled = (y >= 0).to(logits.dtype)
+                hard = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+                loss = (labelled * 0.5 * (hard + taught) + (1 - labelled) * taught).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -491,7 +634,7 @@ def export(model: nn.Module, dev: list[list[int]], onnx_path: Path) -> float:
     """The ONNX graph, parity-checked at batch > 1 with different lengths (so padding and the mask
     are exercised); returns the largest difference from torch."""
     common.export_onnx(
-        model,
+        exportable(model),
         pad_batch(dev[:2]),
         onnx_path,
         input_names=["input_ids", "attention_mask"],
@@ -502,6 +645,7 @@ def export(model: nn.Module, dev: list[list[int]], onnx_path: Path) -> float:
             "probabilities": {0: "batch"},
         },
     )
+    lengths_into_lstms(onnx_path)
     lengths = sorted(dev[:64], key=len)
     parity_ids, parity_mask = pad_batch([lengths[0], lengths[len(lengths) // 2], lengths[-1]])
     return common.check_parity(model, onnx_path, {"input_ids": parity_ids, "attention_mask": parity_mask})
@@ -525,9 +669,15 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "source": "../shared/data/sentiment/sst2 (see its SOURCE.md)",
             "split": f"full sentences (phrases inside no longer phrase) drawn with seed {cfg.seed}: "
             f"{len(seqs['dev'])} validation (checkpoint choice), {len(seqs['test'])} test (reported); every "
-            "phrase that is a contiguous run of a held-out sentence's tokens removed from training "
-            "(training.sentiment.honest_split)",
+            "phrase that is a contiguous run of a held-out sentence's tokens removed from training"
+            + (", unless it is also a run of a training sentence" if cfg.shared_phrases else "")
+            + " (training.sentiment.honest_split)",
             "train_examples": len(seqs["train"]),
+            "composed_everyday_training_sentences": cfg.everyday_synthetic,
+            "composed_by": "training.everyday_sentences (seeded templates written for this project; the check "
+            "set's sentences excluded)"
+            if cfg.everyday_synthetic
+            else None,
             "validation_examples": len(seqs["dev"]),
             "test_examples": len(seqs["test"]),
             "everyday_check_set": f"{cfg.everyday} ({len(seqs.get('everyday', []))} everyday English sentences "
@@ -569,6 +719,35 @@ def evaluate_saved(cfg: Config, version_dir: Path) -> dict:
     return metrics
 
 
+def distil(cfg: Config, teacher: nn.Module, vocab: int, seqs, labels, device) -> tuple[nn.Module, int, dict]:
+    """One student of ``cfg.arch`` (seed ``seed + distil``) trained on the training rows and the
+    unlabelled sentences with the teacher's probabilities (see :func:`fit`); returns it, its epoch and
+    the teacher's own accuracy (torch) for the metadata."""
+    cpu = torch.device("cpu")
+    unlabelled = seqs.get("unlabelled", [])
+    soft = probabilities(teacher, seqs["train"] + unlabelled)
+    student_seqs = {**seqs, "train": seqs["train"] + unlabelled}
+    student_labels = {**labels, "train": labels["train"] + [-1] * len(unlabelled)}
+    student_cfg = dataclasses.replace(cfg, seed=cfg.seed + cfg.distil, arch=cfg.student_arch or cfg.arch)
+    common.seed_everything(student_cfg.seed)
+    student = ARCHS[student_cfg.arch](vocab, student_cfg).to(device)
+    state, epoch = fit(student, student_cfg, student_seqs, student_labels, 1 if cfg.smoke else cfg.epochs, soft=soft)
+    student = student.cpu()
+    student.load_state_dict(state)
+    student.eval()
+    summary = {
+        "members": cfg.distil,
+        "unlabelled_sentences": len(unlabelled),
+        **{
+            f"{split}_accuracy": round(accuracy(teacher, seqs[split], labels[split], cpu), 4)
+            for split in ("dev", "test", "everyday")
+            if seqs.get(split)
+        },
+    }
+    print(f"teacher (mean of {cfg.distil}): {summary}")
+    return student, epoch, summary
+
+
 def train(cfg: Config, command: str = "") -> dict:
     common.seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -580,7 +759,8 @@ def train(cfg: Config, command: str = "") -> dict:
     print({k: len(v) for k, v in seqs.items()})
     started = time.perf_counter()
     members, best_epochs, member_validation = [], [], []
-    for i in range(cfg.ensemble):
+    count = cfg.distil or cfg.ensemble
+    for i in range(count):
         member_cfg = dataclasses.replace(cfg, seed=cfg.seed + i)  # member 0 is the single model of this seed
         common.seed_everything(member_cfg.seed)
         member = ARCHS[cfg.arch](tokenizer.get_vocab_size(), member_cfg).to(device)
@@ -590,14 +770,17 @@ def train(cfg: Config, command: str = "") -> dict:
         member.eval()
         members.append(member)
         best_epochs.append(best_epoch)
-        if cfg.ensemble > 1:
+        if count > 1:
             own = accuracy(member, seqs["dev"], labels["dev"], torch.device("cpu"))
             joint = accuracy(Ensemble(members), seqs["dev"], labels["dev"], torch.device("cpu"))
             member_validation.append({"member": round(own, 4), f"mean_of_first_{i + 1}": round(joint, 4)})
             print(f"member {i + 1} (seed {member_cfg.seed}): validation {own:.2%}; mean of {i + 1}: {joint:.2%}")
+    model = members[0] if count == 1 else Ensemble(members).eval()
+    best_epoch = best_epochs[0] if count == 1 else best_epochs
+    teacher: dict = {}
+    if cfg.distil:
+        model, best_epoch, teacher = distil(cfg, model, tokenizer.get_vocab_size(), seqs, labels, device)
     train_seconds = time.perf_counter() - started
-    model = members[0] if cfg.ensemble == 1 else Ensemble(members).eval()
-    best_epoch = best_epochs[0] if cfg.ensemble == 1 else best_epochs
 
     version_dir = cfg.output_dir / name / str(cfg.version)
     onnx_path = version_dir / "model.onnx"
@@ -609,6 +792,7 @@ def train(cfg: Config, command: str = "") -> dict:
         "onnx_vs_torch_max_abs_diff": parity,
         "best_epoch": best_epoch,
         **({"members_validation_accuracy": member_validation} if member_validation else {}),
+        **({"teacher": teacher} if teacher else {}),
         **scores,
     }
     common.write_model_json(cfg.output_dir / name, model_config(cfg, name, tokenizer.get_vocab_size()))
