@@ -6,7 +6,8 @@ graph in onnxruntime with the service's session options, one sentence at a time 
 
 The sentences are SST-2 full sentences (``dev.tsv``'s longest rows, the length of real reviews) and
 the everyday check set (``--lang zh``: every 7th ChnSentiCorp review), in rounds that alternate the
-versions, so drift on a busy machine falls on all of them alike. The first version is the baseline each ratio is taken against.
+versions, so drift on a busy machine falls on all of them alike.
+The first version is the baseline each ratio is taken against.
 """
 
 from __future__ import annotations
