@@ -65,6 +65,18 @@ def test_sentiment_english_unseen_sentences_through_http_match_offline(client: T
     print(f"everyday check set through HTTP: {accuracy:.2%} (offline {metrics['everyday_accuracy']:.2%})")
     assert metrics["everyday_accuracy"] >= 0.85
     assert abs(accuracy - metrics["everyday_accuracy"]) <= 0.005
+    # Written by another author, never trained on: the honest everyday figure, and it is far lower.
+    independent = read_everyday(ROOT / "tests" / "data" / "everyday_sentiment_independent.tsv")
+    accuracy = http_accuracy(client, *independent)
+    offline = metrics["independent_everyday_accuracy"]
+    print(f"independent everyday set through HTTP: {accuracy:.2%} (offline {offline:.2%})")
+    assert len(independent[0]) == 80 and abs(accuracy - offline) <= 0.005
+
+
+def test_sentiment_reads_emoji_as_the_word_they_say(client: TestClient) -> None:
+    texts = ["love it 😍", "love it 😡", "👍", "👎", "Arrived on time ❤️", "Arrived broken 🤮"]
+    labels = [p["label"] for p in client.post(URL, json={"texts": texts}).json()["predictions"]]
+    assert labels == ["positive", "negative", "positive", "negative", "positive", "negative"]
 
 
 def test_sentiment_chinese_heldout_accuracy_through_http_matches_offline(client: TestClient, data_dir: Path) -> None:

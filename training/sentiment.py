@@ -111,6 +111,10 @@ class Config:
     everyday: Path = field(
         default=Path("tests/data/everyday_sentiment.tsv"), metadata={"help": "en: everyday-English check set"}
     )
+    independent: Path = field(
+        default=Path("tests/data/everyday_sentiment_independent.tsv"),
+        metadata={"help": "en: everyday English written by another author (a review session), never trained on"},
+    )
     evaluate: str = field(default="", metadata={"help": "en: only score this saved version folder"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     epochs: int = 8
@@ -205,10 +209,25 @@ def stratified_split(labels: list[int], seed: int, fractions=(0.8, 0.1, 0.1)) ->
     return tuple(sorted(p) for p in parts)
 
 
-def build_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=50))
-    tokenizer.normalizer = normalizers.Sequence(
+# Emoji that say one thing, read as the word they say: neither SST-2 nor the composed sentences have
+# emoji, so without this every one is [UNK] ("love it 😡" and "hate it 😍" read as "love it", "hate it").
+# Ambiguous ones (😂, 😭 as laughter, a single ⭐) are left alone.
+EMOJI_WORDS = {
+    "👍": "good", "👌": "good", "🙌": "great", "😍": "love", "🥰": "love", "❤️": "love", "❤": "love",
+    "😊": "happy", "😀": "happy", "😃": "happy", "😄": "happy", "😁": "happy", "🙂": "nice", "😎": "cool",
+    "💯": "perfect", "🔥": "great", "🎉": "great", "🤩": "amazing",
+    "👎": "bad", "😡": "awful", "😠": "awful", "🤬": "awful", "😞": "disappointed", "😢": "sad", "😤": "annoying",
+    "🙄": "annoying", "😒": "annoying", "🤮": "disgusting", "💩": "awful", "😩": "awful",
+    "😑": "boring", "😴": "boring",
+}  # fmt: skip
+
+
+def normalizer() -> normalizers.Normalizer:
+    """What every text goes through before WordPiece (saved in ``tokenizer.json``, so the service does
+    the same)."""
+    return normalizers.Sequence(
         [
+            *(normalizers.Replace(emoji, f" {word} ") for emoji, word in EMOJI_WORDS.items()),
             normalizers.Replace("’", "'"),
             normalizers.Replace("‘", "'"),
             # SST-2 is treebank-tokenised ("do n't", "ca n't"): make "don't" look the same.
@@ -216,6 +235,11 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
             normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True),
         ]
     )
+
+
+def build_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=50))
+    tokenizer.normalizer = normalizer()
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, UNK], show_progress=False
@@ -468,12 +492,13 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
             texts, labels = texts[:3000], labels[:3000]
         n_val, n_test = (50, 50) if cfg.smoke else (cfg.validation_sentences, cfg.test_sentences)
         split = honest_split(texts, labels, cfg.seed, n_val, n_test, shared=cfg.shared_phrases)
-        everyday = read_everyday(cfg.everyday)
+        everyday, independent = read_everyday(cfg.everyday), read_everyday(cfg.independent)
         if cfg.everyday_synthetic:
-            # Never the check set's own sentences; see training.everyday_sentences.
-            extra = everyday_sentences.generate(cfg.everyday_synthetic, cfg.seed, exclude=everyday[0])
+            # Never the check sets' own sentences; see training.everyday_sentences.
+            exclude = everyday[0] + independent[0]
+            extra = everyday_sentences.generate(cfg.everyday_synthetic, cfg.seed, exclude=exclude)
             split["train"] = (split["train"][0] + extra[0], split["train"][1] + extra[1])
-        return {**split, "everyday": everyday}
+        return {**split, "everyday": everyday, "independent": independent}
     texts, labels = read_chnsenticorp(cfg.data_dir / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
     train_idx, dev_idx, test_idx = stratified_split(labels, cfg.seed)
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
@@ -663,6 +688,10 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "validation_examples": len(seqs["dev"]),
             "everyday_accuracy": round(onnx_accuracy(onnx_path, everyday, labels.get("everyday", [])), 4),
             "everyday_examples": len(everyday),
+            "independent_everyday_accuracy": round(
+                onnx_accuracy(onnx_path, seqs.get("independent", []), labels.get("independent", [])), 4
+            ),
+            "independent_everyday_examples": len(seqs.get("independent", [])),
         }
         dataset = {
             "name": "SST-2 (GLUE SST-2 train: train.tsv + dev.tsv, 67,349 treebank phrases), honest split",
@@ -688,7 +717,8 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             dataset,
             (
                 f"held-out sentence test accuracy {metrics['test_accuracy']:.2%}, validation "
-                f"{metrics['validation_accuracy']:.2%}, everyday set {metrics['everyday_accuracy']:.2%}"
+                f"{metrics['validation_accuracy']:.2%}, everyday set {metrics['everyday_accuracy']:.2%}, "
+                f"independent everyday set {metrics['independent_everyday_accuracy']:.2%}"
             ),
         )
     metrics = {
