@@ -65,7 +65,9 @@ def per_sentence_ms(version: Version, texts: list[str], batch: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("versions", nargs="+", type=Path, help="version folders; the first is the baseline")
-    parser.add_argument("--sentences", type=int, default=400)
+    parser.add_argument(
+        "--sentences", type=int, default=400, help="at most: half of it SST-2 sentences, then the everyday set"
+    )
     parser.add_argument("--lang", choices=["en", "zh"], default="en", help="zh: ChnSentiCorp reviews")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")

@@ -116,7 +116,7 @@ NEGATIONS = [
     ("I didn't mind it at all.", "positive"),
     ("The room was not dirty at all.", "positive"),
     ("I don't regret it.", "positive"),
-    ("I wouldn't change a thing.", "positive"),
+    ("The screen isn't dim at all.", "positive"),
     ("The delivery was never late.", "positive"),
     ("Not a bad choice at all.", "positive"),
     ("I didn't like it at all.", "negative"),
@@ -128,13 +128,18 @@ NEGATIONS = [
 ]
 
 
-def test_sentiment_english_negations_go_both_ways(client: TestClient) -> None:
-    from training.everyday_sentences import generate
+def test_sentiment_english_negations_go_both_ways(client: TestClient, data_dir: Path) -> None:
+    from training.everyday_sentences import _key, generate
+    from training.sentiment import read_everyday
+    from training.text_generation import read_sentences
 
     config = metadata("sentiment", ENGLISH_VERSION)["training"]["config"]
-    composed, _ = generate(int(config["everyday_synthetic"]), int(config["seed"]))
+    check_set = read_everyday(ROOT / config["everyday"])[0]
+    composed, _ = generate(int(config["everyday_synthetic"]), int(config["seed"]), exclude=check_set)
     texts = [t for t, _ in NEGATIONS]
-    assert not {t.lower() for t in texts} & {t.lower() for t in composed}
+    # Neither composed for training nor among the Tatoeba sentences its teacher labelled.
+    assert not {_key(t) for t in texts} & {_key(t) for t in composed}
+    assert not {_key(t) for t in texts} & {_key(t) for t in read_sentences(data_dir / "translation")}
     predictions = client.post(URL, json={"texts": texts}).json()["predictions"]
     wrong = [
         (t, p["label"], round(p["score"], 3))
@@ -142,7 +147,7 @@ def test_sentiment_english_negations_go_both_ways(client: TestClient) -> None:
         if p["label"] != want
     ]
     print(f"\nnegations wrong: {wrong}")
-    assert len(wrong) <= 3, wrong  # the previous model (v1) got 6 of 12: every one "negative"
+    assert len(wrong) <= 3, wrong  # v2 gets 2 wrong; v1 got 6, calling every one "negative"
 
 
 def test_sentiment_routes_chinese_by_detection_language_or_name(client: TestClient) -> None:

@@ -494,9 +494,10 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
         split = honest_split(texts, labels, cfg.seed, n_val, n_test, shared=cfg.shared_phrases)
         everyday, independent = read_everyday(cfg.everyday), read_everyday(cfg.independent)
         if cfg.everyday_synthetic:
-            # Never the check sets' own sentences; see training.everyday_sentences.
-            exclude = everyday[0] + independent[0]
-            extra = everyday_sentences.generate(cfg.everyday_synthetic, cfg.seed, exclude=exclude)
+            # Never the check set's own sentences; see training.everyday_sentences. The independent set
+            # came later and is not excluded, so that this draws the sentences v2 trained on (one of its
+            # 80, "never again", is among them).
+            extra = everyday_sentences.generate(cfg.everyday_synthetic, cfg.seed, exclude=everyday[0])
             split["train"] = (split["train"][0] + extra[0], split["train"][1] + extra[1])
         return {**split, "everyday": everyday, "independent": independent}
     texts, labels = read_chnsenticorp(cfg.data_dir / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
@@ -710,7 +711,8 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "validation_examples": len(seqs["dev"]),
             "test_examples": len(seqs["test"]),
             "everyday_check_set": f"{cfg.everyday} ({len(seqs.get('everyday', []))} everyday English sentences "
-            "about products, apps and services, written for this check; never trained or chosen on)",
+            "about products, apps and services, written for this check; never trained or chosen on, but the "
+            "composer of training.everyday_sentences was written by its author after reading it)",
         }
         return (
             metrics,

@@ -597,11 +597,14 @@ async def _stream(
             if not opened[index] and echo:
                 records = job.prompt_logprobs + records
                 pieces = engine.pieces(job.prompt[1:]) + pieces
-            end = len(prompt_texts[index]) + len(engine.text_of(job)) if done else None
-            block = _logprobs(engine, records, pieces, offsets[index], end)
+            echoed = len(records) - (scored - sent_logprobs[index])  # the prompt's records, first chunk only
+            # Before the end, only records whose text has gone out: a token whose text is held back (an
+            # unfinished character, or what may begin a stop sequence) waits, since the stop may cut it.
+            released = sent[index] + len(delta) if not done else len(engine.text_of(job))
+            block = _logprobs(engine, records, pieces, offsets[index], len(prompt_texts[index]) + released)
             offsets[index] += sum(len(t) for t in block.tokens)
             logprobs = block.model_dump()
-            sent_logprobs[index] = scored
+            sent_logprobs[index] += max(0, len(block.tokens) - echoed) if not done else scored - sent_logprobs[index]
         sent[index] += len(delta)
         finished[index] = done
         if not (prefix or delta or logprobs is not None or done):
