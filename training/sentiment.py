@@ -293,6 +293,13 @@ class TextCNN(nn.Module):
         return torch.softmax(self.logits(input_ids, attention_mask), dim=1)
 
 
+def max_and_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``h [B, L, D]`` pooled over the real positions (``mask [B, L, 1]``): max and mean side by side."""
+    pooled_max = h.masked_fill(mask == 0, -1e4).max(dim=1).values
+    pooled_mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return torch.cat([pooled_max, pooled_mean], dim=1)
+
+
 class BiLSTM(nn.Module):
     """Two one-way LSTMs; the backward one reads each text reversed within its own length (a gather,
     so the graph exports to ONNX and padding at the end never reaches the real tokens)."""
@@ -317,9 +324,7 @@ class BiLSTM(nn.Module):
         backward, _ = self.backward_lstm(torch.gather(x, 1, index))
         backward = torch.gather(backward, 1, reverse.unsqueeze(2).expand(-1, -1, backward.shape[2]))
         h = torch.cat([forward, backward], dim=2)  # [B, L, 2H]
-        pooled_max = h.masked_fill(mask == 0, -1e4).max(dim=1).values
-        pooled_mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.fc(self.dropout(torch.cat([pooled_max, pooled_mean], dim=1)))
+        return self.fc(self.dropout(max_and_mean(h, mask)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(input_ids, attention_mask), dim=1)
@@ -344,9 +349,7 @@ class FusedBiLSTM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h, _ = self.lstm(self.embed(input_ids))
         mask = attention_mask.unsqueeze(2).to(h.dtype)
-        pooled_max = h.masked_fill(mask == 0, -1e4).max(dim=1).values
-        pooled_mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.softmax(self.fc(torch.cat([pooled_max, pooled_mean], dim=1)), dim=1)
+        return torch.softmax(self.fc(max_and_mean(h, mask)), dim=1)
 
 
 def lengths_into_lstms(onnx_path: Path) -> int:
@@ -425,9 +428,7 @@ class TransformerEncoder(nn.Module):
             x = layer(x, blocked)
         h = self.norm(x)
         mask = attention_mask.unsqueeze(2).to(h.dtype)
-        pooled_max = h.masked_fill(mask == 0, -1e4).max(dim=1).values
-        pooled_mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.fc(self.dropout(torch.cat([pooled_max, pooled_mean], dim=1)))
+        return self.fc(self.dropout(max_and_mean(h, mask)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(input_ids, attention_mask), dim=1)
