@@ -604,7 +604,7 @@ async def _stream(
             block = _logprobs(engine, records, pieces, offsets[index], len(prompt_texts[index]) + released)
             offsets[index] += sum(len(t) for t in block.tokens)
             logprobs = block.model_dump()
-            sent_logprobs[index] += max(0, len(block.tokens) - echoed) if not done else scored - sent_logprobs[index]
+            sent_logprobs[index] = scored if done else sent_logprobs[index] + max(0, len(block.tokens) - echoed)
         sent[index] += len(delta)
         finished[index] = done
         if not (prefix or delta or logprobs is not None or done):
