@@ -13,12 +13,14 @@ RUN python -m venv /opt/venv \
 # (mount another repository read-only over it, or point NEUROSERVE_REPOSITORY elsewhere).
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 neuroserve \
- && useradd --system --uid 10001 --gid neuroserve --no-create-home --shell /usr/sbin/nologin neuroserve
+ && useradd --system --uid 10001 --gid neuroserve --no-create-home --shell /usr/sbin/nologin neuroserve \
+ && mkdir /data && chown 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
 COPY models /models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NEUROSERVE_REPOSITORY=/models \
+    NEUROSERVE_GALLERY_PATH=/data/gallery.sqlite3 \
     NEUROSERVE_HOST=0.0.0.0 \
     NEUROSERVE_PORT=8000
 USER 10001:10001

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= $(abspath ../shared/data)
 URL    ?= http://127.0.0.1:8000
 
-.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-text-generation train-object-detection train-image-generation train-digit-ood bench bench-translation bench-object-detection clean
+.PHONY: serve test stack loadtest lint format train-image-classification train-sentiment train-rating train-translation train-text-generation train-object-detection train-image-generation train-digit-ood train-face-recognition bench bench-translation bench-object-detection clean
 DURATION ?= 60s
 USERS    ?= 32
 
@@ -76,6 +76,13 @@ train-image-generation: $(VENV)/.dev
 
 train-digit-ood: $(VENV)/.dev
 	$(BIN)/python -m training.digit_ood --data-dir $(DATA)/image_classification/mnist --coco-dir $(DATA)/object_detection/coco128/images
+
+# Face recognition: the face detector (LFW faces in coco128 photos), then the embedding network with
+# its verification protocol and LBP baseline (both on 2 CPU cores; see the README's model table).
+train-face-recognition: $(VENV)/.dev
+	$(BIN)/python -m training.object_detection --dataset faces --data-dir $(DATA) --name face-detector \
+		--input-size 256 --width 16 --train-scenes 6000 --test-scenes 500 --epochs 8 --max-detections 20 --score-threshold 0.5
+	$(BIN)/python -m training.face_recognition --data-dir $(DATA)/face_recognition --epochs 30 --threads 2
 
 train-object-detection: $(VENV)/.dev
 	$(BIN)/python -m training.object_detection --data-dir $(DATA)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from PIL import Image, ImageDraw
@@ -18,9 +19,10 @@ from PIL import Image, ImageDraw
 DATA = os.environ.get("NEUROSERVE_TEST_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
-def call(base: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+def call(base: str, path: str, body: dict | None = None, method: str | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read() or b"{}")
@@ -69,6 +71,37 @@ def completions(base: str) -> tuple[int, dict]:
     return 200, {"text": first.choices[0].text, "again": again.choices[0].text, "streamed": streamed, "models": models}
 
 
+def lfw_faces() -> tuple[str, str, str]:
+    """Two photos of one LFW person and that person's name (the first person with two images)."""
+    import tarfile
+
+    seen: dict[str, bytes] = {}
+    with tarfile.open(os.path.join(DATA, "face_recognition", "lfw-deepfunneled-part1.tar.gz")) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                person = member.name.split("/")[-2]
+                data = tar.extractfile(member).read()
+                if person in seen:
+                    return person, base64.b64encode(seen[person]).decode(), base64.b64encode(data).decode()
+                seen[person] = data
+    raise SystemExit("no LFW person with two images")
+
+
+def gallery_shared(base: str) -> tuple[int, dict]:
+    """Enrol a face through nginx, then identify it six times (nginx spreads the calls over the
+    replicas): every replica must see the one gallery; then forget the person."""
+    person, first, second = lfw_faces()
+    status, enrolled = call(base, "/v1/faces", {"person": person, "image": first, "aligned": True})
+    if status != 201:
+        return status, enrolled
+    found = []
+    for _ in range(6):
+        status, body = call(base, "/v1/face-identification", {"image": second, "aligned": True, "k": 1})
+        found.append(body.get("matches", [{}])[0].get("person") if status == 200 else status)
+    status, gone = call(base, "/v1/faces?person=" + urllib.parse.quote(person), method="DELETE")
+    return status, {"found": found, "person": person, "deleted": gone.get("deleted")}
+
+
 def main(base: str) -> None:
     scene, digits = digit_scene()
     checks = [
@@ -88,6 +121,8 @@ def main(base: str) -> None:
                     "digit-generator",
                     "mnist-ood",
                     "text-generator",
+                    "face-embedding",
+                    "face-detector",
                 }
             ),
         ),
@@ -148,6 +183,16 @@ def main(base: str) -> None:
             "POST /v1/object-detection",
             call(base, "/v1/object-detection", {"images": [scene]}),
             lambda b: b["model"] == "digit-detector" and found_most(b, digits),
+        ),
+        (
+            "POST /v1/face-verification (two photos of one person)",
+            call(base, "/v1/face-verification", {"images": list(lfw_faces()[1:]), "aligned": True}),
+            lambda b: b["model"] == "face-embedding" and b["same_person"] is True,
+        ),
+        (
+            "the face gallery, shared by the replicas (enrol, identify x6, forget)",
+            gallery_shared(base),
+            lambda b: b["found"] == [b["person"]] * 6 and b["deleted"] == 1,
         ),
         (
             "bad input is a 4xx",

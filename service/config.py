@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(10_000, gt=0, description="Deadline for a request to start running.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503 answers.")
 
+    # The face gallery (POST /v1/faces): enrolled vectors, never images. Replicas that open one file
+    # (a shared volume on one host) share one gallery.
+    gallery_path: Path = Field(
+        Path("data/gallery.sqlite3"), description="SQLite file of the face gallery (created on first use)."
+    )
+    max_gallery_matches: int = Field(100, ge=1, description="Most matches one identification may ask for.")
+
     # Limits on what clients send.
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest single image file.")

@@ -156,6 +156,12 @@ class SchemaError(ServiceError):
     summary = "The request does not match the schema (a field missing, of the wrong type or out of range)"
 
 
+class NoFace(ServiceError):
+    status_code = 422
+    error_type = "no_face"
+    summary = "The face detector found no face in a photo (send one with a face, or an aligned face)"
+
+
 class Overloaded(ServiceError):
     # 429, not 503: a load balancer retries 503s on another replica (right for a replica that is
     # loading or shutting down), which under real overload would multiply the load and eject a busy
@@ -172,6 +178,10 @@ class RateLimited(Overloaded):
 class ShuttingDown(Overloaded):
     status_code = 503  # this replica is going away: another one should take the request
     error_type = "shutting_down"
+
+
+class GalleryBusy(ModelNotReady):
+    error_type = "gallery_busy"  # another replica held the face gallery's database past the timeout
 
 
 class TooManyConnections(ModelNotReady):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def wait_loaded(client: TestClient) -> None:
 
 
 def make_client(**overrides) -> TestClient:
-    settings = Settings(**{"repository": ROOT / "models", "log_json": False, **overrides})
+    # Each app's face gallery in a folder of its own (the default, data/, is the working directory's).
+    gallery = Path(tempfile.mkdtemp(prefix="neuroserve-gallery-")) / "gallery.sqlite3"
+    settings = Settings(**{"repository": ROOT / "models", "log_json": False, "gallery_path": gallery, **overrides})
     return TestClient(create_app(settings))
 
 

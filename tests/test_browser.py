@@ -67,7 +67,26 @@ def draw_a_one(page) -> None:  # type: ignore[no-untyped-def]
     page.mouse.up()
 
 
-def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, server, shots: Path) -> None:
+def two_photos_of_one_person(data_dir: Path, folder: Path) -> list[str]:
+    """The first two LFW photos of the first person with two (files for the page's file inputs)."""
+    import tarfile
+
+    seen: dict[str, bytes] = {}
+    with tarfile.open(data_dir / "face_recognition" / "lfw-deepfunneled-part1.tar.gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                person, data = member.name.split("/")[-2], tar.extractfile(member).read()  # type: ignore[union-attr]
+                if person in seen:
+                    paths = [folder / "a.jpg", folder / "b.jpg"]
+                    paths[0].write_bytes(seen[person])
+                    paths[1].write_bytes(data)
+                    return [str(p) for p in paths]
+                seen[person] = data
+    raise AssertionError("no LFW person with two photos")
+
+
+def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, server, shots: Path, data_dir) -> None:
+    faces = two_photos_of_one_person(data_dir, shots)
     for name, width, height in (("desktop", 1280, 900), ("phone", 375, 812)):
         page, problems = open_page(browser, server, width, height)
         draw_a_one(page)
@@ -93,6 +112,12 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
 
         page.click("#recommend-run")
         page.wait_for_function("document.querySelectorAll('#recommend-result li').length === 5")
+
+        page.set_input_files("#faces-a", faces[0])
+        page.set_input_files("#faces-b", faces[1])
+        page.click("#faces-run")
+        page.wait_for_function("document.getElementById('faces-meta').textContent.includes('inference')")
+        assert "the same person" in page.inner_text("#faces-result"), page.inner_text("#faces-result")
 
         page.fill("#generate-digits", "42")
         page.fill("#generate-seed", "7")

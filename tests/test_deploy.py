@@ -32,12 +32,23 @@ def test_kubernetes_deployments_probe_the_v2_health_endpoints_and_set_resources(
         for doc in yaml.safe_load_all(path.read_text()):
             kinds.setdefault(doc["kind"], []).append(doc)
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
-    assert len(kinds["Deployment"]) == 2  # CPU and GPU
+    assert len(kinds["Deployment"]) == 3  # CPU, GPU, and the face gallery's single writer
     for deployment in kinds["Deployment"]:
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         assert container["resources"]["requests"] and container["resources"]["limits"]
+    gallery = next(d for d in kinds["Deployment"] if d["metadata"]["name"].endswith("gallery"))
+    assert gallery["spec"]["replicas"] == 1 and gallery["spec"]["strategy"]["type"] == "Recreate"
+    volumes = {v["name"]: v for v in gallery["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["gallery"]["persistentVolumeClaim"]["claimName"] == "neuroserve-gallery"
+    (ingress,) = kinds["Ingress"]
+    routed = {p["path"]: p["backend"]["service"]["name"] for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    assert routed == {
+        "/v1/faces": "neuroserve-gallery",
+        "/v1/face-identification": "neuroserve-gallery",
+        "/": "neuroserve",
+    }
     gpu = next(d for d in kinds["Deployment"] if d["metadata"]["name"].endswith("gpu"))
     assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
@@ -51,6 +62,7 @@ def test_compose_replicas_are_health_gated_limited_and_read_only() -> None:
         assert service["deploy"]["resources"]["limits"]["memory"]
         assert service["deploy"]["resources"]["limits"]["cpus"]
         assert "./models:/models:ro" in service["volumes"]
+        assert "gallery:/data" in service["volumes"]  # one face gallery file for every replica
         assert service["stop_signal"] == "SIGTERM"
         assert nginx["depends_on"][name] == {"condition": "service_healthy"}
     gpu = COMPOSE["services"]["neuroserve-gpu"]

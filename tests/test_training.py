@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import make_client, wait_ready
@@ -313,7 +314,7 @@ def test_character_ngram_distributions_sum_to_one_and_unseen_characters_have_mas
             assert p_next[after][-1] > 0.0
 
 
-@pytest.mark.parametrize("dataset", ["digits", "yolo"])
+@pytest.mark.parametrize("dataset", ["digits", "yolo", "faces"])
 def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp_path: Path, dataset: str) -> None:
     from training import object_detection
 
@@ -323,7 +324,8 @@ def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp
     meta = object_detection.main(argv)
     assert 0.0 <= meta["metrics"]["map_50_95"] <= meta["metrics"]["map_50"] <= 1.0
     spec = json.loads((tmp_path / "detector" / "model.json").read_text())
-    assert len(spec["labels"]) == (10 if dataset == "digits" else 80)
+    assert len(spec["labels"]) == {"digits": 10, "yolo": 80, "faces": 1}[dataset]
+    assert spec["default"] is (dataset != "faces")  # the face detector never takes over /v1/object-detection
     with make_client(repository=tmp_path, warmup=False) as client:
         wait_ready(client)
         size = spec["parameters"]["input_size"]
@@ -335,6 +337,46 @@ def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp
         response = client.post("/v2/models/detector/infer", json=body)
         assert response.status_code == 200, response.text
         assert [o["shape"] for o in response.json()["outputs"]] == [[2, 100, 4], [2, 100], [2, 100]]
+
+
+def test_face_recognition_smoke_training_exports_a_graph_that_serves_verification(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A tiny run end to end: held-out folds' people are not trained on, the graph gives unit
+    vectors (parity with torch at batch 8), the metadata has the protocol's figures beside the LBP
+    baseline, and the service verifies two faces with it; --evaluate-only measures it again."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from training import face_recognition
+
+    argv = ["--smoke", "--data-dir", str(data_dir / "face_recognition"), "--output-dir", str(tmp_path)]
+    argv += ["--detector", ""]
+    meta = face_recognition.main(argv)
+    metrics = meta["metrics"]
+    assert metrics["heldout_folds"] == [1, 2, 3] and metrics["onnx_vs_torch_max_abs_diff"] < 1e-4
+    for figures in (metrics["verification"], metrics["baseline_lbp"]["verification"]):
+        assert len(figures["fold_accuracies"]) == 3 and 0.0 <= figures["accuracy_mean"] <= 1.0
+    assert meta["dataset"]["train_people"] > 0 and "--smoke" in meta["training"]["command"]
+    spec = json.loads((tmp_path / "face-embedding" / "model.json").read_text())
+    assert "detector" not in spec["parameters"]
+    assert spec["parameters"]["threshold"] == metrics["verification"]["threshold"]
+    again = face_recognition.main([*argv, "--evaluate-only"])
+    assert again["training"] == meta["training"] and "--evaluate-only" in again["metrics_command"]
+
+    def face(seed: int) -> str:
+        pixels = np.random.default_rng(seed).integers(0, 255, (250, 250, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    with make_client(repository=tmp_path, warmup=False) as client:
+        wait_ready(client)
+        response = client.post("/v1/face-verification", json={"images": [face(1), face(1)]})
+        assert response.status_code == 200, response.text
+        assert response.json()["score"] == pytest.approx(1.0, abs=1e-5)  # one image twice: the same vector
 
 
 def test_map_evaluator_scores_perfect_and_shifted_boxes() -> None:

@@ -56,7 +56,10 @@ def multiple_of_32(text: str) -> int:
 
 @dataclasses.dataclass
 class Config:
-    dataset: Literal["digits", "yolo"] = "digits"
+    dataset: Literal["digits", "yolo", "faces"] = field(
+        default="digits",
+        metadata={"help": "digits: digit scenes; faces: LFW faces in photos (training/face_scenes.py); yolo: a folder"},
+    )
     data_dir: Path = field(default=Path("../shared/data"), metadata={"help": "holds mnist and coco128 (digit scenes)"})
     yolo_dir: Path = field(
         default=Path("../shared/data/object_detection/coco128"),
@@ -142,6 +145,19 @@ def load_samples(cfg: Config) -> tuple[Samples, Samples, list[str]]:
             Samples(scene_makers["train"].scene, cfg.train_scenes),
             Samples(scene_makers["test"].scene, cfg.test_scenes),
             CLASSES,
+        )
+    if cfg.dataset == "faces":
+        from training import face_recognition, face_scenes
+
+        pairs = face_recognition.load_pairs(cfg.data_dir / "face_recognition" / "pairs_folds1-8.txt")
+        holdout = {
+            p for k in face_recognition.Config().holdout_folds for p in face_recognition.fold_people(pairs[k - 1])
+        }
+        face_makers = face_scenes.makers(cfg.data_dir, cfg.seed, holdout, faces_per_split=400 if cfg.smoke else 4000)
+        return (
+            Samples(face_makers["train"].scene, cfg.train_scenes),
+            Samples(face_makers["test"].scene, cfg.test_scenes),
+            face_scenes.CLASSES,
         )
     parts = {}
     for split in (cfg.train_split, cfg.val_split):
@@ -407,8 +423,13 @@ def model_config(cfg: Config, classes: list[str]) -> dict:
     return {
         "name": cfg.name,
         "task": "object-detection",
-        "default": True,
-        "description": "Single-shot anchor-free detector (CenterNet-style) with its decoding in the graph. "
+        # The face detector serves face recognition (its model.json names it); the digit detector
+        # stays the object-detection endpoint's default.
+        "default": cfg.dataset != "faces",
+        "description": (
+            "Face detector: boxes the face square the face-embedding model reads. " if cfg.dataset == "faces" else ""
+        )
+        + "Single-shot anchor-free detector (CenterNet-style) with its decoding in the graph. "
         f"Input: letterboxed RGB in [0, 1], {s}x{s}; outputs: boxes (x1, y1, x2, y2 in input pixels), "
         "scores and classes of the top detections, best first.",
         "platform": "onnx_onnxv1",
@@ -516,6 +537,14 @@ def evaluate(onnx_path: Path, test_set: Samples, cfg: Config, n_classes: int, pa
 
 
 def dataset_description(cfg: Config, train_set: Samples, test_set: Samples) -> dict:
+    if cfg.dataset == "faces":
+        return {
+            "name": "face scenes (training/face_scenes.py): LFW portraits and LFW heads pasted into coco128 photos "
+            "without people",
+            "train": f"{len(train_set)} scenes, LFW people outside the held-out pair folds, coco128 train2017, "
+            f"seed {cfg.seed}",
+            "test": f"{len(test_set)} scenes, the held-out folds' people (never trained on), coco128 val2017",
+        }
     if cfg.dataset != "digits":
         return {"name": f"YOLO-layout dataset {cfg.yolo_dir}", "train": cfg.train_split, "test": cfg.val_split}
     return {

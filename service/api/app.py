@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],  # DELETE: the face gallery
             allow_headers=["authorization", "content-type", "x-api-key", "x-request-id", "traceparent"],
             expose_headers=EXPOSED_HEADERS,
             max_age=settings.cors_max_age_s,

@@ -4,7 +4,7 @@ A keys file (``NEUROSERVE_API_KEYS_FILE``) is a JSON list of ``{"name", "sha256"
 "requests_per_minute"}``: only each key's SHA-256 is stored, a presented key is hashed and compared
 with every stored hash in constant time, and no key is ever logged. Scopes: ``infer`` (inference
 and model metadata), ``metrics`` (``/metrics``), ``admin`` (the repository index, the model list, loading
-and unloading models).
+and unloading models, the face gallery).
 Health, the docs and the playground stay open. ``neuroserve keys add NAME --scope infer`` makes a
 key, prints it once and appends its hash.
 
@@ -153,6 +153,8 @@ def scope_of(method: str, path: str) -> Scope | None:
         return "metrics"  # operators' figures (Triton's statistics extension too)
     if path == "/v2/models" or path.startswith("/v2/repository/"):
         return "admin"  # the index, and loading and unloading models
+    if path == "/v1/faces" or path.startswith("/v1/faces/") or path == "/v1/face-identification":
+        return "admin"  # the face gallery: people's names and their face vectors
     return "infer"
 
 

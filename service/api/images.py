@@ -24,6 +24,7 @@ T = TypeVar("T")
 # After a request this large, freed image memory is handed back to the system at once.
 _TRIM_AFTER_PIXELS = 4_000_000
 _INLINE_DECODE_BYTES = 8 * 1024
+_IMAGE_FIELDS = ("images", "image")  # the JSON fields that multipart sends as files
 
 
 async def read_images(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
@@ -56,7 +57,7 @@ async def _read_multipart(request: Request, settings: Settings, json_model: type
             data = await upload.read(settings.max_image_bytes + 1)
             blobs.append((f"files[{i}] ({upload.filename})", data))
         fields: dict[str, str] = {}
-        allowed = set(json_model.model_fields) - {"images"}
+        allowed = set(json_model.model_fields) - set(_IMAGE_FIELDS)
         for key, value in form.multi_items():
             if key in ("files", "file"):
                 continue
@@ -80,12 +81,17 @@ def _read_json(body: bytes, settings: Settings, json_model: type[BaseModel]) -> 
     return blobs, request.model_dump(exclude={"images"}, exclude_none=True)
 
 
-def request_doc(json_model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for an image endpoint: the JSON body, or multipart ``files`` plus the same fields."""
+def request_doc(json_model: type[BaseModel], *, files: tuple[int, int] | None = None) -> dict[str, Any]:
+    """OpenAPI for an image endpoint: the JSON body, or multipart ``files`` (``files``: how many,
+    at least and at most, when the endpoint takes a fixed number) plus the same fields, required
+    as in JSON."""
     schema = inline_schema(json_model)
-    fields = {k: v for k, v in schema["properties"].items() if k != "images"}
-    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    multipart = {"type": "object", "required": ["files"], "properties": {"files": files, **fields}}
+    fields = {k: v for k, v in schema["properties"].items() if k not in _IMAGE_FIELDS}
+    parts: dict[str, Any] = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    if files is not None:
+        parts.update(minItems=files[0], maxItems=files[1])
+    required = ["files", *(k for k in schema.get("required", []) if k not in _IMAGE_FIELDS)]
+    multipart = {"type": "object", "required": required, "properties": {"files": parts, **fields}}
     content = {
         "application/json": {"schema": schema},
         "multipart/form-data": {"schema": multipart},

@@ -5,6 +5,7 @@ model"); ``model.json`` may name exactly these in its ``task`` (or ``"none"`` fo
 from __future__ import annotations
 
 from service.tasks import (
+    face_embedding,
     image_classification,
     image_generation,
     image_ood,
@@ -27,6 +28,7 @@ TASKS: dict[str, Task] = {
         image_generation,
         image_ood,
         text_generation,
+        face_embedding,
     )
 }
 

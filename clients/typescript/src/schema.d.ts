@@ -486,6 +486,93 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/face-embeddings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Face vectors of images (multipart files or base64 JSON) */
+        post: operations["embeddings_v1_face_embeddings_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/face-verification": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Whether two images show the same person */
+        post: operations["verify_v1_face_verification_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/faces": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The gallery's entries */
+        get: operations["list_faces_v1_faces_get"];
+        put?: never;
+        /** Enrol a person's face in the gallery (its vector is stored, not the image) */
+        post: operations["enrol_v1_faces_post"];
+        /** Delete every gallery entry of a person (all their face vectors) */
+        delete: operations["delete_person_v1_faces_delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/faces/{face_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** Delete one gallery entry */
+        delete: operations["delete_face_v1_faces__face_id__delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/face-identification": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Who in the gallery a face is (best matches first) */
+        post: operations["identify_v1_face_identification_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/metrics": {
         parameters: {
             query?: never;
@@ -581,6 +668,14 @@ export interface components {
             /** Text Offset */
             text_offset: number[];
         };
+        /** Deleted */
+        Deleted: {
+            /**
+             * Deleted
+             * @description How many gallery entries (face vectors) were deleted.
+             */
+            deleted: number;
+        };
         /** Detection */
         Detection: {
             /** Label */
@@ -604,6 +699,21 @@ export interface components {
             /** Ns */
             ns: number;
         };
+        /** EnrolResponse */
+        EnrolResponse: {
+            /** Id */
+            id: string;
+            /** Person */
+            person: string;
+            /**
+             * Model
+             * @description name/version of the model whose vector this is.
+             */
+            model: string;
+            /** Created */
+            created: string;
+            face: components["schemas"]["FaceBox"];
+        };
         /** ErrorResponse */
         ErrorResponse: {
             /**
@@ -616,7 +726,106 @@ export interface components {
              * @description Stable machine-readable kind (one class in service/errors.py).
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+        };
+        /** FaceBox */
+        FaceBox: {
+            /** X1 */
+            x1: number;
+            /** Y1 */
+            y1: number;
+            /** X2 */
+            x2: number;
+            /** Y2 */
+            y2: number;
+            /**
+             * Score
+             * @description The face detector's score; null when the image was taken as an aligned face.
+             */
+            score: number | null;
+        };
+        /** FaceEmbeddingsResponse */
+        FaceEmbeddingsResponse: {
+            /** Model */
+            model: string;
+            /** Version */
+            version: string;
+            /** Dimensions */
+            dimensions: number;
+            /**
+             * Embeddings
+             * @description Per image in request order, largest face first.
+             */
+            embeddings: components["schemas"]["FaceVector"][];
+        };
+        /** FaceVector */
+        FaceVector: {
+            /**
+             * Image
+             * @description Index of the image in the request.
+             */
+            image: number;
+            /** @description The face square, in the pixels of the image as sent. */
+            face: components["schemas"]["FaceBox"];
+            /** Embedding */
+            embedding: number[];
+        };
+        /** FaceVerificationResponse */
+        FaceVerificationResponse: {
+            /** Model */
+            model: string;
+            /** Version */
+            version: string;
+            /** Same Person */
+            same_person: boolean;
+            /**
+             * Score
+             * @description Cosine of the two faces' vectors, in [-1, 1].
+             */
+            score: number;
+            /** Threshold */
+            threshold: number;
+            /** Faces */
+            faces: components["schemas"]["FaceBox"][];
+        };
+        /** GalleryEntry */
+        GalleryEntry: {
+            /** Id */
+            id: string;
+            /** Person */
+            person: string;
+            /**
+             * Model
+             * @description name/version of the model whose vector this is.
+             */
+            model: string;
+            /** Created */
+            created: string;
+        };
+        /** GalleryList */
+        GalleryList: {
+            /** Faces */
+            faces: components["schemas"]["GalleryEntry"][];
+            /** Total */
+            total: number;
+            /** Limit */
+            limit: number;
+            /** Offset */
+            offset: number;
+        };
+        /** GalleryMatch */
+        GalleryMatch: {
+            /** Person */
+            person: string;
+            /** Id */
+            id: string;
+            /** Score */
+            score: number;
+            /**
+             * Same Person
+             * @description The score reaches the model's threshold.
+             */
+            same_person: boolean;
         };
         /** GeneratedImage */
         GeneratedImage: {
@@ -658,6 +867,21 @@ export interface components {
         HTTPValidationError: {
             /** Detail */
             detail?: components["schemas"]["ValidationError"][];
+        };
+        /** IdentifyResponse */
+        IdentifyResponse: {
+            /** Model */
+            model: string;
+            /** Version */
+            version: string;
+            face: components["schemas"]["FaceBox"];
+            /** Threshold */
+            threshold: number;
+            /**
+             * Matches
+             * @description Best first; entries of this model only.
+             */
+            matches: components["schemas"]["GalleryMatch"][];
         };
         /** ImageClassificationResponse */
         ImageClassificationResponse: {
@@ -830,7 +1054,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
             /** Name */
             name: string;
             /** Ready */
@@ -951,7 +1175,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** ObjectDetectionResponse */
         ObjectDetectionResponse: {
@@ -1469,7 +1693,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1505,7 +1729,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1617,7 +1841,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1653,7 +1877,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1766,7 +1990,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1802,7 +2026,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1916,7 +2140,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1952,7 +2176,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2065,7 +2289,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -2101,7 +2325,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2214,7 +2438,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -2250,7 +2474,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2364,7 +2588,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -2400,7 +2624,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2513,7 +2737,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -2663,7 +2887,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -3630,7 +3854,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -3666,7 +3890,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4598,7 +4822,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -4634,7 +4858,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4779,7 +5003,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -4815,7 +5039,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5008,7 +5232,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5044,7 +5268,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5175,7 +5399,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5211,7 +5435,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5338,7 +5562,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5374,7 +5598,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5505,7 +5729,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5541,7 +5765,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5683,7 +5907,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5719,7 +5943,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5876,7 +6100,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5912,7 +6136,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6022,7 +6246,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -6058,7 +6282,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6170,7 +6394,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -6206,7 +6430,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6435,7 +6659,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -6471,7 +6695,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6636,7 +6860,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error` */
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -6672,7 +6896,1215 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    embeddings_v1_face_embeddings_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * All Faces
+                     * @description Every face the detector finds in a photo, not only the largest.
+                     * @default false
+                     */
+                    all_faces?: boolean;
+                    /**
+                     * Images
+                     * @description Base64-encoded image files (PNG, JPEG, WebP, BMP, GIF); data URLs accepted. At most 64 on this server (NEUROSERVE_MAX_IMAGES_PER_REQUEST).
+                     */
+                    images: string[];
+                };
+                "multipart/form-data": {
+                    files: string[];
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * All Faces
+                     * @description Every face the detector finds in a photo, not only the largest.
+                     * @default false
+                     */
+                    all_faces?: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FaceEmbeddingsResponse"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    verify_v1_face_verification_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * Threshold
+                     * @description Cosine at which two faces count as one person; default: the model's.
+                     */
+                    threshold?: number | null;
+                    /**
+                     * Images
+                     * @description Exactly two base64-encoded images.
+                     */
+                    images: string[];
+                };
+                "multipart/form-data": {
+                    files: string[];
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * Threshold
+                     * @description Cosine at which two faces count as one person; default: the model's.
+                     */
+                    threshold?: number | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FaceVerificationResponse"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    list_faces_v1_faces_get: {
+        parameters: {
+            query?: {
+                /** @description Only this person's entries. */
+                person?: string | null;
+                limit?: number;
+                offset?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GalleryList"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    enrol_v1_faces_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * Person
+                     * @description Who the face is (any label you choose: a name, a user id).
+                     */
+                    person: string;
+                    /**
+                     * Image
+                     * @description A base64-encoded image file with the person's face.
+                     */
+                    image: string;
+                };
+                "multipart/form-data": {
+                    files: string[];
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * Person
+                     * @description Who the face is (any label you choose: a name, a user id).
+                     */
+                    person: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnrolResponse"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    delete_person_v1_faces_delete: {
+        parameters: {
+            query: {
+                /** @description The person to forget. */
+                person: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deleted"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    delete_face_v1_faces__face_id__delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                face_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deleted"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's deadline passed before it could run or finish. error_type: `deadline_exceeded` */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    identify_v1_face_identification_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * K
+                     * @description Matches to return, best first. At most 100 on this server (NEUROSERVE_MAX_GALLERY_MATCHES).
+                     * @default 5
+                     */
+                    k?: number;
+                    /**
+                     * Image
+                     * @description A base64-encoded image file with the face to look for.
+                     */
+                    image: string;
+                };
+                "multipart/form-data": {
+                    files: string[];
+                    /**
+                     * Model
+                     * @description A face-embedding model; default: the task's default model.
+                     */
+                    model?: string | null;
+                    /**
+                     * Aligned
+                     * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
+                     */
+                    aligned?: boolean | null;
+                    /**
+                     * K
+                     * @description Matches to return, best first. At most 100 on this server (NEUROSERVE_MAX_GALLERY_MATCHES).
+                     * @default 5
+                     */
+                    k?: number;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IdentifyResponse"];
+                };
+            };
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description No API key, or not a valid one (send Authorization: Bearer <key> or X-API-Key). error_type: `unauthenticated` */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unknown model or route, or no model of the task to answer. error_type: `model_not_found`, `no_default_model`, `not_found` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The route exists but not with this HTTP method. error_type: `method_not_allowed` */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers or body did not arrive in time; the connection is closed. error_type: `request_timeout` */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too large (bytes, pixels, characters or number of items). error_type: `payload_too_large`, `image_too_large`, `too_many_items`, `text_too_long` */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description The request's headers are over the server's size or count limit. error_type: `headers_too_large` */
+            431: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal error (a bug: please report it). error_type: `internal_error`, `inference_failed` */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;

@@ -175,6 +175,30 @@ document.getElementById("detect-file").addEventListener("change", async (event) 
   }
 });
 
+// --- Faces ---------------------------------------------------------------------------------------
+document.getElementById("faces-run").addEventListener("click", async () => {
+  const result = document.getElementById("faces-result");
+  const meta = document.getElementById("faces-meta");
+  const files = ["faces-a", "faces-b"].map((id) => document.getElementById(id).files[0]);
+  clearError(result);
+  if (!files[0] || !files[1]) {
+    showError(result, meta, new Error("choose two photos first"));
+    return;
+  }
+  result.textContent = "…";
+  const form = new FormData();
+  files.forEach((file) => form.append("files", file, file.name));
+  try {
+    const response = await call("/v1/face-verification", { method: "POST", body: form, headers: headers() });
+    const body = await response.json();
+    const verdict = body.same_person ? "the same person" : "two different people";
+    result.textContent = `Probably ${verdict} (similarity ${body.score.toFixed(3)}, threshold ${body.threshold.toFixed(3)})`;
+    meta.textContent = timing(response);
+  } catch (err) {
+    showError(result, meta, err);
+  }
+});
+
 // --- Sentiment ---------------------------------------------------------------------------------
 document.getElementById("sentiment-run").addEventListener("click", async () => {
   const result = document.getElementById("sentiment-result");
