@@ -227,3 +227,58 @@ def test_the_gallery_needs_the_admin_scope_and_keeps_no_image(lfw, tmp_path: Pat
     assert raw[200:264] not in stored  # the image's bytes are nowhere in the database
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert image[:64] not in logged and person not in logged
+
+
+def test_identification_calls_a_match_with_the_stricter_1_to_n_threshold_or_the_requests(lfw, tmp_path: Path) -> None:
+    spec = json.loads((MODEL / "model.json").read_text())["parameters"]
+    strict = spec["identification_threshold"]
+    assert strict > THRESHOLD  # 1 % of held-out mismatched pairs reach it, against the 1:1 point
+    assert strict == META["metrics"]["verification"]["threshold_1pct_false_match"]
+    people = sorted(p for p in lfw if len(lfw[p]) >= 2)[:2]
+    with make_client(gallery_path=tmp_path / "g.sqlite3") as c:
+        wait_ready(c)
+        assert (
+            c.post(
+                "/v1/faces", json={"person": people[0], "image": b64(lfw[people[0]][0]), "aligned": True}
+            ).status_code
+            == 201
+        )
+        probe = {"image": b64(lfw[people[1]][0]), "aligned": True, "k": 1}
+        default, lenient = (
+            c.post("/v1/face-identification", json=probe),
+            c.post("/v1/face-identification", json={**probe, "threshold": -1.0}),
+        )
+        assert default.status_code == lenient.status_code == 200
+        d, le = default.json(), lenient.json()
+        assert d["threshold"] == strict and d["matches"][0]["same_person"] == (d["matches"][0]["score"] >= strict)
+        assert le["threshold"] == -1.0 and le["matches"][0]["same_person"] is True
+
+
+def test_names_are_one_person_however_unicode_spells_them_and_overrides_are_refused(lfw, tmp_path: Path) -> None:
+    import unicodedata
+
+    person = sorted(lfw)[0]
+    image = b64(lfw[person][0])
+    with make_client(gallery_path=tmp_path / "g.sqlite3") as c:
+        wait_ready(c)
+        nfc = unicodedata.normalize("NFC", "José")
+        assert c.post("/v1/faces", json={"person": nfc, "image": image, "aligned": True}).status_code == 201
+        nfd = unicodedata.normalize("NFD", "José")
+        assert c.get("/v1/faces", params={"person": nfd}).json()["total"] == 1
+        persian = "محمد\u200cرضا"  # a zero-width non-joiner belongs in this name
+        assert c.post("/v1/faces", json={"person": persian, "image": image, "aligned": True}).status_code == 201
+        r = c.post("/v1/faces", json={"person": "ada\u202eevil", "image": image, "aligned": True})
+        assert r.status_code == 422 and r.json()["error_type"] == "schema_error"
+        assert c.delete("/v1/faces", params={"person": nfd}).json() == {"deleted": 1}
+
+
+def test_all_faces_gives_an_image_without_a_face_no_entry_instead_of_failing(client, lfw, data_dir: Path) -> None:
+    from training.face_scenes import backgrounds_without_people
+
+    empty = backgrounds_without_people(data_dir / "object_detection" / "coco128", "val2017")[0].read_bytes()
+    person = sorted(lfw)[0]
+    r = client.post("/v1/face-embeddings", json={"images": [b64(empty), b64(lfw[person][0])], "all_faces": True})
+    assert r.status_code == 200, r.text
+    assert {e["image"] for e in r.json()["embeddings"]} == {1}
+    r = client.post("/v1/face-embeddings", json={"images": [b64(empty)], "all_faces": True})
+    assert r.status_code == 200 and r.json()["embeddings"] == []

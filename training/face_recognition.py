@@ -283,6 +283,12 @@ def verification(scores_by_fold: list[np.ndarray], same_by_fold: list[np.ndarray
         # is optimistic next to the cross-validated mean above; it is what an HTTP test can compare.
         "threshold": round(served, 4),
         "accuracy_at_threshold": round(float(((all_s >= round(served, 4)) == all_y).mean()), 4),
+        # Identification (1:N) needs a stricter point: with a gallery of N people a stranger's best
+        # match is the highest of N mismatched scores. The score that 1 % of mismatched pairs reach.
+        "threshold_1pct_false_match": round(float(np.quantile(all_s[~all_y.astype(bool)], 0.99)), 4),
+        "true_match_rate_at_1pct": round(
+            float((all_s[all_y.astype(bool)] >= np.quantile(all_s[~all_y.astype(bool)], 0.99)).mean()), 4
+        ),
         "roc_auc": round(roc_auc(all_s, all_y), 4),
         "pairs": len(all_s),
     }
@@ -464,7 +470,8 @@ def train(cfg: Config, command: str = "") -> dict:
     metrics = measure(onnx_path, people, cfg, test_folds, heldout, net)
     metrics["onnx_vs_torch_max_abs_diff"] = parity
     threshold = metrics["verification"]["threshold"] if test_folds else 0.3
-    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg, threshold))
+    strict = metrics["verification"]["threshold_1pct_false_match"] if test_folds else 0.6
+    common.write_model_json(cfg.output_dir / cfg.name, model_config(cfg, threshold, strict))
     meta = common.write_version_metadata(
         version_dir,
         metrics=metrics,
@@ -548,11 +555,12 @@ def reevaluate(cfg: Config, command: str) -> dict:
     spec_path = cfg.output_dir / cfg.name / "model.json"
     spec = json.loads(spec_path.read_text())
     spec["parameters"]["threshold"] = metrics["verification"]["threshold"]
+    spec["parameters"]["identification_threshold"] = metrics["verification"]["threshold_1pct_false_match"]
     common.write_model_json(cfg.output_dir / cfg.name, spec)
     return meta
 
 
-def model_config(cfg: Config, threshold: float) -> dict:
+def model_config(cfg: Config, threshold: float, identification_threshold: float) -> dict:
     return {
         "name": cfg.name,
         "task": "face-embedding",
@@ -568,6 +576,7 @@ def model_config(cfg: Config, threshold: float) -> dict:
         "parameters": {
             "crop": list(CROP),
             "threshold": threshold,
+            "identification_threshold": identification_threshold,
             **({"detector": cfg.detector} if cfg.detector else {}),
         },
     }

@@ -34,6 +34,13 @@ class FaceEmbeddingParameters(Parameters):
         description="The face square of an aligned image: fractions (top, left, bottom, right) of its height and width"
     )
     threshold: float = Field(ge=-1, le=1, description="Cosine at or above which two faces are one person")
+    identification_threshold: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Cosine a gallery match must reach to be called the same person (1:N needs a stricter point "
+        "than 1:1: a stranger's best match is the highest of N); default: threshold",
+    )
     detector: str | None = Field(
         None, description="A model of task object-detection with a 'face' label that finds faces in photos"
     )

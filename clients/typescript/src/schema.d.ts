@@ -823,7 +823,7 @@ export interface components {
             score: number;
             /**
              * Same Person
-             * @description The score reaches the model's threshold.
+             * @description The score reaches the identification threshold: about 1 % of pairs of two different people do, so in a gallery of N people a stranger's best match passes far more often (N = 20: about 18 %). A hint to look, not proof of identity.
              */
             same_person: boolean;
         };
@@ -6938,7 +6938,7 @@ export interface operations {
                     aligned?: boolean | null;
                     /**
                      * All Faces
-                     * @description Every face the detector finds in a photo, not only the largest.
+                     * @description Every face the detector finds in a photo (at most 10 per image, the best-scored), not only the largest; an image with no face then has no entry instead of failing the request with no_face.
                      * @default false
                      */
                     all_faces?: boolean;
@@ -6962,7 +6962,7 @@ export interface operations {
                     aligned?: boolean | null;
                     /**
                      * All Faces
-                     * @description Every face the detector finds in a photo, not only the largest.
+                     * @description Every face the detector finds in a photo (at most 10 per image, the best-scored), not only the largest; an image with no face then has no entry instead of failing the request with no_face.
                      * @default false
                      */
                     all_faces?: boolean;
@@ -7954,6 +7954,11 @@ export interface operations {
                      */
                     aligned?: boolean | null;
                     /**
+                     * Threshold
+                     * @description Cosine a match must reach for same_person; default: the model's identification threshold (1 % of held-out pairs of two different people reach it).
+                     */
+                    threshold?: number | null;
+                    /**
                      * K
                      * @description Matches to return, best first. At most 100 on this server (NEUROSERVE_MAX_GALLERY_MATCHES).
                      * @default 5
@@ -7977,6 +7982,11 @@ export interface operations {
                      * @description true: each image is an aligned face (an LFW-style portrait; its face square is the model's crop of the whole image); false: find the faces with the model's face detector. Default: false when the model has a detector, else true.
                      */
                     aligned?: boolean | null;
+                    /**
+                     * Threshold
+                     * @description Cosine a match must reach for same_person; default: the model's identification threshold (1 % of held-out pairs of two different people reach it).
+                     */
+                    threshold?: number | null;
                     /**
                      * K
                      * @description Matches to return, best first. At most 100 on this server (NEUROSERVE_MAX_GALLERY_MATCHES).
