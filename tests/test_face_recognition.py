@@ -282,3 +282,33 @@ def test_all_faces_gives_an_image_without_a_face_no_entry_instead_of_failing(cli
     assert {e["image"] for e in r.json()["embeddings"]} == {1}
     r = client.post("/v1/face-embeddings", json={"images": [b64(empty)], "all_faces": True})
     assert r.status_code == 200 and r.json()["embeddings"] == []
+
+
+def test_a_face_small_in_a_phone_sized_photo_is_found_by_looking_again_in_tiles(client, lfw, folds, data_dir) -> None:
+    """Held-out LFW photos pasted into a 2400x3200 JPEG of a coco128 photo without people, the face
+    square 8-13 % of the width: too small for the detector in the whole photo's 256 pixels, found in
+    the tiles; the box lands on the face square."""
+    from training.face_scenes import backgrounds_without_people
+
+    backgrounds = backgrounds_without_people(data_dir / "object_detection" / "coco128", "val2017")
+    crop = json.loads((MODEL / "model.json").read_text())["parameters"]["crop"]
+    people = sorted({a for a, _, _, _ in folds[0][:300]})[:8]
+    found, hits = 0, 0
+    for n, person in enumerate(people):
+        rng = np.random.default_rng(100 + n)
+        w, h = 2400, 3200
+        canvas = Image.open(backgrounds[n]).convert("RGB").resize((w, h))
+        frac = rng.uniform(0.08, 0.13)
+        side = round(frac * w / (crop[3] - crop[1]))
+        x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        canvas.paste(Image.open(io.BytesIO(lfw[person][0])).convert("RGB").resize((side, side)), (x, y))
+        buffer = io.BytesIO()
+        canvas.save(buffer, "JPEG", quality=90)
+        r = client.post("/v1/face-embeddings", json={"images": [b64(buffer.getvalue())]})
+        assert r.status_code in (200, 422), r.text
+        if r.status_code == 200:
+            found += 1
+            box = r.json()["embeddings"][0]["face"]
+            truth = (x + crop[1] * side, y + crop[0] * side, x + crop[3] * side, y + crop[2] * side)
+            hits += iou((box["x1"], box["y1"], box["x2"], box["y2"]), truth) >= 0.5
+    assert found >= 7 and hits >= 6, (found, hits)
