@@ -67,7 +67,6 @@ train-translation: $(VENV)/.dev
 train-text-generation: $(VENV)/.dev
 	$(BIN)/python -m training.text_generation --data-dir $(DATA)/translation --output-dir models --version 1 --threads 2 --dropout 0.3 --weight-drop 0 --no-variational
 
-# The committed digit detector, both stages (--device cuda where there is a GPU).
 # The committed generator: the seeds' MLP GAN first (the baseline its metadata compares with), then the DCGAN.
 train-image-generation: $(VENV)/.dev
 	$(BIN)/python -m training.image_generation --data-dir $(DATA)/image_classification/mnist --arch mlp --epochs 25 --output-dir /tmp/neuroserve-gan-mlp
@@ -84,10 +83,15 @@ train-face-recognition: $(VENV)/.dev
 		--input-size 256 --width 16 --train-scenes 6000 --test-scenes 500 --epochs 8 --max-detections 20 --score-threshold 0.5
 	$(BIN)/python -m training.face_recognition --data-dir $(DATA)/face_recognition --epochs 30 --threads 2
 
+# The committed digit detector: two stages on photo scenes (--device cuda where there is a GPU), then a
+# fine-tune on photo and paper scenes together (2 CPU cores).
 train-object-detection: $(VENV)/.dev
-	$(BIN)/python -m training.object_detection --data-dir $(DATA)
-	$(BIN)/python -m training.object_detection --data-dir $(DATA) --input-size 384 --epochs 14 --lr 1e-3 \
+	$(BIN)/python -m training.object_detection --data-dir $(DATA) --paper-scenes 0
+	$(BIN)/python -m training.object_detection --data-dir $(DATA) --paper-scenes 0 --input-size 384 --epochs 14 --lr 1e-3 \
 		--init-from checkpoints/digit-detector.pt
+	$(BIN)/python -m training.object_detection --data-dir $(DATA) --input-size 384 --train-size 320 --train-scenes 10000 \
+		--paper-scenes 12000 --epochs 3 --lr 1e-3 --init-from models/digit-detector/1/model.onnx --version 2 \
+		--checkpoint-dir /tmp/neuroserve-detector
 
 # Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
 bench: $(VENV)/.dev

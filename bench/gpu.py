@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
         return None
 
     for device in args.devices:
-        detector = find("digit-detector.onnx") or (args.models / "digit-detector" / "1" / "model.onnx")
+        detector = find("digit-detector.onnx") or max(
+            (args.models / "digit-detector").glob("*/model.onnx"), key=lambda p: int(p.parent.name), default=Path("-")
+        )
         if detector.is_file():
             result.setdefault("detector", []).extend(images(detector, device, batches))
         mnist = find("mnist.onnx") or (args.models / "mnist" / "1" / "model.onnx")

@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     (repo / MODEL).symlink_to((args.repository / MODEL).resolve())
     maker = makers(args.data_dir, 1)["test"]
     scenes = [maker.scene(i)[0] for i in range(16)]
-    onnx_path = args.repository / MODEL / "1" / "model.onnx"
+    newest = max((p for p in (args.repository / MODEL).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    onnx_path = newest / "model.onnx"
 
     print(f"raw onnxruntime ceiling ({onnx_path}, {args.threads} intra-op thread(s)):", flush=True)
     ceiling = raw_ceiling(onnx_path, args.threads, batches=(1, 2, 4, 8, 16))

@@ -1,7 +1,8 @@
-"""The committed digit detector through /v1/object-detection, on held-out generated scenes (MNIST
-test digits in coco128 val2017 photos, the scenes its mAP was measured on): boxes overlap the truth
-with the right labels, mAP through HTTP matches the offline figure on the same scenes, and an
-EXIF-rotated phone photo gives the same boxes as the upright one."""
+"""The committed digit detector through /v1/object-detection, on both kinds of held-out generated
+scene its mAP was measured on (MNIST test digits pasted into coco128 val2017 photos; numbers of
+MNIST test digits written on photographed paper): boxes overlap the truth with the right labels,
+mAP through HTTP matches the offline figure on the same scenes, and an EXIF-rotated phone photo
+gives the same boxes as the upright one."""
 
 from __future__ import annotations
 
@@ -14,19 +15,41 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import ROOT
+from training import paper_scenes
 from training.digit_scenes import makers
 from training.object_detection import Config, Samples, coco_map, detect_onnx
 
 URL = "/v1/object-detection"
 MODEL = ROOT / "models" / "digit-detector"
+VERSION = "2"
 SCENES = 48
 SEED = 1  # the seed the committed model's test scenes were made with (its metadata says so)
+# Floors for the committed version, from its metadata (1,000 held-out scenes of each kind) and from
+# these 48 scenes of each kind through HTTP (measured 2026-12-03, figures in the comments).
+PHOTO_MAP_50 = 0.89  # metadata: 0.8968 (v1 0.9025)
+PAPER_MAP_50 = 0.94  # metadata: 0.9463 (v1 0.6607)
+# Recall, precision at the default operating point: photo 0.787, 0.855; paper 0.896, 0.919.
+FLOORS = {"photo": (0.75, 0.82), "paper": (0.85, 0.88)}
+HTTP_MAP_50 = {"photo": 0.86, "paper": 0.92}  # mAP@0.5 per class through HTTP: 0.8825, 0.9411
+ONE_LABEL_MAP_50 = {"photo": 0.80, "paper": 0.86}  # the default, class-agnostic suppression: 0.8239, 0.8869
 
 
 @pytest.fixture(scope="module")
 def scenes(data_dir: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     maker = makers(data_dir, SEED)["test"]
     return [maker.scene(i) for i in range(SCENES)]
+
+
+@pytest.fixture(scope="module")
+def paper(data_dir: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    maker = paper_scenes.makers(data_dir, SEED)["test"]
+    return [maker.scene(i) for i in range(SCENES)]
+
+
+@pytest.fixture(params=["photo", "paper"])
+def held_out(request: pytest.FixtureRequest) -> tuple[str, list]:
+    """Each kind of held-out scene: digits pasted into photos, numbers written on paper."""
+    return request.param, request.getfixturevalue("scenes" if request.param == "photo" else "paper")
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
@@ -77,32 +100,36 @@ def matches(found: list[dict], boxes: np.ndarray, classes: np.ndarray) -> int:
 def test_model_metadata_records_the_measured_map() -> None:
     import json
 
-    meta = json.loads((MODEL / "1" / "metadata.json").read_text())
-    assert meta["metrics"]["map_50"] >= 0.90 and meta["metrics"]["map_50_95"] >= 0.60
-    assert meta["metrics"]["test_images"] >= 1000 and "pycocotools" in meta["metrics"]["evaluator"]
+    meta = json.loads((MODEL / VERSION / "metadata.json").read_text())
+    assert meta["metrics"]["map_50"] >= PHOTO_MAP_50 and meta["metrics"]["map_50_95"] >= 0.60
+    assert meta["metrics"]["paper"]["map_50"] >= PAPER_MAP_50
+    assert meta["metrics"]["test_images"] >= 1000 and meta["metrics"]["paper"]["test_images"] >= 1000
+    assert "pycocotools" in meta["metrics"]["evaluator"]
     assert "training.object_detection" in meta["training"]["command"]
 
 
-def test_digits_are_found_where_they_are_with_the_right_labels(client: TestClient, scenes) -> None:
+def test_digits_are_found_where_they_are_with_the_right_labels(client: TestClient, held_out) -> None:
+    kind, scenes = held_out
     blobs = [encode(Image.fromarray(image)) for image, _, _ in scenes]
     found = [d for start in range(0, len(blobs), 8) for d in detect(client, blobs[start : start + 8])]
     truths = sum(len(b) for _, b, _ in scenes)
     hits = sum(matches(f, b, c) for f, (_, b, c) in zip(found, scenes, strict=True))
     detections = sum(len(f) for f in found)
     recall, precision = hits / truths, hits / max(detections, 1)
-    print(f"\n{SCENES} held-out scenes, {truths} digits: recall {recall:.3f}, precision {precision:.3f}")
-    # At the model's default operating point (0.4, from its model.json); on 200 scenes offline:
-    # recall 0.834, precision 0.864.
-    assert recall >= 0.75 and precision >= 0.80, (recall, precision)  # here: 0.800 and 0.851
+    print(f"\n{SCENES} held-out {kind} scenes, {truths} digits: recall {recall:.3f}, precision {precision:.3f}")
+    # At the model's default operating point (0.4, from its model.json).
+    least_recall, least_precision = FLOORS[kind]
+    assert recall >= least_recall and precision >= least_precision, (recall, precision)
     for f, (image, _, _) in zip(found, scenes, strict=True):  # boxes lie in the image's own pixels
         h, w = image.shape[:2]
         assert all(0 <= d["box"]["x1"] < d["box"]["x2"] <= w and 0 <= d["box"]["y1"] < d["box"]["y2"] <= h for d in f)
         assert all(d["label"] == str(d["class_id"]) for d in f)
 
 
-def test_map_through_http_matches_the_graph_decoded_offline(client: TestClient, scenes) -> None:
+def test_map_through_http_matches_the_graph_decoded_offline(client: TestClient, held_out) -> None:
     """pycocotools on the endpoint's answers equals pycocotools on the graph's own output for the
     same scenes: the service's letterbox, inverse mapping and suppression lose nothing."""
+    kind, scenes = held_out
     blobs = [encode(Image.fromarray(image)) for image, _, _ in scenes]
     found = [
         as_arrays(d)
@@ -114,17 +141,16 @@ def test_map_through_http_matches_the_graph_decoded_offline(client: TestClient, 
     truths = [(b, c) for _, b, c in scenes]
     served = coco_map(found, truths, 10)
     samples = Samples(scenes.__getitem__, len(scenes))
-    offline_dets, _ = detect_onnx(MODEL / "1" / "model.onnx", samples, Config(input_size=384))
+    offline_dets, _ = detect_onnx(MODEL / VERSION / "model.onnx", samples, Config(input_size=384))
     offline = coco_map(offline_dets, truths, 10)
     print(
-        f"\nmAP@0.5 {served['map_50']:.4f} through HTTP, {offline['map_50']:.4f} offline; "
+        f"\n{kind}: mAP@0.5 {served['map_50']:.4f} through HTTP, {offline['map_50']:.4f} offline; "
         f"mAP@0.5:0.95 {served['map_50_95']:.4f} / {offline['map_50_95']:.4f}"
     )
-    assert served["map_50"] >= 0.85
+    assert served["map_50"] >= HTTP_MAP_50[kind]
     assert abs(served["map_50"] - offline["map_50"]) <= 0.01
     assert abs(served["map_50_95"] - offline["map_50_95"]) <= 0.01
-    # The default, one label per place: a second guess at a place no longer counts (0.833 here,
-    # against 0.885 per class, on 2026-12-02).
+    # The default, one label per place: a second guess at a place no longer counts.
     agnostic = [
         as_arrays(d)
         for start in range(0, len(blobs), 8)
@@ -132,7 +158,7 @@ def test_map_through_http_matches_the_graph_decoded_offline(client: TestClient, 
     ]
     one_label = coco_map(agnostic, truths, 10)
     print(f"mAP@0.5 {one_label['map_50']:.4f} through HTTP with one label per place")
-    assert 0.80 <= one_label["map_50"] <= served["map_50"] + 0.005
+    assert ONE_LABEL_MAP_50[kind] <= one_label["map_50"] <= served["map_50"] + 0.005
 
 
 def test_a_phone_photo_stored_rotated_gives_the_upright_boxes(client: TestClient, scenes) -> None:

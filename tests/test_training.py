@@ -323,6 +323,8 @@ def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp
     argv += ["--checkpoint-dir", str(tmp_path.parent / f"{tmp_path.name}-checkpoints")]  # not in the repository
     meta = object_detection.main(argv)
     assert 0.0 <= meta["metrics"]["map_50_95"] <= meta["metrics"]["map_50"] <= 1.0
+    if dataset == "digits":  # paper scenes trained on and scored apart
+        assert meta["metrics"]["paper"]["test_images"] == 8 and "paper scenes" in meta["dataset"]["train"]
     spec = json.loads((tmp_path / "detector" / "model.json").read_text())
     assert len(spec["labels"]) == {"digits": 10, "yolo": 80, "faces": 1}[dataset]
     assert spec["default"] is (dataset != "faces")  # the face detector never takes over /v1/object-detection
@@ -337,6 +339,77 @@ def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp
         response = client.post("/v2/models/detector/infer", json=body)
         assert response.status_code == 200, response.text
         assert [o["shape"] for o in response.json()["outputs"]] == [[2, 100, 4], [2, 100], [2, 100]]
+
+
+def test_paper_scenes_are_reproducible_and_each_box_holds_its_digit_s_ink(data_dir: Path) -> None:
+    """Paper scenes: the same index gives the same pixels; boxes lie in the frame; each box holds ink
+    (pixels much darker than the page around the digits) reaching near all four of its sides, so it
+    is the ink's tight box; training and held-out scenes draw different digits."""
+    import numpy as np
+
+    from training.paper_scenes import makers
+
+    scenes = makers(data_dir, 1)
+    train, test = scenes["train"], scenes["test"]
+    assert not np.array_equal(train.digits[:100], test.digits[:100])  # MNIST train vs test writers
+    for i in range(12):
+        image, boxes, classes = train.scene(i)
+        again, boxes_again, _ = train.scene(i)
+        assert np.array_equal(image, again) and np.array_equal(boxes, boxes_again)
+        h, w = image.shape[:2]
+        assert len(boxes) == len(classes) >= 1 and ((classes >= 0) & (classes <= 9)).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        grey = image.astype(np.float32).mean(axis=2)
+        for x1, y1, x2, y2 in boxes:
+            inside = grey[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))]
+            pad = 6
+            around = grey[max(0, int(y1) - pad) : int(y2) + pad, max(0, int(x1) - pad) : int(x2) + pad]
+            dark = inside < np.percentile(around, 90) - 25  # ink: well below the page's brightness
+            assert dark.sum() >= 3
+            ys, xs = np.nonzero(dark)
+            # Ink comes within a few pixels of every side (blur and JPEG soften the outermost pixel).
+            slack = 4 + 0.15 * max(inside.shape)
+            assert ys.min() <= slack and xs.min() <= slack
+            assert inside.shape[0] - 1 - ys.max() <= slack and inside.shape[1] - 1 - xs.max() <= slack
+    assert not np.array_equal(train.scene(0)[0][:50, :50], test.scene(0)[0][:50, :50])
+
+
+def test_a_detector_loads_back_from_its_exported_graph(tmp_path: Path) -> None:
+    """--init-from model.onnx: the exported graph (batch norms folded into the convolutions) loads
+    back into a detector that computes what the graph does, with its norms frozen for fine-tuning."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from training import common
+    from training.object_detection import Detector, ExportGraph, weights_from_onnx
+
+    torch.manual_seed(0)
+    trained = Detector(10, 8)
+    for m in trained.modules():  # batch norms with statistics of their own, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    graph = ExportGraph(trained.eval(), 20).eval()
+    images = torch.rand(2, 3, 64, 64)
+    path = tmp_path / "model.onnx"
+    outputs = ["boxes", "scores", "classes"]
+    common.export_onnx(graph, (images,), path, input_names=["images"], output_names=outputs, dynamic_axes={})
+    loaded = Detector(10, 8)
+    weights_from_onnx(loaded, path)
+    assert loaded.frozen_norms
+    with torch.no_grad():
+        heat, size, offset = loaded.eval()(images)
+        want = trained(images)
+    for a, b in zip((heat, size, offset), want, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    scores = ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})[1]
+    with torch.no_grad():
+        assert np.abs(ExportGraph(loaded, 20)(images)[1].numpy() - scores).max() < 1e-5
+    with pytest.raises(ValueError, match=r"stem.0.0 is \(4, 3, 3, 3\) there, \(8, 3, 3, 3\) here"):
+        weights_from_onnx(Detector(10, 16), path)  # another width does not fit
 
 
 def test_face_recognition_smoke_training_exports_a_graph_that_serves_verification(

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from training.idx import load_mnist
+from training.scene_tools import Photos, iou
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -40,49 +41,21 @@ class SceneConfig:
     max_overlap: float = 0.15  # largest IoU of a new digit's box with any box already placed
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    if len(boxes) == 0:
-        return np.zeros(0)
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / (area + areas - inter)
-
-
 class SceneMaker:
     """Builds scene ``i`` of a split from the digits and background photos it was given."""
 
     def __init__(
         self, digits: np.ndarray, labels: np.ndarray, backgrounds: list[Path], seed: int, cfg: SceneConfig
     ) -> None:
-        if not backgrounds:
-            raise ValueError("no background photos")
-        self.digits, self.labels, self.backgrounds = digits, labels, backgrounds
+        self.digits, self.labels, self.photos = digits, labels, Photos(backgrounds)
         self.seed, self.cfg = seed, cfg
-        self._photos: dict[int, np.ndarray] = {}
-
-    def _photo(self, index: int) -> np.ndarray:
-        if index not in self._photos:
-            with Image.open(self.backgrounds[index]) as im:
-                self._photos[index] = np.asarray(im.convert("RGB"))
-        return self._photos[index]
 
     def scene(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image [H, W, 3] uint8, boxes [n, 4] x1 y1 x2 y2 in pixels, classes [n])``."""
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, i])
         h, w = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, size=2))
-        photo = self._photo(int(rng.integers(len(self.backgrounds))))
-        # A random crop of the photo, resized to the scene's size (any aspect ratio).
-        ph, pw = photo.shape[:2]
-        ch, cw = int(rng.integers(ph // 3, ph + 1)), int(rng.integers(pw // 3, pw + 1))
-        y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-        crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR)
-        image = np.asarray(crop, dtype=np.float32).copy()
+        image = self.photos.random_crop(rng, w, h)
         boxes: list[np.ndarray] = []
         classes: list[int] = []
         for _ in range(int(rng.integers(1, cfg.max_digits + 1))):
@@ -96,7 +69,7 @@ class SceneMaker:
                     continue
                 top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
                 box = np.array([left + xs.min(), top + ys.min(), left + xs.max() + 1, top + ys.max() + 1], float)
-                if boxes and _iou(box, np.stack(boxes)).max() > cfg.max_overlap:
+                if iou(box, boxes).max(initial=0.0) > cfg.max_overlap:
                     continue
                 region = image[top : top + size, left : left + size]
                 # Ink colour far from the local background, so every digit is visible.

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from training.scene_tools import Photos, iou
+
 CLASSES = ["face"]
 _SOURCE = 160  # LFW images are kept at 160x160 (from 250): faces rarely need more here
 
@@ -50,23 +52,11 @@ def _crop_square(size: int) -> tuple[float, float, float, float]:
     return left * size, top * size, right * size, bottom * size  # x1, y1, x2, y2
 
 
-def _iou(box: np.ndarray, boxes: list[np.ndarray]) -> float:
-    if not boxes:
-        return 0.0
-    b = np.stack(boxes)
-    x1, y1 = np.maximum(box[0], b[:, 0]), np.maximum(box[1], b[:, 1])
-    x2, y2 = np.minimum(box[2], b[:, 2]), np.minimum(box[3], b[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return float((inter / (area + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter)).max())
-
-
 class FaceSceneMaker:
     def __init__(self, faces: np.ndarray, backgrounds: list[Path], seed: int, cfg: FaceSceneConfig) -> None:
         if len(faces) == 0 or not backgrounds:
             raise ValueError("no faces or no background photos")
-        self.faces, self.backgrounds, self.seed, self.cfg = faces, backgrounds, seed, cfg
-        self._photos: dict[int, np.ndarray] = {}
+        self.faces, self.photos, self.seed, self.cfg = faces, Photos(backgrounds), seed, cfg
         self.face_box = np.array(_crop_square(faces.shape[1]), dtype=np.float32)
         self._mask = self._head_mask(faces.shape[1])
 
@@ -79,12 +69,6 @@ class FaceSceneMaker:
         inside = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
         mask = Image.fromarray((inside * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 40))
         return np.asarray(mask, dtype=np.float32) / 255.0
-
-    def _photo(self, index: int) -> np.ndarray:
-        if index not in self._photos:
-            with Image.open(self.backgrounds[index]) as im:
-                self._photos[index] = np.asarray(im.convert("RGB"))
-        return self._photos[index]
 
     def scene(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image [H, W, 3] uint8, boxes [n, 4] x1 y1 x2 y2 in pixels, classes [n])``."""
@@ -123,13 +107,7 @@ class FaceSceneMaker:
     def _pasted(self, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
         cfg = self.cfg
         h, w = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, size=2))
-        photo = self._photo(int(rng.integers(len(self.backgrounds))))
-        ph, pw = photo.shape[:2]
-        ch, cw = int(rng.integers(ph // 3, ph + 1)), int(rng.integers(pw // 3, pw + 1))
-        y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-        image = np.asarray(
-            Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR), dtype=np.float32
-        ).copy()
+        image = self.photos.random_crop(rng, w, h)
         boxes: list[np.ndarray] = []
         count = 0 if rng.random() < cfg.empty_share else int(rng.integers(1, cfg.max_faces + 1))
         fx1, fy1, fx2, _ = self.face_box
@@ -143,7 +121,7 @@ class FaceSceneMaker:
                 bx1 = rng.uniform(-0.1 * side, w - 0.9 * side)
                 by1 = rng.uniform(-0.1 * side, h - 0.9 * side)
                 box = np.array([bx1, by1, bx1 + side, by1 + side], dtype=np.float32)
-                if _iou(box, boxes) > cfg.max_overlap:
+                if iou(box, boxes).max(initial=0.0) > cfg.max_overlap:
                     continue
                 patch = np.asarray(Image.fromarray(src).resize((n, n), Image.BILINEAR), dtype=np.float32)
                 alpha = np.asarray(Image.fromarray(self._mask).resize((n, n), Image.BILINEAR), dtype=np.float32)

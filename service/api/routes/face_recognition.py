@@ -323,17 +323,12 @@ def _tiles(photo: _Photo, size: int, pad: float) -> list[_Tile]:
 
 def _distinct(faces: list[task.Face], iou: float = 0.4) -> list[task.Face]:
     """Faces found twice (in two overlapping tiles) kept once, the better-scored; largest first."""
-    kept: list[task.Face] = []
-    for face in sorted(faces, key=lambda f: -(f.score or 0.0)):
-        if all(_iou(face, other) <= iou for other in kept):
-            kept.append(face)
-    return sorted(kept, key=lambda f: -f.area)
-
-
-def _iou(a: task.Face, b: task.Face) -> float:
-    w = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
-    h = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
-    return w * h / max(a.area + b.area - w * h, 1e-9)
+    if not faces:
+        return []
+    boxes = np.array([[f.x1, f.y1, f.x2, f.y2] for f in faces], dtype=np.float64)
+    scores = np.array([f.score or 0.0 for f in faces], dtype=np.float64)
+    kept, _ = object_detection.suppress(boxes, scores, np.zeros(len(faces), dtype=np.int64), iou)
+    return sorted((faces[i] for i in kept.tolist()), key=lambda f: -f.area)
 
 
 async def _embed(
