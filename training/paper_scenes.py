@@ -5,15 +5,20 @@ photographs "4179" written in marker on a notepad sends something else: a bright
 of the frame, digits written close together in rows, lines of a ruled or squared page, uneven
 light. This generator draws that. A scene is a page (white, cream or grey recycled paper; plain,
 ruled, with a margin, or squared) on which 1 to 4 numbers of 1 to 6 MNIST digits are written in
-rows, digit beside digit with small gaps (sometimes touching), each with its own slant, rotation
+rows, digit beside digit, each with its own slant, rotation
 and size; the ink is a pen or a marker, black or blue, its strokes thinned or thickened from
 MNIST's; sometimes an underline or a wavy line of "text" that is no digit. The page is then
 photographed: rotated a little, either filling the frame or lying on a coco128 photo, lit
 unevenly (a gradient, a soft shadow, vignetting, a colour cast), blurred, noisy and JPEG-encoded.
 Digit heights run from 14 pixels to 0.4 of the frame's shorter side.
 
-Each box is the tight box of the digit's ink carried through every geometric step, so the labels are
-exact. Training scenes use MNIST training digits and coco128 ``train2017`` photos; test scenes
+Each box is the tight box of the digit's ink carried through every geometric step. Known faults, to
+fix with the next model (v2 was trained on these scenes, so fixing them now would change what its
+command reproduces): a box's right and bottom edges lie about 1 pixel outside the ink (the far
+corner of each ink pixel is counted twice); the pen advances by a digit's padded canvas, so digits
+of a number never touch (ink gaps 0.2-0.8 of the digit height, where handwriting often touches);
+rows can stack with little space between them; rank filters leave square-cut strokes on large
+digits; when the page fills the frame a turned corner can show black (about 6 % of those scenes). Training scenes use MNIST training digits and coco128 ``train2017`` photos; test scenes
 MNIST test digits (other writers) and ``val2017`` photos. Scene ``i`` depends only on
 ``(seed, split, i)``.
 """
