@@ -18,8 +18,10 @@ command reproduces): a box's right and bottom edges lie about 1 pixel outside th
 corner of each ink pixel is counted twice); the pen advances by a digit's padded canvas, so digits
 of a number never touch (ink gaps 0.2-0.8 of the digit height, where handwriting often touches);
 rows can stack with little space between them; rank filters leave square-cut strokes on large
-digits; when the page fills the frame a turned corner can show black (about 6 % of those scenes). Training scenes use MNIST training digits and coco128 ``train2017`` photos; test scenes
-MNIST test digits (other writers) and ``val2017`` photos. Scene ``i`` depends only on
+digits; when the page fills the frame a turned corner can show black (about 6 % of those scenes).
+
+Training scenes use MNIST training digits and coco128 ``train2017`` photos; test scenes MNIST test
+digits (other writers) and ``val2017`` photos. Scene ``i`` depends only on
 ``(seed, split, i)``.
 """
 
