@@ -24,8 +24,8 @@ def test_scenes_are_reproducible_and_boxes_are_exact(data_dir: Path) -> None:
         assert set(classes.tolist()) <= set(range(10))
     other = makers(data_dir, seed=5)["train"].scene(0)[0]
     assert not np.array_equal(other, a["train"].scene(0)[0])
-    assert a["train"].backgrounds[0].parent.name == "train2017"
-    assert a["test"].backgrounds[0].parent.name == "val2017"
+    assert a["train"].photos.paths[0].parent.name == "train2017"
+    assert a["test"].photos.paths[0].parent.name == "val2017"
 
 
 def test_yolo_files_round_trip(data_dir: Path, tmp_path: Path) -> None:
