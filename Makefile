@@ -92,6 +92,8 @@ train-object-detection: $(VENV)/.dev
 	$(BIN)/python -m training.object_detection --data-dir $(DATA) --input-size 384 --train-size 320 --train-scenes 10000 \
 		--paper-scenes 12000 --epochs 3 --lr 1e-3 --init-from models/digit-detector/1/model.onnx --version 2 \
 		--checkpoint-dir /tmp/neuroserve-detector
+	$(BIN)/python -m training.object_detection --data-dir $(DATA) --input-size 384 --train-scenes 10000 --paper-scenes 4000 \
+		--epochs 1 --lr 3e-4 --init-from models/digit-detector/2/model.onnx --version 3 --checkpoint-dir /tmp/neuroserve-detector
 
 # Needs wrk (Debian: apt-get install wrk). Prints a table, writes bench/results/*.json.
 bench: $(VENV)/.dev

@@ -21,17 +21,18 @@ from training.object_detection import Config, Samples, coco_map, detect_onnx
 
 URL = "/v1/object-detection"
 MODEL = ROOT / "models" / "digit-detector"
-VERSION = "2"
+VERSION = "3"
 SCENES = 48
 SEED = 1  # the seed the committed model's test scenes were made with (its metadata says so)
 # Floors for the committed version, from its metadata (1,000 held-out scenes of each kind) and from
-# these 48 scenes of each kind through HTTP (measured 2026-12-03, figures in the comments).
-PHOTO_MAP_50 = 0.89  # metadata: 0.8968 (v1 0.9025)
-PAPER_MAP_50 = 0.94  # metadata: 0.9463 (v1 0.6607)
-# Recall, precision at the default operating point: photo 0.787, 0.855; paper 0.896, 0.919.
-FLOORS = {"photo": (0.75, 0.82), "paper": (0.85, 0.88)}
-HTTP_MAP_50 = {"photo": 0.86, "paper": 0.92}  # mAP@0.5 per class through HTTP: 0.8825, 0.9411
-ONE_LABEL_MAP_50 = {"photo": 0.80, "paper": 0.86}  # the default, class-agnostic suppression: 0.8239, 0.8869
+# these 48 scenes of each kind through HTTP (v3, measured 2026-12-03, figures in the comments). The
+# paper scenes are v3's generator's (digits may touch); v2 scored 0.8927 on them.
+PHOTO_MAP_50 = 0.90  # metadata: 0.9040 (v2 0.8968, v1 0.9025)
+PAPER_MAP_50 = 0.91  # metadata: 0.9129 (v2 0.8927)
+# Recall, precision at the default operating point: photo 0.780, 0.883; paper 0.834, 0.920.
+FLOORS = {"photo": (0.75, 0.85), "paper": (0.80, 0.88)}
+HTTP_MAP_50 = {"photo": 0.86, "paper": 0.91}  # mAP@0.5 per class through HTTP: 0.8890, 0.9369
+ONE_LABEL_MAP_50 = {"photo": 0.80, "paper": 0.85}  # the default, class-agnostic suppression: 0.8262, 0.8729
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +163,17 @@ def test_map_through_http_matches_the_graph_decoded_offline(client: TestClient, 
 
 
 def test_a_phone_photo_stored_rotated_gives_the_upright_boxes(client: TestClient, scenes) -> None:
-    image, boxes, classes = scenes[1]
+    # A scene the model reads upright (all digits but at most one), so that a rotation handled wrong shows.
+    for image, boxes, classes in scenes[1:]:
+        (straight,) = detect(client, [encode(Image.fromarray(image))])
+        if matches(straight, boxes, classes) >= len(boxes) - 1 and len(boxes) >= 3:
+            break
     upright = Image.fromarray(image)
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 CCW to view": the sensor wrote the picture turned clockwise
     stored = upright.transpose(Image.Transpose.ROTATE_270)
     assert stored.size == upright.size[::-1]
     (rotated,) = detect(client, [encode(stored, "JPEG", quality=95, exif=exif)])
-    (straight,) = detect(client, [encode(upright)])
     assert matches(rotated, boxes, classes) >= len(boxes) - 1
     assert matches(rotated, boxes, classes) >= matches(straight, boxes, classes) - 1
     b_rot, _, _ = as_arrays(rotated)

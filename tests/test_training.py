@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, make_client, wait_ready
+from tests.conftest import make_client, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -124,40 +124,6 @@ def test_sentiment_distilled_bilstm_with_composed_and_unlabelled_text_exports_a_
         wait_ready(client)
         response = client.post("/v1/sentiment", json={"texts": ["fine", "a fine film , and a long one"]})
         assert response.status_code == 200, response.text
-
-
-def test_sentiment_student_of_the_fine_tuned_language_model_exports_a_servable_graph(
-    data_dir: Path, tmp_path: Path
-) -> None:
-    """The ULMFiT-style recipe at smoke size: the committed text generator's LSTM, read back from its
-    prefill graph (equal to it within 1e-3), is fine-tuned on SST-2 as the teacher; the student is the
-    usual BiLSTM over WordPiece and is what the service loads."""
-    from training import sentiment
-
-    argv = ["--smoke", "--lang", "en", "--data-dir", str(data_dir / "sentiment"), "--output-dir", str(tmp_path)]
-    meta = sentiment.main(
-        [
-            *argv,
-            *("--arch", "bilstm", "--distil", "1", "--teacher-lm", str(ROOT / "models" / "text-generator" / "1")),
-            *("--unlabelled", str(data_dir / "translation" / "fra-eng.zip")),
-        ]
-    )
-    teacher = meta["metrics"]["teacher"]
-    assert teacher["loaded_vs_graph_max_abs_diff"] < 1e-3
-    assert teacher["unlabelled_sentences"] == 200 and 0.0 <= teacher["dev_accuracy"] <= 1.0
-    assert "language model" in json.loads((tmp_path / "sentiment" / "model.json").read_text())["description"]
-    with make_client(repository=tmp_path) as client:
-        wait_ready(client)
-        response = client.post("/v1/sentiment", json={"texts": ["fine", "I didn't hate it."]})
-        assert response.status_code == 200, response.text
-
-
-def test_treebank_phrases_are_put_back_into_ordinary_english_for_the_language_model() -> None:
-    from training.sentiment_lm import natural
-
-    assert natural("it 's not a bad movie , i think .") == "It's not a bad movie, I think."
-    assert natural("i did n't hate it -lrb- really -rrb- !") == "I didn't hate it (really)!"
-    assert natural("This phone works great.") == "This phone works great."
 
 
 def test_fused_bilstm_graph_reads_each_row_backwards_from_its_own_end(tmp_path: Path) -> None:
@@ -359,6 +325,10 @@ def test_detector_smoke_training_exports_a_graph_that_serves(data_dir: Path, tmp
     assert 0.0 <= meta["metrics"]["map_50_95"] <= meta["metrics"]["map_50"] <= 1.0
     if dataset == "digits":  # paper scenes trained on and scored apart
         assert meta["metrics"]["paper"]["test_images"] == 8 and "paper scenes" in meta["dataset"]["train"]
+        # --score scores an exported graph on the same held-out scenes and gives the same figures
+        scored = object_detection.main([*argv, "--score", str(tmp_path / "detector" / "1" / "model.onnx")])
+        assert scored["metrics"]["map_50"] == meta["metrics"]["map_50"]
+        assert scored["metrics"]["paper"] == meta["metrics"]["paper"]
     spec = json.loads((tmp_path / "detector" / "model.json").read_text())
     assert len(spec["labels"]) == {"digits": 10, "yolo": 80, "faces": 1}[dataset]
     assert spec["default"] is (dataset != "faces")  # the face detector never takes over /v1/object-detection

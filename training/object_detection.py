@@ -107,6 +107,10 @@ class Config:
         default=None,
         metadata={"help": "start from these weights: a torch checkpoint, or an exported model.onnx (fine-tuning)"},
     )
+    score: Path | None = field(
+        default=None,
+        metadata={"help": "only score this exported model.onnx on the held-out scenes of this configuration"},
+    )
     smoke: bool = field(default=False, metadata={"help": "a few scenes, a tiny model, one epoch: checks the pipeline"})
 
 
@@ -685,6 +689,10 @@ def train(cfg: Config, command: str = "") -> dict:
     if cfg.smoke:
         cfg = smoke_sized(cfg)
     train_set, test_set, classes = load_data(cfg)
+    if cfg.score:
+        metrics = evaluate(cfg.score, test_set, cfg, len(classes), parity=float("nan"))
+        print(f"{cfg.score}: {metrics}")
+        return {"metrics": metrics}
     model, earlier = new_model(cfg, len(classes))
     model = model.to(device)
     cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)

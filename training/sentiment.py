@@ -94,14 +94,6 @@ class Config:
         metadata={"help": "en, with --distil: a Tatoeba zip (fra-eng.zip) whose English sentences the teacher labels"},
     )
     unlabelled_sentences: int = field(default=30000, metadata={"help": "how many of them, drawn with the seed"})
-    teacher_lm: Path | None = field(
-        default=None,
-        metadata={
-            "help": "en, with --distil: the teacher is this text-generator version's LSTM language model "
-            "fine-tuned to classify (training.sentiment_lm), not --distil members of --arch"
-        },
-    )
-    teacher_epochs: int = field(default=4, metadata={"help": "with --teacher-lm: its fine-tuning epochs"})
     hidden: int = field(default=128, metadata={"help": "bilstm: units per direction; transformer: d_model"})
     layers: int = field(default=2, metadata={"help": "transformer layers"})
     heads: int = field(default=4, metadata={"help": "transformer attention heads"})
@@ -527,9 +519,7 @@ def model_config(cfg: Config, name: str, vocab: int) -> dict:
     arch = cfg.student_arch or cfg.arch if cfg.distil else cfg.arch
     bigrams = " with hashed token-bigram embeddings" if cfg.bigram_buckets and arch == "cnn" else ""
     network = ARCH_NAMES[arch] + bigrams
-    if cfg.distil and cfg.teacher_lm:
-        network = f"{network} taught by an LSTM language model fine-tuned to classify (distillation)"
-    elif cfg.distil:
+    if cfg.distil:
         network = f"{network} taught by the mean of {cfg.distil} {ARCH_NAMES[cfg.arch]}s (distillation)"
     elif cfg.ensemble > 1:
         network = f"mean of {cfg.ensemble} models (seeds {cfg.seed}..{cfg.seed + cfg.ensemble - 1}), each a {network},"
@@ -596,10 +586,8 @@ def probabilities(model: nn.Module, seqs: list[list[int]]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def encoded_data(
-    cfg: Config,
-) -> tuple[Tokenizer, dict[str, list[list[int]]], dict[str, list[int]], dict[str, list[str]]]:
-    """The tokenizer trained on the training texts, and every split's token ids, labels and texts."""
+def encoded_data(cfg: Config) -> tuple[Tokenizer, dict[str, list[list[int]]], dict[str, list[int]]]:
+    """The tokenizer trained on the training texts, and every split's token ids and labels."""
     data = load_data(cfg)
     if cfg.smoke:
         data = {k: (v[0][:600], v[1][:600]) for k, v in data.items()}
@@ -608,7 +596,7 @@ def encoded_data(
     data = {k: v for k, v in data.items() if v[0]}
     tokenizer = build_tokenizer(data["train"][0] + data.get("unlabelled", ([], []))[0], cfg.vocab_size)
     seqs = {k: encode(tokenizer, v[0], cfg.max_len) for k, v in data.items()}
-    return tokenizer, seqs, {k: v[1] for k, v in data.items()}, {k: v[0] for k, v in data.items()}
+    return tokenizer, seqs, {k: v[1] for k, v in data.items()}
 
 
 def batches(lengths: list[int], size: int, generator: torch.Generator) -> list[list[int]]:
@@ -764,16 +752,13 @@ def evaluate_saved(cfg: Config, version_dir: Path) -> dict:
     return metrics
 
 
-def distil(
-    cfg: Config, teacher: nn.Module | torch.Tensor, vocab: int, seqs, labels, device, summary: dict | None = None
-) -> tuple[nn.Module, int, dict]:
+def distil(cfg: Config, teacher: nn.Module, vocab: int, seqs, labels, device) -> tuple[nn.Module, int, dict]:
     """One student of ``cfg.arch`` (seed ``seed + distil``) trained on the training rows and the
     unlabelled sentences with the teacher's probabilities (see :func:`fit`); returns it, its epoch and
-    the teacher's own accuracy (torch) for the metadata. ``teacher`` is a network over the same token
-    ids, or the probabilities it gave the training rows then the unlabelled ones (with its ``summary``)."""
+    the teacher's own accuracy (torch) for the metadata."""
     cpu = torch.device("cpu")
     unlabelled = seqs.get("unlabelled", [])
-    soft = teacher if isinstance(teacher, torch.Tensor) else probabilities(teacher, seqs["train"] + unlabelled)
+    soft = probabilities(teacher, seqs["train"] + unlabelled)
     student_seqs = {**seqs, "train": seqs["train"] + unlabelled}
     student_labels = {**labels, "train": labels["train"] + [-1] * len(unlabelled)}
     student_cfg = dataclasses.replace(cfg, seed=cfg.seed + cfg.distil, arch=cfg.student_arch or cfg.arch)
@@ -783,8 +768,6 @@ def distil(
     student = student.cpu()
     student.load_state_dict(state)
     student.eval()
-    if summary is not None:
-        return student, epoch, {**summary, "unlabelled_sentences": len(unlabelled)}
     summary = {
         "members": cfg.distil,
         "unlabelled_sentences": len(unlabelled),
@@ -805,21 +788,10 @@ def train(cfg: Config, command: str = "") -> dict:
         return {"metrics": evaluate_saved(cfg, Path(cfg.evaluate))}
     device = common.pick_device(cfg.device)
     name = cfg.name or ("sentiment" if cfg.lang == "en" else "sentiment-zh")
-    tokenizer, seqs, labels, texts = encoded_data(cfg)
+    tokenizer, seqs, labels = encoded_data(cfg)
     print({k: len(v) for k, v in seqs.items()})
     started = time.perf_counter()
     members, best_epochs, member_validation = [], [], []
-    if cfg.teacher_lm:
-        return finish(
-            cfg,
-            name,
-            tokenizer,
-            seqs,
-            labels,
-            *lm_taught(cfg, tokenizer, seqs, labels, texts, device),
-            started,
-            command,
-        )
     count = cfg.distil or cfg.ensemble
     for i in range(count):
         member_cfg = dataclasses.replace(cfg, seed=cfg.seed + i)  # member 0 is the single model of this seed
@@ -841,30 +813,6 @@ def train(cfg: Config, command: str = "") -> dict:
     teacher: dict = {}
     if cfg.distil:
         model, best_epoch, teacher = distil(cfg, model, tokenizer.get_vocab_size(), seqs, labels, device)
-    return finish(
-        cfg, name, tokenizer, seqs, labels, model, best_epoch, teacher, member_validation, device, started, command
-    )
-
-
-def lm_taught(cfg: Config, tokenizer: Tokenizer, seqs, labels, texts, device) -> tuple:
-    """The student of a teacher fine-tuned from the text generator (:mod:`training.sentiment_lm`)."""
-    from training import sentiment_lm
-
-    if cfg.lang != "en" or not cfg.distil:
-        raise ValueError("--teacher-lm needs --lang en and --distil")
-    teacher_cfg = sentiment_lm.TeacherConfig(epochs=cfg.teacher_epochs, seed=cfg.seed)
-    teacher, lm_tokenizer, summary = sentiment_lm.fit_teacher(cfg.teacher_lm, texts, labels, teacher_cfg, cfg.smoke)
-    print(f"teacher: {summary}")
-    rows = texts["train"] + texts.get("unlabelled", [])
-    soft = sentiment_lm.probabilities(teacher, sentiment_lm.encode(lm_tokenizer, rows))
-    model, best_epoch, summary = distil(cfg, soft, tokenizer.get_vocab_size(), seqs, labels, device, summary)
-    return model, best_epoch, summary, [], device
-
-
-def finish(
-    cfg: Config, name, tokenizer, seqs, labels, model, best_epoch, teacher, member_validation, device, started, command
-) -> dict:
-    """Export, score and describe the trained model."""
     train_seconds = time.perf_counter() - started
 
     version_dir = cfg.output_dir / name / str(cfg.version)
