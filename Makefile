@@ -84,7 +84,7 @@ train-face-recognition: $(VENV)/.dev
 	$(BIN)/python -m training.face_recognition --data-dir $(DATA)/face_recognition --epochs 30 --threads 2
 
 # The committed digit detector: two stages on photo scenes (--device cuda where there is a GPU), then a
-# fine-tune on photo and paper scenes together (2 CPU cores).
+# fine-tune on photo and paper scenes together (v2), and one on the fixed paper scenes (v3) (2 CPU cores).
 train-object-detection: $(VENV)/.dev
 	$(BIN)/python -m training.object_detection --data-dir $(DATA) --paper-scenes 0
 	$(BIN)/python -m training.object_detection --data-dir $(DATA) --paper-scenes 0 --input-size 384 --epochs 14 --lr 1e-3 \

@@ -165,9 +165,13 @@ def test_map_through_http_matches_the_graph_decoded_offline(client: TestClient, 
 def test_a_phone_photo_stored_rotated_gives_the_upright_boxes(client: TestClient, scenes) -> None:
     # A scene the model reads upright (all digits but at most one), so that a rotation handled wrong shows.
     for image, boxes, classes in scenes[1:]:
+        if len(boxes) < 3:
+            continue
         (straight,) = detect(client, [encode(Image.fromarray(image))])
-        if matches(straight, boxes, classes) >= len(boxes) - 1 and len(boxes) >= 3:
+        if matches(straight, boxes, classes) >= len(boxes) - 1:
             break
+    else:
+        pytest.fail("no held-out scene of 3 or more digits is read upright")
     upright = Image.fromarray(image)
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 CCW to view": the sensor wrote the picture turned clockwise

@@ -15,9 +15,11 @@ Digit heights run from 14 pixels to 0.4 of the frame's shorter side.
 Each box is the tight box of the digit's ink carried through every geometric step. Digits of a
 number are spaced by the gaps between their ink (from slightly overlapping to a third of the
 height), rows by at least a fifth of the row height; a page that fills the frame is 1.4 times it,
-so a turned corner never shows. Fixed for v3; v2 was trained on the earlier scenes, whose boxes lay
-a pixel outside the ink on the right and bottom and whose digits never touched. A known fault left:
-rank filters leave square-cut strokes on large marker digits.
+so a turned corner never shows (up to the default 8 degrees). Fixed for v3; v2 was trained on the
+earlier scenes, whose boxes lay a pixel outside the ink on the right and bottom and whose digits
+never touched. Known faults left: rank filters leave square-cut strokes on large marker digits; on
+a turned page a box can lie up to 0.14 pixel inside the ink (each ink pixel is carried by two of
+its four corners).
 
 Training scenes use MNIST training digits and coco128 ``train2017`` photos; test scenes MNIST test
 digits (other writers) and ``val2017`` photos. Scene ``i`` depends only on
@@ -93,7 +95,7 @@ class PaperSceneMaker:
         on_photo = rng.random() < cfg.on_photo_share
         # Page size in frame pixels: larger than the frame (it fills it, rotation never shows a corner)
         # or smaller (it lies on a photo).
-        # 1.4: a 9:16 frame turned by 8 degrees and shifted by 5 % needs 1.34 of its short side.
+        # 1.4: a 9:16 frame turned by 8 degrees and shifted by 5 % needs 1.36 of its short side.
         cover = rng.uniform(0.55, 0.9) if on_photo else 1.4
         pw, ph = round(fw * cover), round(fh * cover)
         if on_photo and rng.random() < 0.5:
