@@ -246,10 +246,10 @@ class PaperSceneMaker:
                 # Gaps between the digits' ink, not their canvases: negative ones make digits touch,
                 # as handwriting often does.
                 gaps = [row_height * rng.uniform(-0.08, 0.35) for _ in range(count - 1)]
-                inks = [np.nonzero((d > 0.25).any(axis=0))[0] for d, _ in digits]
-                if any(len(cols) == 0 for cols in inks):
+                inks = [np.nonzero(d > 0.25) for d, _ in digits]  # (ys, xs) of each digit's ink
+                if any(len(xs) == 0 for _, xs in inks):
                     continue
-                total = sum(int(c[-1] - c[0] + 1) for c in inks) + sum(gaps)
+                total = sum(int(xs.max() - xs.min() + 1) for _, xs in inks) + sum(gaps)
                 if total > x1 - x0 or row_height * 1.3 > y1 - y0:
                     if count == 1:
                         break
@@ -261,9 +261,9 @@ class PaperSceneMaker:
                 for n, (digit, label) in enumerate(digits):
                     h, w = digit.shape
                     top = baseline - h + rng.uniform(-0.06, 0.06) * row_height
-                    ix, iy = int(np.rint(x - inks[n][0])), int(np.rint(top))
-                    ys, xs = np.nonzero(digit > 0.25)
-                    if len(ys) == 0 or iy < 0 or ix < 0 or iy + h > alpha.shape[0] or ix + w > alpha.shape[1]:
+                    ys, xs = inks[n]
+                    ix, iy = int(np.rint(x - xs.min())), int(np.rint(top))
+                    if iy < 0 or ix < 0 or iy + h > alpha.shape[0] or ix + w > alpha.shape[1]:
                         placed = []
                         break
                     box = np.array([ix + xs.min(), iy + ys.min(), ix + xs.max() + 1, iy + ys.max() + 1], float)
