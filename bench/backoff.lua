@@ -1,6 +1,11 @@
--- wrk script: POST one fixed body (BODY_FILE, CONTENT_TYPE); after a 429 the connection waits
+-- wrk script: POST one fixed body (BODY_FILE, CONTENT_TYPE); after a 429 a connection waits
 -- BACKOFF_MS before its next request (a client that honours back-pressure, if not Retry-After's
 -- whole second); prints a JSON summary with the 2xx and 429 counts.
+-- wrk's response() and delay() do not say which connection they are for, and a thread's responses
+-- are read in batches before their connections ask delay(): one flag lost the pauses of all but
+-- the last of several 429s in a batch (those connections came back at once). So each 429 adds one
+-- pause that the thread's next request takes: as many paused requests as 429s, though a pause may
+-- fall on another connection of the thread than the one refused.
 local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
@@ -15,7 +20,8 @@ end
 
 function init(args)
   ok, shed, other = 0, 0, 0
-  pause = false
+  pauses = {}  -- pauses owed, in milliseconds, first in first out
+  first, last = 1, 0
 end
 
 function response(status, headers, body)
@@ -23,13 +29,20 @@ function response(status, headers, body)
   elseif status == 429 then
     shed = shed + 1
     -- BACKOFF_MS 0: honour Retry-After (seconds), as a well-behaved client does
-    pause = backoff
+    local pause = backoff
     if backoff == 0 then pause = 1000 * (tonumber(headers["retry-after"] or headers["Retry-After"] or "1") or 1) end
+    last = last + 1
+    pauses[last] = pause
   else other = other + 1 end
 end
 
 function delay()
-  if pause then local p = pause; pause = false; return p end
+  if first <= last then
+    local p = pauses[first]
+    pauses[first] = nil
+    first = first + 1
+    return p
+  end
   return 0
 end
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from service.admission import Places, redeem
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class DynamicBatcher(Generic[T, R]):
         self._observer: BatchObserver = observer or _NullObserver()
         self._retry_after = {"Retry-After": str(retry_after_s)}
         self._queue: deque[_Pending] = deque()
+        self.places = Places()  # held by requests let in but not yet queued (see service.admission)
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(instances)
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"infer-{name}")
@@ -124,8 +126,9 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def saturated(self) -> bool:
-        """The queue is full: a new request would be refused."""
-        return len(self._queue) >= self.max_queue_size
+        """The queue is full, counting the places held for requests on their way: a new request
+        would be refused."""
+        return len(self._queue) + self.places.held >= self.max_queue_size
 
     @property
     def queue_depth(self) -> int:
@@ -194,9 +197,11 @@ class DynamicBatcher(Generic[T, R]):
     # -- submitting ---------------------------------------------------------------------------
 
     async def _submit_one(self, rows: Sequence[T], key: Hashable, deadline: float) -> BatchResult[R]:
-        if len(self._queue) >= self.max_queue_size:
+        redeem(self.places)  # the place this request held (if any) becomes its entry in the queue
+        if len(self._queue) + self.places.held >= self.max_queue_size:
             raise Overloaded(
-                f"model {self.name} has {len(self._queue)} requests queued (limit {self.max_queue_size})",
+                f"model {self.name} has {len(self._queue)} requests queued and {self.places.held} on their way "
+                f"(limit {self.max_queue_size})",
                 headers=self._retry_after,
             )
         loop = asyncio.get_running_loop()

@@ -33,6 +33,8 @@ def serve(settings: Settings) -> None:
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         max_connections=settings.max_connections,
+        shed_per_s=settings.shed_per_s,
+        shed_max_wait_s=settings.shed_max_wait_s,
     )
     run(create_app(settings), host=settings.host, port=settings.port, limits=limits)
 

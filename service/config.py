@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         2048, ge=1, description="Open connections; beyond, a new one gets 503 and is closed at once."
     )
+    shed_per_s: float = Field(
+        500.0,
+        ge=0,
+        description="Requests refused for load (429 before they are read) answered per second at most; beyond, "
+        "they wait unread, in arrival order, and are let in if their model's queue makes room first "
+        "(0: no limit).",
+    )
+    shed_max_wait_s: float = Field(
+        2.0, gt=0, description="Longest a request held back that way waits for its answer (429 once it is over)."
+    )
 
     # Model control (Triton's modes): none, the repository as found at start; explicit, also
     # POST /v2/repository/models/{name}/load and /unload; poll, the repository watched for changes.

@@ -62,6 +62,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from service.admission import Places, holds, redeem
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ServiceError, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ class StepScheduler(Generic[S]):
         # request sizes), not O(waiting): a scan of the line on every check took 8 % of the event
         # loop at 512 connections (py-spy), where most checks end in a 429.
         self._waiting_rows = 0
+        # Requests let in but not yet here hold a place of one row each (see service.admission).
+        self.places = Places()
         self._group_rows: dict[object, int] = {}  # request -> its rows waiting
         self._size_rows: dict[int, int] = {}  # a request's waiting rows -> rows of all such requests
         # The waiting line and its books are shared: the event loop adds and withdraws, the
@@ -241,6 +244,7 @@ class StepScheduler(Generic[S]):
             raise RuntimeError(f"decoder {self.name} answers on another event loop")
         deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
         entry = _Entry(seq, deadline, timeout_s, self._loop.create_future(), seq if group is None else group)  # type: ignore[union-attr]
+        redeem(self.places)  # its rows now stand where its place was
         with self._lock:  # the gauge too: the decode thread may admit it at once and report 0
             self._enqueue(entry)
             self._observer.on_queue_depth(len(self._waiting))
@@ -299,21 +303,26 @@ class StepScheduler(Generic[S]):
         times the limit."""
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down", headers=self._retry_after)
-        ahead = self._ahead(rows)
+        # The place this request holds on its way (if any) is not counted ahead of it; its rows
+        # take it over when they queue (submit), a loop turn later.
+        ahead = self._ahead(rows, own=holds(self.places))
         if ahead is not None:
             raise Overloaded(
-                f"model {self.name} has {ahead} decoder rows waiting ahead of a request of {rows} "
-                f"(limit {self.max_queue_size}); retry later",
+                f"model {self.name} has {ahead} decoder rows waiting ahead of a request of "
+                f"{rows} (limit {self.max_queue_size}); retry later",
                 headers=self._retry_after,
             )
 
-    def _ahead(self, rows: int) -> int | None:
-        """The rows that keep a request of ``rows`` out of the line, or None when it may wait."""
-        total = self._waiting_rows
+    def _ahead(self, rows: int, own: bool = False) -> int | None:
+        """The rows that keep a request of ``rows`` out of the line, or None when it may wait.
+        A place held for a request on its way counts as a waiting request of one row (except the
+        asking request's ``own``)."""
+        held = self.places.held - own
+        total = self._waiting_rows + held
         if not total:
             return None
         with self._lock:
-            ahead = sum(r for size, r in self._size_rows.items() if size <= rows) if self.fair else total
+            ahead = held + sum(r for size, r in self._size_rows.items() if size <= rows) if self.fair else total
         if (ahead and ahead + rows > self.max_queue_size) or (total and total + rows > 4 * self.max_queue_size):
             return ahead
         return None

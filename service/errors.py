@@ -7,7 +7,7 @@ batcher and the runtime raise these too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 
@@ -169,6 +169,19 @@ class Overloaded(ServiceError):
     status_code = 429
     error_type = "overloaded"
     summary = "Overloaded: the model's queue is full; retry after Retry-After seconds"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        on_answer: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(message, headers=headers, param=param)
+        # Shedding before routing: counted in the model's metrics when the 429 is answered (a
+        # request held back may still be let in; see service.server.Door).
+        self.on_answer = on_answer
 
 
 class RateLimited(Overloaded):

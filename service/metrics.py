@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service import tracing
-from service.errors import ServiceError
+from service.errors import Overloaded, ServiceError
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -220,6 +220,10 @@ class ModelObserver:
             raise
         finally:
             self.on_request(outcome, time.perf_counter() - started)
+
+    def shed(self) -> None:
+        """A request refused for load before it was read (a 429 at the door)."""
+        self.on_request(Overloaded.error_type, 0.0)
 
     def on_request(self, outcome: str, latency_s: float) -> None:
         counter = self._by_outcome.get(outcome)

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from service import tracing
+from service.admission import Places, Ticket
 from service.batching import BatchResult, DynamicBatcher
 from service.config import Settings
 from service.errors import (
@@ -230,6 +231,11 @@ class ServedModel:
     def saturated(self) -> bool:
         """Its queue (or its engine's) is full: a new request would get 429."""
         return self.engine.saturated if self.engine is not None else self.batcher.saturated
+
+    @property
+    def places(self) -> Places:
+        """The places held in that queue by requests let in on their way to it."""
+        return self.engine.places if self.engine is not None else self.batcher.places
 
     async def infer_rows(self, feeds: Mapping[str, np.ndarray]) -> Inference:
         """Like :meth:`infer` for inputs whose first axis counts items (images, texts): a model
@@ -687,34 +693,47 @@ class ModelRegistry:
                 f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
             ) from None
 
-    def refusal(self, task: str) -> Overloaded | None:
-        """A 429 for a task request before it is read, parsed or tokenised, when every model of
-        the task that serves is saturated: refusing must cost less than the work it saves, or
-        overload feeds on itself. (Which model a request names is only known after parsing; when
-        some model of the task has room, the request goes on and that model's own queue decides.)"""
+    def admission(self, task: str) -> Ticket | Overloaded | None:
+        """Let a task request in before it is read, parsed or tokenised, or refuse it (an
+        :class:`Overloaded` to answer, a 429) when every model of the task that serves is saturated:
+        refusing must cost less than the work it saves, or overload feeds on itself. (Which model
+        a request names is only known after parsing; when some model of the task has room, the
+        request goes on and that model's own queue decides.) A request let in holds a place in
+        the queue of the model it most likely goes to (the task's default) until it gets there
+        (see :mod:`service.admission`); the ticket is None when no model of the task serves.
+        (The refusal is returned, not raised: a raised one holds its traceback's frames in a
+        reference cycle that only the garbage collector frees, thousands a second under overload.)"""
         serving = [
             served
             for status in self.models.values()
             if status.task == task and status.state is ModelState.READY
             for served in status.versions.values()
         ]
-        if serving and all(served.saturated for served in serving):
+        if not serving:
+            return None
+        room = [served for served in serving if not served.saturated]
+        if not room:
             chosen = next((s for s in serving if s.default), serving[0])
-            chosen.observer.on_request(Overloaded.error_type, 0.0)
             return Overloaded(
                 f"every model of task {task!r} has a full queue; retry after {self.settings.retry_after_s} s",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
+                on_answer=chosen.observer.shed,
             )
-        return None
+        return next((s for s in room if s.default), room[0]).places.hold()
 
-    def infer_refusal(self, name: str) -> Overloaded | None:
+    def infer_admission(self, name: str) -> Ticket | Overloaded | None:
         """The same for a v2 inference request to model ``name`` (its latest version)."""
         status = self.models.get(name)
         served = status.latest if status is not None and status.state is ModelState.READY else None
-        if served is None or not served.batcher.saturated:
+        if served is None:
             return None
-        served.observer.on_request(Overloaded.error_type, 0.0)
-        return Overloaded(f"model {name} has a full queue", headers={"Retry-After": str(self.settings.retry_after_s)})
+        if served.batcher.saturated:
+            return Overloaded(
+                f"model {name} has a full queue",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+                on_answer=served.observer.shed,
+            )
+        return served.batcher.places.hold()
 
     def for_task(self, task: str, name: str | None = None, *, scope: str | None = None) -> ServedModel:
         """The model a task endpoint uses: the one named, else the task's default (in ``scope``,

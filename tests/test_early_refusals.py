@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -50,11 +53,17 @@ def request(path: str, body: bytes, *headers: str) -> bytes:
 
 def read_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
     """``count`` HTTP/1.1 answers with a Content-Length, in order."""
-    data, out = b"", []
-    while len(out) < count:
+    answers = answers_of(sock)
+    return [next(answers) for _ in range(count)]
+
+
+def answers_of(sock: socket.socket) -> Iterator[tuple[int, dict[str, str], bytes]]:
+    """HTTP/1.1 answers with a Content-Length, in order, each as soon as it is in."""
+    data, count = b"", 0
+    while True:
         while b"\r\n\r\n" not in data:
             chunk = sock.recv(65536)
-            assert chunk, f"connection closed after {len(out)} answers: {data!r}"
+            assert chunk, f"connection closed after {count} answers: {data!r}"
             data += chunk
         head, data = data.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
@@ -62,9 +71,9 @@ def read_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, s
         length = int(headers["content-length"])
         while len(data) < length:
             data += sock.recv(65536)
-        out.append((int(lines[0].split()[1]), headers, data[:length]))
+        count += 1
+        yield int(lines[0].split()[1]), headers, data[:length]
         data = data[length:]
-    return out
 
 
 def infer_body(width: int = 4) -> bytes:
@@ -172,3 +181,59 @@ def test_hundreds_of_refusals_pipelined_behind_a_slow_request_are_all_answered_i
         sock.sendall(slow + refused * 1500)
         statuses = [s for s, _, _ in read_answers(sock, 1501)]
     assert statuses[0] == 200 and statuses[1:] == [401] * 1500
+
+
+@pytest.fixture(scope="module")
+def paced(tmp_path_factory: pytest.TempPathFactory):
+    """The slow model with one queued request at most; 5 refusals for load a second, 1.5 s at most."""
+    repo = tmp_path_factory.mktemp("paced") / "repo"
+    write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=2000)
+    env = {"NEUROSERVE_MAX_QUEUE_SIZE": "1", "NEUROSERVE_SHED_PER_S": "5", "NEUROSERVE_SHED_MAX_WAIT_S": "1.5"}
+    with neuroserve(repo, **env) as running:
+        yield running
+
+
+def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answered(paced) -> None:
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]})
+    one = request("/v2/models/slow/infer", body.encode())
+    answers: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(120)
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", paced.port), timeout=30) as sock:
+            start.wait()
+            sock.sendall(one + one)  # a second request pipelined behind the first
+            asked = time.monotonic()  # the second is read once the first is answered
+            answers_here = answers_of(sock)
+            for _ in range(2):
+                status, headers, _ = next(answers_here)
+                now = time.monotonic()
+                assert status == 200 or (status == 429 and headers["retry-after"] == "1"), status
+                if status == 429:  # nobody waits (much) past the longest wait
+                    assert now - asked < 1.5 + 0.5, now - asked
+                with lock:
+                    answers.append((status, now))
+                asked = now
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(120)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 240  # each request answered, the pipelined ones too
+    refused = sorted(at for status, at in answers if status == 429)
+    served = sum(1 for status, _ in answers if status == 200)
+    # Held back, many are served as the queue makes room; the rest are refused at 5 a second (a
+    # bucket of 1) until their 1.5 s are up.
+    assert served >= 5 and len(refused) >= 20, (served, len(refused))
+    within_first_second = sum(1 for at in refused if at - began < 1.0)
+    assert within_first_second <= 1 + 5 + 2, within_first_second
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{paced.port}/metrics", timeout=10).read().decode()
+    counted = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('neuroserve_model_requests_total{model="slow",outcome="overloaded"}')
+    )
+    assert counted == len(refused)  # each refusal counted once, when answered

@@ -14,6 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from service import __version__, tracing
+from service.admission import Ticket
 from service.api.auth import KeyStore, load_keys
 from service.api.handlers import install_handlers
 from service.api.middleware import EarlyRefusals, RequestGuard
@@ -22,6 +23,7 @@ from service.api.routes import health, v2
 from service.api.routes import metrics as metrics_routes
 from service.api.schemas import apply_limits
 from service.config import Settings
+from service.errors import Overloaded
 from service.memory import settle_heap
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -61,9 +63,10 @@ _NO_NATIVE_TELEMETRY = (
 )
 
 
-def _refusals(registry: ModelRegistry):  # type: ignore[no-untyped-def]
-    """What the middleware asks of each request before routing: a 429 when the task (or the v2
-    model) it is for has every queue full. The task of each POST path is read off its router."""
+def _admissions(registry: ModelRegistry):  # type: ignore[no-untyped-def]
+    """What the middleware asks of each request before routing: a 429 when the task (or
+    the v2 model) it is for has every queue full, else the ticket of the place it holds in one
+    (see service.admission). The task of each POST path is read off its router."""
     task_of = {
         route.path: task.name
         for task in TASKS.values()
@@ -72,18 +75,18 @@ def _refusals(registry: ModelRegistry):  # type: ignore[no-untyped-def]
         if "POST" in getattr(route, "methods", ())
     }
 
-    def refuse(method: str, path: str):  # type: ignore[no-untyped-def]
+    def admit(method: str, path: str) -> Ticket | Overloaded | None:
         if method != "POST":
             return None
         task = task_of.get(path)
         if task is not None:
-            return registry.refusal(task)
+            return registry.admission(task)
         parts = path.split("/")  # /v2/models/<name>/infer
         if len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "infer":
-            return registry.infer_refusal(parts[3])
+            return registry.infer_admission(parts[3])
         return None
 
-    return refuse
+    return admit
 
 
 def _state_limits(app: FastAPI, settings: Settings) -> None:
@@ -156,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_request_bytes,
         metrics=metrics,
         access_log=settings.access_log,
-        refuse=_refusals(registry),
+        admit=_admissions(registry),
         keys=KeyStore(load_keys(settings.api_keys_file)) if settings.api_keys_file else None,
         fast=v2.fast_path(app.exception_handlers),
         early=app.state.early_refusals,

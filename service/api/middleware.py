@@ -11,14 +11,16 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import tracing
+from service import admission, tracing
+from service.admission import Ticket
 from service.api.auth import KeyStore, presented_key, scope_of
 from service.api.handlers import error_body, error_response
-from service.errors import PayloadTooLarge, ServiceError
+from service.errors import Overloaded, PayloadTooLarge, ServiceError
 from service.logs import REQUEST_ID, log_request
 from service.metrics import Metrics
 
@@ -29,26 +31,52 @@ _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 _EARLY = "neuroserve.early"  # scope key: the guard's decision, taken by the protocol (see EarlyRefusals)
 
 
+@dataclass(slots=True)
+class Refusal:
+    """A request the guard refuses before the application sees it, with what its answer needs."""
+
+    error: ServiceError
+    started: float
+    request_id: str
+    extra_headers: list[tuple[bytes, bytes]]
+
+    @property
+    def shed(self) -> bool:
+        """Refused for load (every queue of its task full), not for anything about the request."""
+        return isinstance(self.error, Overloaded)
+
+
 class EarlyRefusals:
     """The request guard's refusals, for the HTTP protocol to answer before an ASGI task exists.
 
     A refusal (a 429 when the model's queue is full, above all) answered through the whole stack
     costs a task, a dozen middleware calls and a response object on the event loop; under overload
-    the refusals are most of the requests. The server's protocol asks :meth:`answer` once a
+    the refusals are most of the requests. The server's protocol asks :meth:`decide` once a
     request's headers are in: the guard takes exactly the decision it would take in the stack
     (body limit, key, shedding; once, so a key's rate is counted once) and, when it refuses, the
-    protocol writes the answer itself (the body that follows is read and dropped, and the
-    connection stays open). Otherwise the decision rides in the scope to the guard, which does not
-    take it again. Requests with an ``Origin`` header keep the whole stack (CORS headers)."""
+    protocol writes the answer (:meth:`render`) itself (the body that follows is read and dropped,
+    and the connection stays open). Otherwise the decision rides in the scope to the guard, which
+    does not take it again. A shed request the protocol holds back may be let in later
+    (:meth:`readmit`). Requests with an ``Origin`` header keep the whole stack (CORS headers)."""
 
     def __init__(self) -> None:
         self.guard: RequestGuard | None = None  # set when the middleware stack is built
 
-    def answer(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    def decide(self, scope: Scope) -> Refusal | None:
         guard = self.guard
         if guard is None or scope["method"] != "POST":
             return None
         return guard.early(scope)
+
+    def readmit(self, scope: Scope, refusal: Refusal) -> Refusal | None:
+        """Shedding decided again for a request refused for load: None when it is let in now."""
+        assert self.guard is not None
+        return self.guard.readmit(scope, refusal)
+
+    def render(self, scope: Scope, refusal: Refusal) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The refusal's status, headers and body; it is recorded (metrics, access log) as answered."""
+        assert self.guard is not None
+        return self.guard.render(scope, refusal)
 
 
 class RequestGuard:
@@ -59,7 +87,7 @@ class RequestGuard:
         max_body_bytes: int,
         metrics: Metrics,
         access_log: bool = True,
-        refuse: Callable[[str, str], ServiceError | None] | None = None,
+        admit: Callable[[str, str], Ticket | ServiceError | None] | None = None,
         keys: KeyStore | None = None,
         fast: Callable[[Scope], ASGIApp | None] | None = None,
         early: EarlyRefusals | None = None,
@@ -71,7 +99,8 @@ class RequestGuard:
         self.fast = fast
         self.keys = keys  # None: no keys file, every route open (as before keys existed)
         # Load shedding before routing: a 429 under overload must cost less than the work it saves.
-        self.refuse = refuse
+        # It answers a refusal (Overloaded), or lets the request in holding a place in a queue (a Ticket).
+        self.admit = admit
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -83,8 +112,9 @@ class RequestGuard:
             return
         decided = scope.pop(_EARLY, None)  # the protocol asked already, and it was not a refusal
         if decided is not None:
-            started, request_id, extra_headers = decided
+            started, request_id, extra_headers, ticket = decided
         else:
+            ticket = None
             started = time.perf_counter()
             request_id = _request_id(scope)
             extra_headers = [(b"x-request-id", request_id.encode())]
@@ -97,61 +127,86 @@ class RequestGuard:
 
         token = REQUEST_ID.set(request_id)
         try:
-            refusal = None if decided is not None else self._refusal(scope, extra_headers)
+            if decided is None:
+                refusal, ticket = self._refusal(scope, extra_headers)
+            else:
+                refusal = None
             if refusal is not None:
                 response = error_response(refusal, scope["path"])
                 if isinstance(refusal, PayloadTooLarge):
                     response.headers["connection"] = "close"
+                _answered(refusal)
                 await response(scope, receive, send)
                 self._record(scope, refusal.status_code, started, request_id)
                 return
-            await self._serve(scope, receive, send, started, request_id)
+            with admission.holding(ticket):
+                await self._serve(scope, receive, send, started, request_id)
         finally:
             REQUEST_ID.reset(token)
 
-    def early(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """:meth:`_refusal` for the protocol (see :class:`EarlyRefusals`): the answer's status,
-        headers and body when refused, else None with the decision left in the scope."""
+    def early(self, scope: Scope) -> Refusal | None:
+        """:meth:`_refusal` for the protocol (see :class:`EarlyRefusals`): the refusal, else None
+        with the decision left in the scope."""
         started = time.perf_counter()
         request_id = _request_id(scope)
         extra_headers = [(b"x-request-id", request_id.encode())]
         token = REQUEST_ID.set(request_id)
         try:
-            refusal = self._refusal(scope, extra_headers)
+            refusal, ticket = self._refusal(scope, extra_headers)
         finally:
             REQUEST_ID.reset(token)
         if refusal is None:
-            scope[_EARLY] = (started, request_id, extra_headers)
+            scope[_EARLY] = (started, request_id, extra_headers, ticket)
             return None
-        body = orjson.dumps(error_body(refusal, scope["path"]))
+        return Refusal(refusal, started, request_id, extra_headers)
+
+    def readmit(self, scope: Scope, refusal: Refusal) -> Refusal | None:
+        """Load shedding alone, again, for a request :meth:`early` refused for load (its key was
+        checked and counted then)."""
+        assert self.admit is not None
+        decision = self.admit(scope["method"], scope["path"])
+        if isinstance(decision, ServiceError):
+            refusal.error = decision
+            return refusal
+        scope[_EARLY] = (refusal.started, refusal.request_id, refusal.extra_headers, decision)
+        return None
+
+    def render(self, scope: Scope, refusal: Refusal) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        error = refusal.error
+        body = orjson.dumps(error_body(error, scope["path"]))
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (refusal.headers or {}).items()),
-            *extra_headers,
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (error.headers or {}).items()),
+            *refusal.extra_headers,
         ]
-        if isinstance(refusal, PayloadTooLarge):
+        if isinstance(error, PayloadTooLarge):
             headers.append((b"connection", b"close"))
-        self._record(scope, refusal.status_code, started, request_id)
-        return refusal.status_code, headers, body
+        _answered(error)
+        self._record(scope, error.status_code, refusal.started, refusal.request_id)
+        return error.status_code, headers, body
 
-    def _refusal(self, scope: Scope, extra_headers: list[tuple[bytes, bytes]]) -> ServiceError | None:
+    def _refusal(
+        self, scope: Scope, extra_headers: list[tuple[bytes, bytes]]
+    ) -> tuple[ServiceError | None, Ticket | None]:
         """What is refused before the application sees the request: a declared body over the
-        limit, a missing or wrong key, and load shedding."""
+        limit, a missing or wrong key, and load shedding; or, when let in, the place the request
+        holds in a queue."""
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            return PayloadTooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes}")
+            return PayloadTooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes}"), None
         if self.keys is not None:
             needed = scope_of(scope["method"], scope["path"])
             if needed is not None:
                 try:
                     _, rate = self.keys.authorize(presented_key(scope["headers"]), needed)
-                except ServiceError as exc:
-                    return exc
+                except ServiceError as exc:  # without its traceback: that and this frame form a cycle
+                    return exc.with_traceback(None), None
                 extra_headers += [(k.lower().encode(), v.encode()) for k, v in rate.items()]
-        if self.refuse is not None:
-            return self.refuse(scope["method"], scope["path"])
-        return None
+        if self.admit is not None:
+            decision = self.admit(scope["method"], scope["path"])
+            return (decision, None) if isinstance(decision, ServiceError) else (None, decision)
+        return None, None
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, started: float, request_id: str) -> None:
         status = 500
@@ -218,6 +273,11 @@ class RequestGuard:
                     **({"trace_id": trace_id} if (trace_id := tracing.current_trace_id()) else {}),
                 },
             )
+
+
+def _answered(error: ServiceError) -> None:
+    if isinstance(error, Overloaded) and error.on_answer is not None:
+        error.on_answer()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -32,6 +32,7 @@ from service.runtime import RuntimeOptions
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
+    from service.admission import Places
     from service.registry import ServedModel
 
 
@@ -42,6 +43,8 @@ class Engine(Protocol):
     async def close(self, *, drain: bool = True) -> None: ...
     @property
     def saturated(self) -> bool: ...  # its waiting line is full: a new request would be refused
+    @property
+    def places(self) -> Places: ...  # held in that line by requests on their way (service.admission)
 
 
 class Parameters(BaseModel):

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import Field
 from tokenizers import Tokenizer
 
+from service.admission import Places
 from service.config import Settings
 from service.decoding import Decoder, DecodeStats, StepScheduler, gather_all
 from service.errors import ModelLoadError
@@ -424,6 +425,10 @@ class TextGenerationEngine:
     @property
     def saturated(self) -> bool:
         return self.scheduler.saturated
+
+    @property
+    def places(self) -> Places:
+        return self.scheduler.places
 
     async def close(self, *, drain: bool = True) -> None:
         await self.scheduler.close(drain=drain)
