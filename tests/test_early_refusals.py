@@ -237,3 +237,7 @@ def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answ
         if line.startswith('neuroserve_model_requests_total{model="slow",outcome="overloaded"}')
     )
     assert counted == len(refused)  # each refusal counted once, when answered
+    # Nothing is left holding a place in the queue: the next request is served.
+    with socket.create_connection(("127.0.0.1", paced.port), timeout=10) as sock:
+        sock.sendall(one)
+        assert read_answers(sock, 1)[0][0] == 200
