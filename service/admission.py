@@ -9,81 +9,101 @@ the queue after all: at 1,024 connections 4,244 of 38,749 refusals in 10 s were 
 429s (``/metrics``, route ``/v1/translation``), each costing the event loop what a served
 request costs before its inference.
 
-So a request let in holds a place (:meth:`Places.hold`, one row or one queued request) from the
-door until it reaches the queue, where its place turns into its real rows (:func:`redeem`, when
-they are queued: not when they are merely checked, since the sequences of a request queue a loop
-turn after their check), or until it ends without queueing. A queue counts the places held as
-waiting. The ticket travels in a context variable (:func:`holding`), so neither the queue nor the
-route code knows HTTP.
+So a request let in gets a :class:`Claim` on a place (one row, or one queued request) in the
+queue of each model it may go to (those of its task: which one is only known once its body is
+parsed). The HTTP protocol takes the places (:meth:`Claim.take`) as soon as the body is complete,
+in the same turn of the event loop as the decision for a body that came with its headers; a body
+still arriving holds nothing, so slow uploads cannot fill a queue with places. The places are
+given up when the request's rows queue (:func:`redeem`, when they are queued: not when they are
+merely checked, since the sequences of a request queue a loop turn after their check), or when
+the request ends without queueing. A queue counts the places held as waiting. The claim travels
+in a context variable (:func:`holding`), so neither the queue nor the route code knows HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
+
+SCOPE_KEY = "neuroserve.claim"  # the ASGI scope's entry for a request's claim (the protocol takes it)
 
 
 class Places:
-    """The places held in one waiting line (only the event loop's thread touches it)."""
+    """The places held in one waiting line. The event loop holds and releases them; a claim
+    dropped without release gives its places up wherever the collector runs, hence the lock."""
 
-    __slots__ = ("held",)
+    __slots__ = ("_lock", "held")
 
     def __init__(self) -> None:
         self.held = 0
+        self._lock = threading.Lock()
 
-    def hold(self) -> Ticket:
-        self.held += 1
-        return Ticket(self)
+    def _add(self, n: int) -> None:
+        with self._lock:
+            self.held += n
 
 
-class Ticket:
-    """One held place; released once, by whichever comes first: the queue taking the request
-    (:func:`redeem`), the request ending, or the ticket being dropped."""
+class Claim:
+    """A request's places, one in each of ``places``, from :meth:`take` until :meth:`release`
+    (once: a claim released is never taken again)."""
 
-    __slots__ = ("_places",)
+    __slots__ = ("_places", "_state")
 
-    def __init__(self, places: Places) -> None:
-        self._places: Places | None = places
+    def __init__(self, places: Sequence[Places]) -> None:
+        self._places = tuple(places)
+        self._state = 0  # 0 not taken, 1 held, 2 released
+
+    def take(self) -> None:
+        if self._state == 0:
+            self._state = 1
+            for places in self._places:
+                places._add(1)
+
+    @property
+    def held(self) -> bool:
+        return self._state == 1
 
     def holds(self, places: Places) -> bool:
-        return self._places is places
+        return self._state == 1 and any(p is places for p in self._places)
 
     def release(self) -> None:
-        places, self._places = self._places, None
-        if places is not None:
-            places.held -= 1
+        state, self._state = self._state, 2
+        if state == 1:
+            for places in self._places:
+                places._add(-1)
 
-    def __del__(self) -> None:  # a ticket lost on some unforeseen path must not shrink the line for good
+    def __del__(self) -> None:  # a claim lost on some unforeseen path must not shrink the line for good
         self.release()
 
 
-_TICKET: ContextVar[Ticket | None] = ContextVar("neuroserve_ticket", default=None)
+_CLAIM: ContextVar[Claim | None] = ContextVar("neuroserve_claim", default=None)
 
 
 @contextlib.contextmanager
-def holding(ticket: Ticket | None) -> Iterator[None]:
-    """Run the request with its ticket in context; its place is released when it ends."""
-    if ticket is None:
+def holding(claim: Claim | None) -> Iterator[None]:
+    """Run the request with its claim in context; its places are released when it ends."""
+    if claim is None:
         yield
         return
-    token = _TICKET.set(ticket)
+    token = _CLAIM.set(claim)
     try:
         yield
     finally:
-        ticket.release()
-        _TICKET.reset(token)
+        claim.release()
+        _CLAIM.reset(token)
 
 
 def holds(places: Places) -> bool:
     """Whether the calling request holds a place in ``places``."""
-    ticket = _TICKET.get()
-    return ticket is not None and ticket.holds(places)
+    claim = _CLAIM.get()
+    return claim is not None and claim.holds(places)
 
 
 def redeem(places: Places) -> None:
-    """The calling request reaches the line of ``places``: the place it held there (if any) is
-    given up, for its real size to be counted instead."""
-    ticket = _TICKET.get()
-    if ticket is not None and ticket.holds(places):
-        ticket.release()
+    """The calling request reaches the line of ``places``: the places it held (there, and in the
+    lines of the other models it might have gone to) are given up, for its real size to count."""
+    claim = _CLAIM.get()
+    if claim is not None and claim.holds(places):
+        claim.release()

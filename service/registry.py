@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from service import tracing
-from service.admission import Places, Ticket
+from service.admission import Claim, Places
 from service.batching import BatchResult, DynamicBatcher
 from service.config import Settings
 from service.errors import (
@@ -693,14 +693,14 @@ class ModelRegistry:
                 f"model {name!r} has no served version {version!r}; served: {sorted(status.versions)}"
             ) from None
 
-    def admission(self, task: str) -> Ticket | Overloaded | None:
+    def admission(self, task: str) -> Claim | Overloaded | None:
         """Let a task request in before it is read, parsed or tokenised, or refuse it (an
         :class:`Overloaded` to answer, a 429) when every model of the task that serves is saturated:
         refusing must cost less than the work it saves, or overload feeds on itself. (Which model
         a request names is only known after parsing; when some model of the task has room, the
-        request goes on and that model's own queue decides.) A request let in holds a place in
-        the queue of the model it most likely goes to (the task's default) until it gets there
-        (see :mod:`service.admission`); the ticket is None when no model of the task serves.
+        request goes on and that model's own queue decides.) A request let in gets a claim on a
+        place in each model of the task with room, since any of them may be the one it names
+        (see :mod:`service.admission`); None when no model of the task serves.
         (The refusal is returned, not raised: a raised one holds its traceback's frames in a
         reference cycle that only the garbage collector frees, thousands a second under overload.)"""
         serving = [
@@ -719,9 +719,9 @@ class ModelRegistry:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
                 on_answer=chosen.observer.shed,
             )
-        return next((s for s in room if s.default), room[0]).places.hold()
+        return Claim([served.places for served in room])
 
-    def infer_admission(self, name: str) -> Ticket | Overloaded | None:
+    def infer_admission(self, name: str) -> Claim | Overloaded | None:
         """The same for a v2 inference request to model ``name`` (its latest version)."""
         status = self.models.get(name)
         served = status.latest if status is not None and status.state is ModelState.READY else None
@@ -733,7 +733,7 @@ class ModelRegistry:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
                 on_answer=served.observer.shed,
             )
-        return served.batcher.places.hold()
+        return Claim([served.batcher.places])
 
     def for_task(self, task: str, name: str | None = None, *, scope: str | None = None) -> ServedModel:
         """The model a task endpoint uses: the one named, else the task's default (in ``scope``,

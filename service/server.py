@@ -16,7 +16,7 @@ subclass of uvicorn's httptools protocol, so the fast C parser stays) adds:
   see ``service.api.middleware.EarlyRefusals``): under overload most requests are 429s, and through
   the whole stack each cost the event loop a task, a dozen middleware calls and a response object;
 * refusals for load answered at a bounded rate (``shed_per_s``, :class:`Door`): beyond it a request
-  waits unread, in arrival order, and is let in if its model's queue makes room first.
+  waits, in arrival order, and is let in if its task's queues make room first.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.admission import SCOPE_KEY as CLAIM
 from service.errors import HeadersTooLarge, RequestTimeout, ServiceError, TooManyConnections
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class _Held:
 
 
 class Door:
-    """Refusals for load answered at a bounded rate; the requests beyond it wait, unread.
+    """Refusals for load answered at a bounded rate; the requests beyond it wait for their answer.
 
     A refusal answered at the door still costs the event loop about 50 us (parsing, the answer,
     its metrics and log line: 19,500 refusals/s on one core, an API-key 401 through the same
@@ -79,13 +80,14 @@ class Door:
     retry 100 ms after each 429 come back as fast as they are refused: at 1,024 such connections
     the server answered 6,300 429s/s and served 128 requests/s, against 580/s with 64 clients and
     none refused (the interpreter lock, not the CPU, was the limit both times: a quarter of the 2
-    cores stayed idle). So at most ``per_s`` refusals for load are answered per second (a bucket
-    of a tenth of a second's worth); a request that would be refused beyond that waits for its
-    turn, its connection not read meanwhile (pipelined requests stay in the socket), in arrival
-    order per path. Every tick (10 ms) the first of each line is decided again: let in when its
-    model's queue has room by then (it is served, not refused), else answered 429 while the bucket
-    lasts. No request waits longer than ``max_wait_s``. Refusals for anything else (a key, a body
-    over the limit) are answered at once: they are about the request, not the load."""
+    cores stayed idle). So refusals for load beyond ``per_s`` a second (a bucket of a tenth of a
+    second's worth) are delayed: such a request waits, undecided, in a line per path, and so does
+    every request that comes for that path while the line is not empty (arrival order). Every tick
+    (10 ms) each line is decided again from its first request, the paths taken in turn: a request
+    whose task's queues have room by then is let in (its model's queue decides as for any other),
+    otherwise it is answered 429 while the bucket lasts, or once it has waited ``max_wait_s`` (to
+    the tick after). A client that leaves meanwhile is dropped. Refusals for anything about the
+    request itself (a key, its rate, a body over the limit) are answered at once."""
 
     TICK_S = 0.01
 
@@ -98,10 +100,15 @@ class Door:
         self.stamp: float | None = None
         self.lines: dict[str, deque[_Held]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._turn = 0  # which path's line is decided first at the next tick
 
     @property
     def waiting(self) -> int:
         return sum(len(line) for line in self.lines.values())
+
+    def queued(self, path: str) -> bool:
+        """Whether requests for ``path`` wait: a newcomer waits behind them."""
+        return bool(self.lines.get(path))
 
     def may_answer(self, path: str, now: float) -> bool:
         """Whether a refusal for load on ``path`` may be answered now (spending the bucket)."""
@@ -117,7 +124,7 @@ class Door:
         return False
 
     def hold(self, protocol: GuardedProtocol, cycle, app, refusal, now: float) -> None:  # type: ignore[no-untyped-def]
-        protocol.flow.pause_reading()
+        # The connection is still read: its body comes in, and a client that leaves is seen.
         self.lines.setdefault(cycle.scope["path"], deque()).append(_Held(protocol, cycle, app, refusal, now))
         if self._timer is None:
             self._timer = protocol.loop.call_later(self.TICK_S, self._tick, protocol.loop)
@@ -125,18 +132,23 @@ class Door:
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         now = loop.time()
-        for path in list(self.lines):
+        paths = list(self.lines)
+        first = self._turn % len(paths) if paths else 0
+        self._turn += 1
+        for path in paths[first:] + paths[:first]:  # in turn: no path takes the whole bucket each tick
             line = self.lines[path]
             while line:
                 held = line[0]
                 if held.protocol.transport.is_closing() or held.cycle.disconnected:
-                    line.popleft()  # gone meanwhile (or timed out): nothing to answer
+                    line.popleft()  # its client left (or it timed out): nothing to answer
                     continue
                 try:
                     refusal = self.early.readmit(held.cycle.scope, held.refusal)
                 except Exception:  # a bug here must not keep the request waiting forever
-                    log.exception("deciding a held-back request again failed; it is refused")
-                    refusal = held.refusal
+                    log.exception("deciding a held-back request again failed; the application answers it")
+                    line.popleft()
+                    held.protocol.let_in(held.cycle, held.app)
+                    continue
                 if refusal is None:
                     line.popleft()
                     held.protocol.let_in(held.cycle, held.app)
@@ -239,24 +251,35 @@ class GuardedProtocol(HttpToolsProtocol):
         """Answer here what the guard refuses; hand the rest to the application as uvicorn does.
         (Called for each request in turn, pipelined ones after the answer before them.)"""
         if self.early is not None and not any(name == b"origin" for name, _ in cycle.scope["headers"]):
+            door = self.door
+            path = cycle.scope["path"]
+            behind = door is not None and door.queued(path)
             try:
-                refusal = self.early.decide(cycle.scope)
+                refusal = self.early.decide(cycle.scope, defer_shedding=behind)
             except Exception:  # a bug here must not cost the request: the whole stack answers it
                 log.exception("answering a refusal early failed; the application answers instead")
                 refusal = None
             if refusal is not None:
-                door = self.door
-                if door is not None and refusal.shed and not door.may_answer(cycle.scope["path"], self.loop.time()):
+                if door is not None and refusal.shed and (behind or not door.may_answer(path, self.loop.time())):
                     door.hold(self, cycle, app, refusal, self.loop.time())
                 else:
                     self.refuse(cycle, refusal)
                 return
+            self._claim_if_complete(cycle)
         super()._start_asgi_task(cycle, app)
 
     def let_in(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
         """A request held at the door goes to the application after all."""
-        self.flow.resume_reading()
+        self._claim_if_complete(cycle)
         super()._start_asgi_task(cycle, app)
+
+    @staticmethod
+    def _claim_if_complete(cycle) -> None:  # type: ignore[no-untyped-def]
+        """A request let in takes its places once its body is complete (see service.admission):
+        here when it already is (a pipelined request, one held at the door), else when it ends."""
+        claim = cycle.scope.get(CLAIM)
+        if claim is not None and not cycle.more_body:
+            claim.take()
 
     def refuse(self, cycle, refusal) -> None:  # type: ignore[no-untyped-def]
         """Write the refusal's answer; the request is complete, the connection serves its next one."""
@@ -264,8 +287,6 @@ class GuardedProtocol(HttpToolsProtocol):
             data, close = self._early_answer(cycle, refusal)
         except Exception:  # a bug here must not cost the request: the whole stack answers it
             log.exception("answering a refusal early failed; the application answers instead")
-            cycle.scope.pop("neuroserve.early", None)
-            self.flow.resume_reading()
             super()._start_asgi_task(cycle, self.app)
             return
         self.transport.write(data)
@@ -315,6 +336,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_phase()
         super().on_message_complete()
+        claim = self.cycle.scope.get(CLAIM) if self.cycle is not None else None
+        if claim is not None:  # let in, and now its body is complete
+            claim.take()
 
 
 class _Refused(Exception):

@@ -1,6 +1,7 @@
 """Places held in a queue for requests let in at the door before their size is known
 (service.admission): the queue counts them as waiting, a request's own place does not count against
-it, and the place is given up when its rows queue, when it ends, or when its ticket is dropped."""
+it, and the places are given up when its rows queue (in every queue it had a place in), when it
+ends, or when its claim is dropped."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.admission import Places, holding
+from service.admission import Claim, Places, holding
 from service.batching import DynamicBatcher
 from service.errors import Overloaded
 from tests.test_batching import Recorder, wait_until
@@ -25,7 +26,10 @@ async def test_places_held_fill_a_batchers_queue_and_the_holder_gets_in() -> Non
     batcher = DynamicBatcher(Recorder(gate=gate), max_batch_size=1, max_queue_size=2)
     running = asyncio.ensure_future(batcher.submit([np.ones(3)]))
     await wait_until(lambda: batcher.queue_depth == 0)  # taken into a batch, blocked on the gate
-    mine, other = batcher.places.hold(), batcher.places.hold()
+    mine, other = Claim([batcher.places]), Claim([batcher.places])
+    assert not batcher.saturated  # a claim not yet taken (its body still coming) holds nothing
+    mine.take()
+    other.take()
     assert batcher.saturated  # two requests on their way fill a queue of two
     with pytest.raises(Overloaded, match="0 requests queued and 2 on their way"):
         await batcher.submit([np.ones(3)])  # a request that holds no place
@@ -49,7 +53,9 @@ async def test_a_decoder_counts_places_as_one_row_waiting_but_not_the_askers_own
     sched = model.scheduler(max_rows=1, max_queue_size=2)
     busy = asyncio.ensure_future(sched.submit(FakeSeq("busy", 2)))
     await wait_until(lambda: sched.active == 1)
-    first, second = sched.places.hold(), sched.places.hold()
+    first, second = Claim([sched.places]), Claim([sched.places])
+    first.take()
+    second.take()
     assert sched.saturated
     with pytest.raises(Overloaded):
         sched.admit(1)  # no place of its own: two ahead of it, and the line holds two
@@ -67,20 +73,39 @@ async def test_a_decoder_counts_places_as_one_row_waiting_but_not_the_askers_own
 
 async def test_a_place_is_given_up_when_its_request_ends_without_queueing() -> None:
     places = Places()
-    with holding(places.hold()):
+    claim = Claim([places])
+    with holding(claim):
+        claim.take()
         assert places.held == 1
     assert places.held == 0
-    with pytest.raises(ValueError), holding(places.hold()):
+    claim.take()  # released once: never taken again
+    assert places.held == 0
+    failing = Claim([places])
+    with pytest.raises(ValueError), holding(failing):
+        failing.take()
         raise ValueError("the request failed before it reached the queue")
     assert places.held == 0
 
 
-def test_a_dropped_ticket_gives_its_place_up() -> None:
+async def test_reaching_one_queue_gives_up_the_places_in_the_others() -> None:
+    english, chinese = Places(), Places()
+    batcher = DynamicBatcher(Recorder(), max_batch_size=4, max_queue_size=4)
+    claim = Claim([english, batcher.places, chinese])
+    claim.take()
+    assert (english.held, batcher.places.held, chinese.held) == (1, 1, 1)
+    with holding(claim):
+        await batcher.submit([np.ones(2)])
+    assert (english.held, batcher.places.held, chinese.held) == (0, 0, 0)
+    await batcher.close()
+
+
+def test_a_dropped_claim_gives_its_places_up() -> None:
     places = Places()
-    ticket = places.hold()
-    ticket.release()
-    ticket.release()  # once only
+    claim = Claim([places])
+    claim.take()
+    claim.release()
+    claim.release()  # once only
     assert places.held == 0
-    places.hold()  # never released by anyone
+    Claim([places]).take()  # never released by anyone
     gc.collect()
     assert places.held == 0

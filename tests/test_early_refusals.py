@@ -186,16 +186,31 @@ def test_hundreds_of_refusals_pipelined_behind_a_slow_request_are_all_answered_i
 @pytest.fixture(scope="module")
 def paced(tmp_path_factory: pytest.TempPathFactory):
     """The slow model with one queued request at most; 5 refusals for load a second, 1.5 s at most."""
-    repo = tmp_path_factory.mktemp("paced") / "repo"
+    root = tmp_path_factory.mktemp("paced")
+    repo = root / "repo"
     write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=2000)
-    env = {"NEUROSERVE_MAX_QUEUE_SIZE": "1", "NEUROSERVE_SHED_PER_S": "5", "NEUROSERVE_SHED_MAX_WAIT_S": "1.5"}
+    keys = root / "keys.json"
+    key = add_key(keys, "app", ["infer", "metrics"], None)
+    limited = add_key(keys, "limited", ["infer"], 2)
+    env = {
+        "NEUROSERVE_API_KEYS_FILE": str(keys),
+        "NEUROSERVE_MAX_QUEUE_SIZE": "1",
+        "NEUROSERVE_SHED_PER_S": "5",
+        "NEUROSERVE_SHED_MAX_WAIT_S": "1.5",
+    }
     with neuroserve(repo, **env) as running:
+        running.key, running.limited = key, limited  # type: ignore[attr-defined]
         yield running
 
 
+def slow_body() -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]}
+    ).encode()
+
+
 def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answered(paced) -> None:
-    body = json.dumps({"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]})
-    one = request("/v2/models/slow/infer", body.encode())
+    one = request("/v2/models/slow/infer", slow_body(), f"X-API-Key: {paced.key}")
     answers: list[tuple[int, float]] = []
     lock = threading.Lock()
     start = threading.Barrier(120)
@@ -230,7 +245,8 @@ def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answ
     assert served >= 5 and len(refused) >= 20, (served, len(refused))
     within_first_second = sum(1 for at in refused if at - began < 1.0)
     assert within_first_second <= 1 + 5 + 2, within_first_second
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{paced.port}/metrics", timeout=10).read().decode()
+    asked = urllib.request.Request(f"http://127.0.0.1:{paced.port}/metrics", headers={"X-API-Key": paced.key})
+    metrics = urllib.request.urlopen(asked, timeout=10).read().decode()
     counted = next(
         float(line.split()[-1])
         for line in metrics.splitlines()
@@ -241,3 +257,50 @@ def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answ
     with socket.create_connection(("127.0.0.1", paced.port), timeout=10) as sock:
         sock.sendall(one)
         assert read_answers(sock, 1)[0][0] == 200
+
+
+def test_a_key_over_its_rate_is_refused_at_once_even_while_refusals_for_load_wait(paced) -> None:
+    # A rate limit is about the client, not the load: it is never held back and let in later.
+    one = request("/v2/models/slow/infer", slow_body(), f"X-API-Key: {paced.limited}")
+    statuses: list[tuple[int, str, float]] = []
+    start = threading.Barrier(8)
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", paced.port), timeout=30) as sock:
+            start.wait()
+            began = time.monotonic()
+            sock.sendall(one)
+            status, _, body = read_answers(sock, 1)[0]
+            statuses.append(
+                (status, json.loads(body).get("error_type", "") if status != 200 else "", time.monotonic() - began)
+            )
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(statuses) == 8
+    assert sum(1 for status, _, _ in statuses if status == 200) <= 2, statuses  # its 2 a minute at most
+    limited = [took for status, kind, took in statuses if kind == "rate_limited"]
+    assert len(limited) >= 6 and max(limited) < 0.5, statuses
+
+
+def test_a_body_still_arriving_holds_no_place_in_the_queue(paced) -> None:
+    # Places are taken once a body is complete: connections that send headers and part of a body
+    # (then nothing, within the body timeout) do not fill the queue of one.
+    body = slow_body()
+    head = request("/v2/models/slow/infer", body, f"X-API-Key: {paced.key}")
+    partial = head[: len(head) - len(body) // 2]
+    stalled = [socket.create_connection(("127.0.0.1", paced.port), timeout=10) for _ in range(3)]
+    try:
+        for sock in stalled:
+            sock.sendall(partial)
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", paced.port), timeout=10) as sock:
+            sock.sendall(head)
+            status, _, answer = read_answers(sock, 1)[0]
+        assert status == 200, answer
+    finally:
+        for sock in stalled:
+            sock.close()

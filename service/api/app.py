@@ -14,7 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from service import __version__, tracing
-from service.admission import Ticket
+from service.admission import Claim
 from service.api.auth import KeyStore, load_keys
 from service.api.handlers import install_handlers
 from service.api.middleware import EarlyRefusals, RequestGuard
@@ -65,7 +65,7 @@ _NO_NATIVE_TELEMETRY = (
 
 def _admissions(registry: ModelRegistry):  # type: ignore[no-untyped-def]
     """What the middleware asks of each request before routing: a 429 when the task (or
-    the v2 model) it is for has every queue full, else the ticket of the place it holds in one
+    the v2 model) it is for has every queue full, else its claim on places in those queues
     (see service.admission). The task of each POST path is read off its router."""
     task_of = {
         route.path: task.name
@@ -75,7 +75,7 @@ def _admissions(registry: ModelRegistry):  # type: ignore[no-untyped-def]
         if "POST" in getattr(route, "methods", ())
     }
 
-    def admit(method: str, path: str) -> Ticket | Overloaded | None:
+    def admit(method: str, path: str) -> Claim | Overloaded | None:
         if method != "POST":
             return None
         task = task_of.get(path)

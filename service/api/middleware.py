@@ -17,7 +17,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import admission, tracing
-from service.admission import Ticket
+from service.admission import SCOPE_KEY, Claim
 from service.api.auth import KeyStore, presented_key, scope_of
 from service.api.handlers import error_body, error_response
 from service.errors import Overloaded, PayloadTooLarge, ServiceError
@@ -35,15 +35,16 @@ _EARLY = "neuroserve.early"  # scope key: the guard's decision, taken by the pro
 class Refusal:
     """A request the guard refuses before the application sees it, with what its answer needs."""
 
-    error: ServiceError
+    error: ServiceError | None  # None: shedding not decided yet (the protocol holds it back first)
     started: float
     request_id: str
     extra_headers: list[tuple[bytes, bytes]]
 
     @property
     def shed(self) -> bool:
-        """Refused for load (every queue of its task full), not for anything about the request."""
-        return isinstance(self.error, Overloaded)
+        """Refused for load (every queue of its task full), not for anything about the request
+        (an API key over its rate is refused for itself, at once)."""
+        return self.error is None or type(self.error) is Overloaded
 
 
 class EarlyRefusals:
@@ -57,19 +58,21 @@ class EarlyRefusals:
     protocol writes the answer (:meth:`render`) itself (the body that follows is read and dropped,
     and the connection stays open). Otherwise the decision rides in the scope to the guard, which
     does not take it again. A shed request the protocol holds back may be let in later
-    (:meth:`readmit`). Requests with an ``Origin`` header keep the whole stack (CORS headers)."""
+    (:meth:`readmit`); ``defer_shedding`` leaves shedding to that (a line waits already). Requests
+    with an ``Origin`` header keep the whole stack (CORS headers)."""
 
     def __init__(self) -> None:
         self.guard: RequestGuard | None = None  # set when the middleware stack is built
 
-    def decide(self, scope: Scope) -> Refusal | None:
+    def decide(self, scope: Scope, *, defer_shedding: bool = False) -> Refusal | None:
         guard = self.guard
         if guard is None or scope["method"] != "POST":
             return None
-        return guard.early(scope)
+        return guard.early(scope, defer_shedding=defer_shedding)
 
     def readmit(self, scope: Scope, refusal: Refusal) -> Refusal | None:
-        """Shedding decided again for a request refused for load: None when it is let in now."""
+        """Shedding decided (again) for a request held back: None when it is let in now (its
+        claim on places then waits in the scope for the protocol to take)."""
         assert self.guard is not None
         return self.guard.readmit(scope, refusal)
 
@@ -87,7 +90,7 @@ class RequestGuard:
         max_body_bytes: int,
         metrics: Metrics,
         access_log: bool = True,
-        admit: Callable[[str, str], Ticket | ServiceError | None] | None = None,
+        admit: Callable[[str, str], Claim | ServiceError | None] | None = None,
         keys: KeyStore | None = None,
         fast: Callable[[Scope], ASGIApp | None] | None = None,
         early: EarlyRefusals | None = None,
@@ -99,7 +102,7 @@ class RequestGuard:
         self.fast = fast
         self.keys = keys  # None: no keys file, every route open (as before keys existed)
         # Load shedding before routing: a 429 under overload must cost less than the work it saves.
-        # It answers a refusal (Overloaded), or lets the request in holding a place in a queue (a Ticket).
+        # It answers a refusal (Overloaded), or lets the request in with a claim on places in queues.
         self.admit = admit
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
@@ -112,9 +115,9 @@ class RequestGuard:
             return
         decided = scope.pop(_EARLY, None)  # the protocol asked already, and it was not a refusal
         if decided is not None:
-            started, request_id, extra_headers, ticket = decided
+            started, request_id, extra_headers, claim = decided
         else:
-            ticket = None
+            claim = None
             started = time.perf_counter()
             request_id = _request_id(scope)
             extra_headers = [(b"x-request-id", request_id.encode())]
@@ -128,7 +131,9 @@ class RequestGuard:
         token = REQUEST_ID.set(request_id)
         try:
             if decided is None:
-                refusal, ticket = self._refusal(scope, extra_headers)
+                # The whole stack (no early decision: an Origin header): the claim's places are
+                # never taken, since only the protocol knows when the body is complete.
+                refusal, claim = self._refusal(scope, extra_headers)
             else:
                 refusal = None
             if refusal is not None:
@@ -139,26 +144,38 @@ class RequestGuard:
                 await response(scope, receive, send)
                 self._record(scope, refusal.status_code, started, request_id)
                 return
-            with admission.holding(ticket):
+            with admission.holding(claim):
                 await self._serve(scope, receive, send, started, request_id)
         finally:
             REQUEST_ID.reset(token)
 
-    def early(self, scope: Scope) -> Refusal | None:
+    def early(self, scope: Scope, *, defer_shedding: bool = False) -> Refusal | None:
         """:meth:`_refusal` for the protocol (see :class:`EarlyRefusals`): the refusal, else None
-        with the decision left in the scope."""
+        with the decision (and the request's claim, for the protocol to take) left in the scope.
+        ``defer_shedding``: a request let in so far is returned as a refusal whose error is None,
+        for :meth:`readmit` to decide on load later."""
         started = time.perf_counter()
         request_id = _request_id(scope)
         extra_headers = [(b"x-request-id", request_id.encode())]
         token = REQUEST_ID.set(request_id)
         try:
-            refusal, ticket = self._refusal(scope, extra_headers)
+            refusal, claim = self._refusal(scope, extra_headers, shed=not defer_shedding)
         finally:
             REQUEST_ID.reset(token)
+        if refusal is None and defer_shedding:
+            return Refusal(None, started, request_id, extra_headers)
         if refusal is None:
-            scope[_EARLY] = (started, request_id, extra_headers, ticket)
+            self._let_in(scope, started, request_id, extra_headers, claim)
             return None
         return Refusal(refusal, started, request_id, extra_headers)
+
+    @staticmethod
+    def _let_in(
+        scope: Scope, started: float, request_id: str, extra_headers: list[tuple[bytes, bytes]], claim: Claim | None
+    ) -> None:
+        scope[_EARLY] = (started, request_id, extra_headers, claim)
+        if claim is not None:
+            scope[SCOPE_KEY] = claim
 
     def readmit(self, scope: Scope, refusal: Refusal) -> Refusal | None:
         """Load shedding alone, again, for a request :meth:`early` refused for load (its key was
@@ -168,11 +185,12 @@ class RequestGuard:
         if isinstance(decision, ServiceError):
             refusal.error = decision
             return refusal
-        scope[_EARLY] = (refusal.started, refusal.request_id, refusal.extra_headers, decision)
+        self._let_in(scope, refusal.started, refusal.request_id, refusal.extra_headers, decision)
         return None
 
     def render(self, scope: Scope, refusal: Refusal) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         error = refusal.error
+        assert error is not None, "a refusal whose shedding was deferred is decided before it is answered"
         body = orjson.dumps(error_body(error, scope["path"]))
         headers = [
             (b"content-type", b"application/json"),
@@ -187,11 +205,11 @@ class RequestGuard:
         return error.status_code, headers, body
 
     def _refusal(
-        self, scope: Scope, extra_headers: list[tuple[bytes, bytes]]
-    ) -> tuple[ServiceError | None, Ticket | None]:
+        self, scope: Scope, extra_headers: list[tuple[bytes, bytes]], *, shed: bool = True
+    ) -> tuple[ServiceError | None, Claim | None]:
         """What is refused before the application sees the request: a declared body over the
-        limit, a missing or wrong key, and load shedding; or, when let in, the place the request
-        holds in a queue."""
+        limit, a missing or wrong key, and (``shed``) load shedding; or, when let in, its claim
+        on places in queues."""
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             return PayloadTooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes}"), None
@@ -203,7 +221,7 @@ class RequestGuard:
                 except ServiceError as exc:  # without its traceback: that and this frame form a cycle
                     return exc.with_traceback(None), None
                 extra_headers += [(k.lower().encode(), v.encode()) for k, v in rate.items()]
-        if self.admit is not None:
+        if self.admit is not None and shed:
             decision = self.admit(scope["method"], scope["path"])
             return (decision, None) if isinstance(decision, ServiceError) else (None, decision)
         return None, None
