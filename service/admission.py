@@ -10,10 +10,11 @@ the queue after all: at 1,024 connections 4,244 of 38,749 refusals in 10 s were 
 request costs before its inference.
 
 So a request let in gets a :class:`Claim` on a place (one row, or one queued request) in the
-queue of each model it may go to (those of its task: which one is only known once its body is
-parsed). The HTTP protocol takes the places (:meth:`Claim.take`) as soon as the body is complete,
-in the same turn of the event loop as the decision for a body that came with its headers; a body
-still arriving holds nothing, so slow uploads cannot fill a queue with places. The places are
+queue of each model it may go to (those of its task with room: which one is only known once its
+body is parsed, so for those milliseconds it counts as waiting in each). The HTTP protocol
+takes the places (:meth:`Claim.take`) as soon as the body is complete, in the same turn of the
+event loop as the decision for a body that came with its headers; a body still arriving holds
+nothing, so slow uploads cannot fill a queue with places. The places are
 given up when the request's rows queue (:func:`redeem`, when they are queued: not when they are
 merely checked, since the sequences of a request queue a loop turn after their check), or when
 the request ends without queueing. A queue counts the places held as waiting. The claim travels
@@ -38,7 +39,7 @@ class Places:
 
     def __init__(self) -> None:
         self.held = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the collector may release a claim on a thread inside _add
 
     def _add(self, n: int) -> None:
         with self._lock:

@@ -700,14 +700,15 @@ class ModelRegistry:
         a request names is only known after parsing; when some model of the task has room, the
         request goes on and that model's own queue decides.) A request let in gets a claim on a
         place in each model of the task with room, since any of them may be the one it names
-        (see :mod:`service.admission`); None when no model of the task serves.
+        (see :mod:`service.admission`: for the milliseconds of its parse it counts as waiting in
+        each); None when no model of the task serves.
         (The refusal is returned, not raised: a raised one holds its traceback's frames in a
         reference cycle that only the garbage collector frees, thousands a second under overload.)"""
+        # The latest version of each: the one a task request is served by.
         serving = [
             served
             for status in self.models.values()
-            if status.task == task and status.state is ModelState.READY
-            for served in status.versions.values()
+            if status.task == task and status.state is ModelState.READY and (served := status.latest) is not None
         ]
         if not serving:
             return None

@@ -86,8 +86,11 @@ class Door:
     (10 ms) each line is decided again from its first request, the paths taken in turn: a request
     whose task's queues have room by then is let in (its model's queue decides as for any other),
     otherwise it is answered 429 while the bucket lasts, or once it has waited ``max_wait_s`` (to
-    the tick after). A client that leaves meanwhile is dropped. Refusals for anything about the
-    request itself (a key, its rate, a body over the limit) are answered at once."""
+    the tick after). A client that leaves meanwhile is dropped (seen at once unless its body is
+    over uvicorn's 64 KiB read-ahead, which pauses reading: then when its turn comes). Refusals for
+    anything about the request itself (a key, its rate, a body over the limit) are answered at
+    once. Requests with an ``Origin`` header go through the whole stack and take no turn in a line,
+    and the lines are per path: ``/v1/...`` and ``/v2/models/<m>/infer`` to one model are two."""
 
     TICK_S = 0.01
 
