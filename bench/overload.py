@@ -5,10 +5,12 @@ limit the server answers 429; each connection then pauses ``--backoff-ms`` befor
 request (``bench/backoff.lua``). Goodput is 200s per second; the ratio is against the best
 goodput below overload. ``--backoff-ms 0`` means clients that honour ``Retry-After`` (the server
 says 1 s). ``--baseline REF`` serves an earlier commit's tree too, in interleaved rounds (each
-server serves its own tree's ``models/``).
+server serves its own tree's ``models/``); ``--variant LABEL:NAME=VALUE[,NAME=VALUE]`` serves this
+tree again with those settings (``NEUROSERVE_*`` environment variables), so that configurations
+compare within one run.
 
     python -m bench.overload [--connections 64 256 512 1024] [--duration 10] [--backoff-ms 100]
-                             [--baseline REF] [--rounds 1]
+                             [--baseline REF] [--variant LABEL:NAME=VALUE ...] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--backoff-ms", type=int, default=100, help="pause after a 429 (0: Retry-After's seconds)")
     p.add_argument("--baseline", default=None, help="also measure the server of this git commit, interleaved")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=_variant,
+        help="LABEL:NAME=VALUE[,NAME=VALUE]: also serve this tree with these settings",
+    )
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -60,11 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     body.write_text(json.dumps({"texts": ["Where is the train station?"]}))
     rows: dict[str, list[dict]] = {}
     with contextlib.ExitStack() as stack:
-        sides = compared_trees(stack, args.baseline)
+        sides = [(label, tree, {}) for label, tree in compared_trees(stack, args.baseline)]
+        sides += [(label, ROOT, settings) for label, settings in args.variant]
         for rnd in range(args.rounds):
-            for label, tree in sides:
+            for label, tree, settings in sides:
                 port = free_port()
-                env = {"NEUROSERVE_REPOSITORY": str(tree / "models"), "NEUROSERVE_PORT": str(port)}
+                env = {"NEUROSERVE_REPOSITORY": str(tree / "models"), "NEUROSERVE_PORT": str(port), **settings}
                 cmd = [sys.executable, "-m", "service", "serve"]
                 with Server(cmd, {**env, "PYTHONPATH": str(tree)}, label=label, port=port, cwd=tree):
                     run(port, body, 64, 3, args.backoff_ms)  # warm-up
@@ -92,6 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{label:>14} {c:>5}: goodput {r['goodput_per_s']:6.0f}/s (median), {share} of saturation")
     write_results(args.output, "overload", results)
     return results
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    label, sep, pairs = text.partition(":")
+    settings = dict(pair.split("=", 1) for pair in pairs.split(",") if "=" in pair)
+    if not sep or not label or not settings or not all(k.startswith("NEUROSERVE_") for k in settings):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL:NEUROSERVE_NAME=VALUE[,NEUROSERVE_NAME=VALUE]")
+    return label, settings
 
 
 def _summary(rows: list[dict], connections: list[int]) -> dict:
