@@ -62,10 +62,6 @@ class Claim:
             for places in self._places:
                 places._add(1)
 
-    @property
-    def held(self) -> bool:
-        return self._state == 1
-
     def holds(self, places: Places) -> bool:
         return self._state == 1 and any(p is places for p in self._places)
 
