@@ -47,6 +47,11 @@ class FakeProtocol:
         self.events.append(("429", cycle.name, self.loop.time()))
 
 
+@dataclass
+class FakeRefusal:
+    error: object = None
+
+
 class FakeGuard:
     """Every queue full until ``room`` names requests that find room when decided again."""
 
@@ -56,7 +61,10 @@ class FakeGuard:
 
     def readmit(self, scope: dict, refusal: object) -> object | None:
         self.decided.append(scope["name"])
-        return None if scope["name"] in self.room else refusal
+        if scope["name"] in self.room:
+            return None
+        refusal.error = "overloaded"
+        return refusal
 
 
 def held(door: Door, loop: asyncio.AbstractEventLoop, names: list[str], path: str = "/v1/translation"):
@@ -65,7 +73,7 @@ def held(door: Door, loop: asyncio.AbstractEventLoop, names: list[str], path: st
     protocols = []
     for name in names:
         protocol = FakeProtocol(loop, events)
-        door.hold(protocol, FakeCycle(path, name), app=None, refusal="overloaded", now=loop.time())
+        door.hold(protocol, FakeCycle(path, name), app=None, refusal=FakeRefusal(), now=loop.time())
         protocols.append(protocol)
     return events, protocols
 
@@ -85,6 +93,19 @@ async def test_refusals_for_load_are_answered_no_faster_than_the_rate_and_in_arr
     assert [e[1] for e in events] == names  # every one answered, first come first answered
     assert events[-1][2] - started >= (40 - 1) / 100 * 0.9
     assert door.waiting == 0
+
+
+async def test_a_full_line_asks_whether_there_is_room_once_a_tick_not_once_a_request() -> None:
+    loop = asyncio.get_running_loop()
+    guard = FakeGuard()
+    door = Door(guard, per_s=1000, max_wait_s=30)
+    door.may_answer("/v1/translation", loop.time())
+    events, _ = held(door, loop, [f"r{i}" for i in range(200)])
+    await asyncio.sleep(0.1)
+    refused = [e for e in events if e[0] == "429"]
+    ticks = 0.1 / Door.TICK_S
+    assert len(refused) >= 50  # about 10 a tick
+    assert len(guard.decided) <= ticks + 2 < len(refused)  # each refused one has the tick's answer
 
 
 async def test_a_held_request_is_let_in_when_its_queue_makes_room_first() -> None:
