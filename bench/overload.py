@@ -7,10 +7,12 @@ goodput below overload. ``--backoff-ms 0`` means clients that honour ``Retry-Aft
 says 1 s). ``--baseline REF`` serves an earlier commit's tree too, in interleaved rounds (each
 server serves its own tree's ``models/``); ``--variant LABEL:NAME=VALUE[,NAME=VALUE]`` serves this
 tree again with those settings (``NEUROSERVE_*`` environment variables), so that configurations
-compare within one run.
+compare within one run. ``--bracket`` measures the first count again after each other one and
+gives each its share of the mean of the two runs around it (the machine drifts by a quarter within
+minutes, so a share against one saturation figure minutes away moves with the drift).
 
     python -m bench.overload [--connections 64 256 512 1024] [--duration 10] [--backoff-ms 100]
-                             [--baseline REF] [--variant LABEL:NAME=VALUE ...] [--rounds 1]
+                             [--baseline REF] [--variant LABEL:NAME=VALUE ...] [--rounds 1] [--bracket]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
         type=_variant,
         help="LABEL:NAME=VALUE[,NAME=VALUE]: also serve this tree with these settings",
     )
+    p.add_argument(
+        "--bracket",
+        action="store_true",
+        help="measure the first count again after each other count; each one's share is against the mean of "
+        "the first count's two runs around it (this machine drifts by a quarter within minutes)",
+    )
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
                 cmd = [sys.executable, "-m", "service", "serve"]
                 with Server(cmd, {**env, "PYTHONPATH": str(tree)}, label=label, port=port, cwd=tree):
                     run(port, body, 64, 3, args.backoff_ms)  # warm-up
-                    for c in args.connections:
+                    order = _bracketed(args.connections) if args.bracket else args.connections
+                    for c in order:
                         row = {"round": rnd, **run(port, body, c, args.duration, args.backoff_ms)}
                         rows.setdefault(label, []).append(row)
                         print(
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                             f"p99 {row['p99_ms']:7.1f} ms, other {row['other']}",
                             flush=True,
                         )
-    summary = {label: _summary(side, args.connections) for label, side in rows.items()}
+    summary = {label: _summary(side, args.connections, args.bracket) for label, side in rows.items()}
     results = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.overload " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         for c, r in side.items():
             share = f"{r['share_of_saturation']:.0%}" if r["share_of_saturation"] is not None else "-"
             print(f"{label:>14} {c:>5}: goodput {r['goodput_per_s']:6.0f}/s (median), {share} of saturation")
+            if "bracketed_shares" in r:
+                shares = ", ".join(f"{x:.0%}" for x in r["bracketed_shares"])
+                print(f"{'':>14} {'':>5}  against the runs of {args.connections[0]} around each: {shares}")
     write_results(args.output, "overload", results)
     return results
 
@@ -112,15 +125,36 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
     return label, settings
 
 
-def _summary(rows: list[dict], connections: list[int]) -> dict:
+def _bracketed(connections: list[int]) -> list[int]:
+    """[64, 512, 1024] -> [64, 512, 64, 1024, 64]: the first count around each other one."""
+    order = [connections[0]]
+    for c in connections[1:]:
+        order += [c, connections[0]]
+    return order
+
+
+def _summary(rows: list[dict], connections: list[int], bracket: bool = False) -> dict:
     """Per connection count: the median goodput over rounds; its share of the best median
-    goodput among the counts where nothing was refused (saturation)."""
+    goodput among the counts where nothing was refused (saturation). Bracketed: also each run's
+    goodput over the mean of the first count's runs just before and after it (same server, same
+    round), and their median."""
     out = {}
+    if bracket:
+        for rnd in sorted({r["round"] for r in rows}):
+            seq = [r for r in rows if r["round"] == rnd]
+            for i in range(1, len(seq) - 1, 2):
+                reference = (seq[i - 1]["goodput_per_s"] + seq[i + 1]["goodput_per_s"]) / 2
+                seq[i]["bracketed_share"] = seq[i]["goodput_per_s"] / reference
     for c in connections:
         mine = sorted(r["goodput_per_s"] for r in rows if r["connections"] == c)
         shed = sorted(r["shed_per_s"] for r in rows if r["connections"] == c)
         out[c] = {"goodput_per_s": mine[len(mine) // 2], "shed_per_s": shed[len(shed) // 2]}
-    unrefused = [r["goodput_per_s"] for r in out.values() if r["shed_per_s"] == 0]
+        shares = [r["bracketed_share"] for r in rows if r["connections"] == c and "bracketed_share" in r]
+        if shares:
+            out[c]["bracketed_shares"] = shares
+            out[c]["bracketed_share_median"] = statistics.median(shares)
+    # Unrefused: under 1 % of answers 429 (a run just after an overloaded one meets a few at first).
+    unrefused = [r["goodput_per_s"] for r in out.values() if r["shed_per_s"] < 0.01 * r["goodput_per_s"]]
     best = max(unrefused) if unrefused else None
     for r in out.values():
         r["share_of_saturation"] = r["goodput_per_s"] / best if best else None
