@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         "more latency to wake it.",
     )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    cpu_memory_arena: Literal["shared", "per-model", "off"] = Field(
+        "shared",
+        description="onnxruntime's CPU memory arena: one for all models (shared), one per model session "
+        "(onnxruntime's default), or none (buffers allocated and freed per run: smallest, slowest).",
+    )
     model_instances: int = Field(1, ge=1, description="Batches one model may run at the same time.")
 
     # Dynamic batching defaults; a model's model.json may override them.

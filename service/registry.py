@@ -320,6 +320,7 @@ class ModelRegistry:
             inter_op_threads=settings.inter_op_threads,
             graph_optimization=settings.graph_optimization,
             intra_op_spinning=settings.intra_op_spinning,
+            cpu_memory_arena=settings.cpu_memory_arena,
         )
 
     # -- loading ------------------------------------------------------------------------------
