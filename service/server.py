@@ -89,8 +89,7 @@ class Door:
     the tick after). A client that leaves meanwhile is dropped (seen at once unless its body is
     over uvicorn's 64 KiB read-ahead, which pauses reading: then when its turn comes). Refusals for
     anything about the request itself (a key, its rate, a body over the limit) are answered at
-    once. Requests with an ``Origin`` header go through the whole stack and take no turn in a line,
-    and the lines are per path: ``/v1/...`` and ``/v2/models/<m>/infer`` to one model are two."""
+    once. The lines are per path: ``/v1/...`` and ``/v2/models/<m>/infer`` to one model are two."""
 
     TICK_S = 0.01
 
@@ -295,7 +294,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
         """Answer here what the guard refuses; hand the rest to the application as uvicorn does.
         (Called for each request in turn, pipelined ones after the answer before them.)"""
-        if self.early is not None and not any(name == b"origin" for name, _ in cycle.scope["headers"]):
+        if self.early is not None:
             door = self.door
             path = cycle.scope["path"]
             behind = door is not None and door.queued(path)

@@ -18,11 +18,13 @@ import pytest
 
 from bench.harness import neuroserve
 from service.api.auth import add_key
+from tests.conftest import make_client
 from tests.onnx_models import model_json, write_model
 
 pytestmark = pytest.mark.slow
 
 WIDTH = 256
+ALLOWED_ORIGIN = "http://app.example"
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         "NEUROSERVE_MAX_REQUEST_BYTES": "4096",
         "NEUROSERVE_MAX_QUEUE_SIZE": "1",
         "NEUROSERVE_RETRY_AFTER_S": "3",
+        "NEUROSERVE_CORS_ALLOW_ORIGINS": ALLOWED_ORIGIN,
     }
     with neuroserve(repo, **env) as running:
         running.key, running.limited = key, limited  # type: ignore[attr-defined]
+        running.repo, running.keys = repo, keys  # type: ignore[attr-defined]
         yield running
 
 
@@ -99,19 +103,29 @@ def test_a_refusal_drops_the_body_and_the_connection_serves_the_pipelined_reques
     assert "date" in h1 and "server" in h1
 
 
-def test_the_early_answer_is_the_one_the_whole_stack_gives(server) -> None:
-    # A request with an Origin header keeps the whole stack (its CORS headers); without, the
-    # protocol answers. Same status, body and headers, but for the date and the request id.
-    answers = []
-    for extra in ((), ("Origin: http://app.example",)):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(request("/v2/models/quick/infer", infer_body(), *extra))
-            answers.append(read_answers(sock, 1)[0])
-    (s1, h1, b1), (s2, h2, b2) = answers
-    assert s1 == s2 == 401 and b1 == b2
-    for volatile in ("date", "x-request-id"):
-        h1.pop(volatile), h2.pop(volatile)
-    assert h1 == h2
+@pytest.mark.parametrize("origin", [None, ALLOWED_ORIGIN, "http://elsewhere.example"])
+def test_the_early_answer_is_the_one_the_whole_stack_gives(server, origin: str | None) -> None:
+    # The protocol answers over the socket; the same app in-process (no protocol) answers through
+    # the whole stack, CORS middleware included. Same status, body and headers, but for the date,
+    # the request id and uvicorn's server header; a browser's refusal is readable by its page.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request("/v2/models/quick/infer", infer_body(), *([f"Origin: {origin}"] if origin else [])))
+        status, early, body = read_answers(sock, 1)[0]
+    stack = make_client(
+        repository=server.repo, api_keys_file=server.keys, max_request_bytes=4096, cors_allow_origins=[ALLOWED_ORIGIN]
+    )
+    with stack:
+        answer = stack.post(
+            "/v2/models/quick/infer",
+            content=infer_body(),
+            headers={"content-type": "application/json", **({"origin": origin} if origin else {})},
+        )
+    assert status == answer.status_code == 401 and body == answer.content
+    whole = {k.lower(): v for k, v in answer.headers.items()}
+    for volatile in ("date", "x-request-id", "server"):
+        early.pop(volatile, None), whole.pop(volatile, None)
+    assert early == whole
+    assert (early.get("access-control-allow-origin") == ALLOWED_ORIGIN) is (origin == ALLOWED_ORIGIN)
 
 
 def test_a_keys_rate_is_counted_once_per_request(server) -> None:
@@ -200,6 +214,7 @@ def paced(tmp_path_factory: pytest.TempPathFactory):
     }
     with neuroserve(repo, **env) as running:
         running.key, running.limited = key, limited  # type: ignore[attr-defined]
+        running.counted = 0.0  # type: ignore[attr-defined]  # refusals counted by earlier tests
         yield running
 
 
@@ -209,8 +224,10 @@ def slow_body() -> bytes:
     ).encode()
 
 
-def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answered(paced) -> None:
-    one = request("/v2/models/slow/infer", slow_body(), f"X-API-Key: {paced.key}")
+@pytest.mark.parametrize("origin", [None, "http://app.example"])  # a browser's requests wait in line too
+def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answered(paced, origin) -> None:
+    headers = [f"X-API-Key: {paced.key}", *([f"Origin: {origin}"] if origin else [])]
+    one = request("/v2/models/slow/infer", slow_body(), *headers)
     answers: list[tuple[int, float]] = []
     lock = threading.Lock()
     start = threading.Barrier(120)
@@ -252,7 +269,8 @@ def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answ
         for line in metrics.splitlines()
         if line.startswith('neuroserve_model_requests_total{model="slow",outcome="overloaded"}')
     )
-    assert counted == len(refused)  # each refusal counted once, when answered
+    assert counted - paced.counted == len(refused)  # each refusal counted once, when answered
+    paced.counted = counted
     # Nothing is left holding a place in the queue: the next request is served.
     with socket.create_connection(("127.0.0.1", paced.port), timeout=10) as sock:
         sock.sendall(one)

@@ -165,14 +165,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         early=app.state.early_refusals,
     )
     if settings.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],  # DELETE: the face gallery
-            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id", "traceparent"],
-            expose_headers=EXPOSED_HEADERS,
-            max_age=settings.cors_max_age_s,
-        )
+        cors = {
+            "allow_origins": settings.cors_allow_origins,
+            "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],  # DELETE: the face gallery
+            "allow_headers": ["authorization", "content-type", "x-api-key", "x-request-id", "traceparent"],
+            "expose_headers": EXPOSED_HEADERS,
+            "max_age": settings.cors_max_age_s,
+        }
+        app.add_middleware(CORSMiddleware, **cors)
+        # The same headers on the answers the HTTP protocol gives before the stack (EarlyRefusals).
+        app.state.early_refusals.cors = CORSMiddleware(app=None, **cors)  # type: ignore[arg-type]
     _state_limits(app, settings)
     app.router.routes.extend(v2.fast_routes)
     mount_pages(app)
