@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,25 +71,51 @@ class RuntimeOptions:
     cpu_memory_arena: str = "shared"  # "shared": one arena for every session; "per-model"; "off"
 
 
-_shared_arena = False
+_shared_arena: bool | None = None  # None: not tried yet; False: onnxruntime refused it
+_shared_arena_lock = threading.Lock()
 
 
 def _register_shared_arena() -> bool:
     """One CPU arena in onnxruntime's environment for every session that asks for it. Each session's
     own arena kept what its largest batch had needed, model after model (the detector 151 MiB, the
-    face embedder 76, sentiment 61, ...: ``python -m bench.arena``); a shared one holds what the
+    face embedder 76, sentiment 60, ...: ``python -m bench.arena``); a shared one holds what the
     largest runs need at once: every committed model warmed, 625 MiB against 834 (none at all: 396,
     but each run maps and faults its buffers again, MNIST at batch 64 30 ms against 18 ms). It grows
     by powers of two, as a session's own does: growing by what is asked (kSameAsRequested) left it
     larger, 642 MiB, and a model served alone larger than with its own arena (the detector 340
     against 282 MiB)."""
     global _shared_arena
-    if not _shared_arena:
-        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        # max_mem 0 (no cap), kNextPowerOfTwo (0), default initial chunk and dead bytes per chunk.
-        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 0, -1, -1))
-        _shared_arena = True
+    # Models load in threads at once, and a second registration adds a second arena (onnxruntime
+    # 1.32 accepts it: 700 -> 1,351 MiB in a review's script), hence the lock.
+    with _shared_arena_lock:
+        if _shared_arena is None:
+            try:
+                cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                # max_mem 0 (no cap), kNextPowerOfTwo (0), default initial chunk and dead bytes per chunk.
+                ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 0, -1, -1))
+                _shared_arena = True
+            except Exception:  # this build cannot: each session keeps its own arena
+                log.exception("onnxruntime refused a shared CPU arena; each model keeps its own")
+                _shared_arena = False
     return _shared_arena
+
+
+def shrink_shared_arena(model: OnnxModel) -> bool:
+    """Free chunks of the shared arena handed back to the system: onnxruntime shrinks an arena at
+    the end of a run that asks it to, so one run of ``model`` (any loaded model: zeros at batch 1)
+    does it. Called after a model is retired: the shared arena kept a retired model's peak for the
+    others (a review measured MNIST after a batch of 2,048: 698 MiB held after unloading, against
+    60 MiB with its own arena, which closed with it). True when it ran."""
+    if not _shared_arena or not model.shares_arena:
+        return False
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    try:
+        model.session.run(model._output_names, model.dummy_feeds(1), options)
+    except Exception:  # a graph that zeros do not fit: the memory stays for reuse, nothing worse
+        log.warning("shrinking the shared memory arena with %s failed", model.path, exc_info=True)
+        return False
+    return True
 
 
 def select_providers(preferred: Sequence[str]) -> list[str]:
@@ -123,7 +150,8 @@ class OnnxModel:
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = options.cpu_memory_arena != "off"
-        if options.cpu_memory_arena == "shared" and _register_shared_arena():
+        self.shares_arena = options.cpu_memory_arena == "shared" and _register_shared_arena()
+        if self.shares_arena:
             so.add_session_config_entry("session.use_env_allocators", "1")
         if not options.intra_op_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -139,17 +139,19 @@ class Door:
         self._turn += 1
         for path in paths[first:] + paths[:first]:  # in turn: no path takes the whole bucket each tick
             line = self.lines[path]
-            # One "no room" per path and tick: the heads after the first refused one get the same
-            # answer without asking the registry again (about 36 us a request, py-spy at 512
-            # connections); room a decode thread makes meanwhile is seen at the next tick.
-            full = None
+            # One "no room" per path, method and tick: the heads after the first refused one get the
+            # same answer without asking the registry again (about 36 us a request, py-spy at 512
+            # connections); room a decode thread makes meanwhile is seen at the next tick. (Per
+            # method: a GET or DELETE behind a POST on /v1/faces is never refused for load.)
+            full: dict[str, ServiceError] = {}
             while line:
                 held = line[0]
                 if held.protocol.transport.is_closing() or held.cycle.disconnected:
                     line.popleft()  # its client left (or it timed out): nothing to answer
                     continue
-                if full is not None:
-                    held.refusal.error = full
+                method = held.cycle.scope["method"]
+                if method in full:
+                    held.refusal.error = full[method]
                     refusal = held.refusal
                 else:
                     try:
@@ -160,7 +162,7 @@ class Door:
                         held.protocol.let_in(held.cycle, held.app)
                         continue
                     if refusal is not None:
-                        full = refusal.error
+                        full[method] = refusal.error
                 if refusal is None:
                     line.popleft()
                     held.protocol.let_in(held.cycle, held.app)
@@ -233,6 +235,11 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            # Bytes between requests start the header deadline at once: the parser skips empty
+            # lines without beginning a request, and each piece of data stops the idle timer, so a
+            # client sending "\r\n" every half second held its connection for ever.
+            self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
         super().data_received(data)
 
     def send_400_response(self, msg: str) -> None:

@@ -60,6 +60,27 @@ def test_headers_sent_slowly_get_408(server) -> None:
     assert data.startswith(b"HTTP/1.1 408") and b'"error_type":"request_timeout"' in data and seconds < 5
 
 
+def test_empty_lines_dripped_between_requests_do_not_hold_a_connection(server) -> None:
+    # The parser skips empty lines before a request line, and every piece of data stopped the idle
+    # timer: a client sending "\r\n" every 0.3 s held its connection for ever (a slot of 2,048).
+    with connect(server) as sock:
+        sock.settimeout(0.3)
+        started, data = time.monotonic(), b""
+        while time.monotonic() - started < 8:
+            try:
+                sock.sendall(b"\r\n")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # closed (reset) after the answer
+                break
+            if not chunk:
+                break
+            data += chunk
+    seconds = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408") and seconds < 5, (data, seconds)
+
+
 def test_a_declared_body_that_never_comes_gets_408(server) -> None:
     with connect(server) as sock:
         head = b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

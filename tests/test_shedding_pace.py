@@ -28,10 +28,11 @@ class FakeCycle:
     path: str
     name: str
     disconnected: bool = False
+    method: str = "POST"
 
     @property
     def scope(self) -> dict:
-        return {"path": self.path, "name": self.name}
+        return {"path": self.path, "name": self.name, "method": self.method}
 
 
 @dataclass
@@ -53,7 +54,8 @@ class FakeRefusal:
 
 
 class FakeGuard:
-    """Every queue full until ``room`` names requests that find room when decided again."""
+    """Every queue full until ``room`` names requests that find room when decided again; only a
+    POST is ever refused for load (as the registry's admission)."""
 
     def __init__(self) -> None:
         self.room: set[str] = set()
@@ -61,7 +63,7 @@ class FakeGuard:
 
     def readmit(self, scope: dict, refusal: object) -> object | None:
         self.decided.append(scope["name"])
-        if scope["name"] in self.room:
+        if scope["name"] in self.room or scope["method"] != "POST":
             return None
         refusal.error = "overloaded"
         return refusal
@@ -106,6 +108,24 @@ async def test_a_full_line_asks_whether_there_is_room_once_a_tick_not_once_a_req
     ticks = 0.1 / Door.TICK_S
     assert len(refused) >= 50  # about 10 a tick
     assert len(guard.decided) <= ticks + 2 < len(refused)  # each refused one has the tick's answer
+
+
+async def test_the_answer_a_tick_reuses_is_for_the_same_method_only() -> None:
+    # /v1/faces takes GET and DELETE as well as POST: behind a POST refused for load they wait in
+    # the same line, and are let in (never refused for load), not given the POST's 429.
+    loop = asyncio.get_running_loop()
+    door = Door(FakeGuard(), per_s=1000, max_wait_s=30)
+    events: list = []
+    for name, method in (("enroll", "POST"), ("list", "GET"), ("forget", "DELETE"), ("enroll-2", "POST")):
+        cycle = FakeCycle("/v1/faces", name, method=method)
+        door.hold(FakeProtocol(loop, events), cycle, app=None, refusal=FakeRefusal(), now=loop.time())
+    await asyncio.sleep(0.05)
+    assert [(kind, name) for kind, name, _ in events] == [
+        ("429", "enroll"),
+        ("in", "list"),
+        ("in", "forget"),
+        ("429", "enroll-2"),
+    ]
 
 
 async def test_a_held_request_is_let_in_when_its_queue_makes_room_first() -> None:
