@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from bench.harness import ROOT, neuroserve, write_results
 from service.memory import configure_allocator
-from service.runtime import _register_shared_arena
+from service.runtime import OnnxModel, RuntimeOptions
 
 MODES = ("shared", "per-model", "off")
 
@@ -44,14 +44,9 @@ def ready_rss(repository: Path) -> dict[str, float]:
 
 
 def session(path: Path, mode: str) -> ort.InferenceSession:
-    # As service.runtime.OnnxModel builds it, for the settings that matter here.
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    so.enable_cpu_mem_arena = mode != "off"
-    if mode == "shared" and _register_shared_arena():
-        so.add_session_config_entry("session.use_env_allocators", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """The service's own session for ``path`` with this arena setting, one intra-op thread."""
+    options = RuntimeOptions(providers=["CPUExecutionProvider"], intra_op_threads=1, cpu_memory_arena=mode)
+    return OnnxModel(path, options).session
 
 
 def run_times(seconds: float) -> dict[str, dict[str, float]]:

@@ -52,7 +52,7 @@ from service.repository import (
     scan,
     scan_model,
 )
-from service.runtime import OnnxModel, RuntimeOptions, shrink_shared_arena
+from service.runtime import OnnxModel, RuntimeOptions
 from service.tasks import TASKS, CannotFeed, Engine, Parameters, Task, check_labels
 
 log = logging.getLogger(__name__)
@@ -794,7 +794,7 @@ async def _close_and_reclaim(served: ServedModel, arena_runners: Callable[[], li
 def _reclaim(arena_runners: Callable[[], list[OnnxModel]]) -> None:
     gc.collect()
     for runner in arena_runners():  # the first whose run succeeds
-        if shrink_shared_arena(runner):
+        if runner.shrink_shared_arena():
             break
     release_memory()
 

@@ -100,24 +100,6 @@ def _register_shared_arena() -> bool:
     return _shared_arena
 
 
-def shrink_shared_arena(model: OnnxModel) -> bool:
-    """Free chunks of the shared arena handed back to the system: onnxruntime shrinks an arena at
-    the end of a run that asks it to, so one run of ``model`` (any loaded model: zeros at batch 1)
-    does it. Called after a model is retired: the shared arena kept a retired model's peak for the
-    others (a review measured MNIST after a batch of 2,048: 698 MiB held after unloading, against
-    60 MiB with its own arena, which closed with it). True when it ran."""
-    if not _shared_arena or not model.shares_arena:
-        return False
-    options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    try:
-        model.session.run(model._output_names, model.dummy_feeds(1), options)
-    except Exception:  # a graph that zeros do not fit: the memory stays for reuse, nothing worse
-        log.warning("shrinking the shared memory arena with %s failed", model.path, exc_info=True)
-        return False
-    return True
-
-
 def select_providers(preferred: Sequence[str]) -> list[str]:
     """The preferred providers that this onnxruntime build offers, in order; CPU always last."""
     available = set(ort.get_available_providers())
@@ -165,6 +147,23 @@ class OnnxModel:
         self.outputs = _tensor_infos(self.session.get_outputs(), path)
         self._output_names = [o.name for o in self.outputs]
         log.info("loaded %s with providers %s", path, self.providers)
+
+    def shrink_shared_arena(self) -> bool:
+        """Free chunks of the shared arena handed back to the system: onnxruntime shrinks an arena
+        at the end of a run that asks it to, so one run of this model (zeros at batch 1) does it.
+        Called after a model is retired: the shared arena kept a retired model's peak for the
+        others (a review measured MNIST after a batch of 2,048: 698 MiB held after unloading,
+        against 60 MiB with its own arena, which closed with it). True when it ran."""
+        if not self.shares_arena:
+            return False
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        try:
+            self.session.run(self._output_names, self.dummy_feeds(1), options)
+        except Exception:  # a graph that zeros do not fit: the memory stays for reuse, nothing worse
+            log.warning("shrinking the shared memory arena with %s failed", self.path, exc_info=True)
+            return False
+        return True
 
     @property
     def provider(self) -> str:

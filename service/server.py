@@ -142,7 +142,7 @@ class Door:
             # One "no room" per path, method and tick: the heads after the first refused one get the
             # same answer without asking the registry again (about 36 us a request, py-spy at 512
             # connections); room a decode thread makes meanwhile is seen at the next tick. (Per
-            # method: a GET or DELETE behind a POST on /v1/faces is never refused for load.)
+            # method, though only POSTs are held today: admission refuses no other method.)
             full: dict[str, ServiceError] = {}
             while line:
                 held = line[0]
