@@ -99,6 +99,44 @@ def test_sentiment_bigrams_and_ensemble_export_one_servable_graph(data_dir: Path
         assert response.json()["model"] == "sentiment-zh"
 
 
+def test_two_graphs_trained_apart_combine_into_their_weighted_mean_each_fed_its_own_tokens(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """``--combine``: a CNN with bigrams and a BiLSTM trained apart (their tokenizers may number tokens
+    differently) become one graph, the second's embedding rows put in the first's token order, the
+    weight chosen on validation; the graph gives the weighted mean of what each gives on its own ids."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from training import sentiment
+
+    argv = ["--smoke", "--lang", "zh", "--data-dir", str(data_dir / "sentiment"), "--max-len", "512"]
+    sentiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--bigram-buckets", "1024"])
+    sentiment.main([*argv, "--output-dir", str(tmp_path / "b"), "--arch", "bilstm", "--seed", "2"])
+    first, second = tmp_path / "a" / "sentiment-zh" / "1", tmp_path / "b" / "sentiment-zh" / "1"
+    meta = sentiment.main([*argv, "--output-dir", str(tmp_path / "c"), "--combine", str(first), str(second)])
+    combined = meta["metrics"]["combined"]
+    w = combined["weight_of_second"]
+    assert len(combined["grid"]) == 21 and min(combined["grid"], key=lambda g: g["log_loss"])["weight"] == w
+    texts = ["房间很干净，服务也很热情", "设施陈旧，卫生很差", "好"]
+
+    def probs(version: Path) -> np.ndarray:
+        tokenizer = Tokenizer.from_file(str(version / "tokenizer.json"))
+        ids, mask = sentiment.pad_batch([tokenizer.encode(t).ids for t in texts])
+        session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+        return session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+    out = tmp_path / "c" / "sentiment-zh" / "1"
+    assert np.abs(probs(out) - ((1 - w) * probs(first) + w * probs(second))).max() < 1e-5
+    assert "weighted mean" in json.loads((out.parent / "model.json").read_text())["description"]
+    with make_client(repository=tmp_path / "c") as client:
+        wait_ready(client)
+        response = client.post("/v1/sentiment", json={"texts": texts})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "sentiment-zh"
+
+
 def test_sentiment_distilled_bilstm_with_composed_and_unlabelled_text_exports_a_servable_graph(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -165,6 +203,25 @@ def test_composed_everyday_sentences_are_distinct_balanced_seeded_and_never_a_ch
     assert generate(2000, seed=3, exclude=check) == (texts, labels)
     keys = {" ".join(t.lower().strip(".!").split()) for t in texts}
     assert "this phone works great" not in keys and "never again" not in keys
+
+
+def test_the_second_composer_writes_reviews_as_people_do_and_keeps_the_first_versions_draw() -> None:
+    from training.everyday_sentences import generate
+
+    first = generate(500, seed=1)
+    assert generate(500, seed=1, talk=0.0) == first  # v2's training sentences are drawn unchanged
+    check = ["Never again.", "Save your money", "10/10"]
+    texts, labels = generate(4000, seed=1, exclude=check, talk=1.0)
+    assert len(set(texts)) == 4000 and sum(labels) == 2000
+    keys = {" ".join(t.lower().strip(".!").split()) for t in texts}
+    assert not keys & {"never again", "save your money", "10/10"}
+    positive = [t for t, y in zip(texts, labels, strict=True) if y]
+    negative = [t for t, y in zip(texts, labels, strict=True) if not y]
+    # Scores, several sentences and negations occur on both sides, so none of them decides alone.
+    for side in (positive, negative):
+        assert sum("/10" in t or "star" in t.lower() for t in side) > 100
+        assert sum(t.count(". ") >= 1 for t in side) > 100
+        assert sum(any(n in t.lower() for n in ("n't", "not ", "never", "nothing")) for t in side) > 100
 
 
 def test_rating_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path: Path) -> None:

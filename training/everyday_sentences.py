@@ -390,6 +390,355 @@ NEGATED_VERDICTS = {
     ],
 }
 
+# Second composer version (v3 of the English model): how people write reviews and messages beyond one
+# clause about one thing. Each list was written for this module.
+# Things named in a review, with how they are said to be the best or the worst.
+THINGS = [
+    "phone",
+    "laptop",
+    "pair of headphones",
+    "blender",
+    "coffee machine",
+    "vacuum",
+    "mattress",
+    "pillow",
+    "jacket",
+    "pair of boots",
+    "backpack",
+    "car",
+    "bike",
+    "app",
+    "game",
+    "website",
+    "bank",
+    "gym",
+    "hotel",
+    "airline",
+    "pizza place",
+    "coffee shop",
+    "taco truck",
+    "burger",
+    "ramen",
+    "dentist",
+    "hairdresser",
+    "plumber",
+    "course",
+    "book",
+    "streaming service",
+    "insurance company",
+    "phone plan",
+    "delivery service",
+    "online shop",
+    "keyboard",
+    "monitor",
+    "smartwatch",
+    "tent",
+    "stroller",
+]
+PLACES = ["restaurant", "hotel", "cafe", "shop", "clinic", "salon", "bakery", "gym", "bar", "garage"]
+# Scores: positive from 8 up, negative up to 3 (4-7 is left out: not a clear verdict).
+SCORE_FORMS = ["{n}/10", "{n} out of 10", "{n}/10 would {again}", "Solid {n}/10", "I'd give it {n}/10"]
+STAR_FORMS = ["{s} stars", "{s} stars from me", "Giving it {s} stars", "{s} out of 5", "{s}/5"]
+STARS_WORDS = {1: "One", 2: "Two", 4: "Four", 5: "Five"}
+# Idioms and set phrases: mostly no word of sentiment a model learns from SST-2.
+IDIOMS = {  # (what follows "is", what follows a subject, what stands alone)
+    True: (
+        [
+            "worth every penny",
+            "a game changer",
+            "a lifesaver",
+            "money well spent",
+            "a total win",
+            "better than I expected",
+            "worth the wait",
+            "a keeper",
+            "an absolute gem",
+            "a breath of fresh air",
+            "top notch",
+            "spot on",
+            "a steal at this price",
+            "everything I hoped for",
+            "the real deal",
+            "a must have",
+            "a hidden gem",
+        ],
+        [
+            "does the job",
+            "hits the spot",
+            "blew me away",
+            "exceeded my expectations",
+            "pays for itself",
+            "does exactly what it says",
+            "ticks every box",
+            "works like a dream",
+        ],
+        ["No complaints here", "Couldn't ask for more", "Money well spent", "Worth every penny", "Game changer"],
+    ),
+    False: (
+        [
+            "a total letdown",
+            "not worth the hype",
+            "a waste of time",
+            "total garbage",
+            "a complete joke",
+            "overrated",
+            "a money pit",
+            "more trouble than it's worth",
+            "a nightmare from start to finish",
+            "not worth a penny",
+            "a huge disappointment",
+            "nowhere near as good as the ads",
+            "a scam",
+            "falling apart already",
+            "worse than my old one",
+            "a step backwards",
+            "dead on arrival",
+            "a headache",
+            "cheap in the worst way",
+            "all hype",
+            "a disaster",
+        ],
+        [
+            "missed the mark",
+            "fell flat",
+            "let me down badly",
+            "fell apart in a week",
+            "died on day two",
+            "ruined my weekend",
+            "does nothing it promises",
+            "never worked properly",
+        ],
+        ["Save your money", "Total letdown", "Complete waste of money", "Never again", "Avoid"],
+    ),
+}
+# Informal and one-word verdicts, lowercase as typed.
+POSITIVE_SLANG = [
+    "slaps",
+    "lowkey amazing",
+    "hits different",
+    "absolutely goated",
+    "chef's kiss",
+    "obsessed with it",
+    "so good",
+    "love love love",
+    "10/10 no notes",
+    "kinda perfect",
+    "a vibe",
+    "elite",
+]
+NEGATIVE_SLANG = [
+    "kinda mid",
+    "mid at best",
+    "trash",
+    "garbage",
+    "meh",
+    "yikes",
+    "ugh",
+    "hard pass",
+    "nope",
+    "not it",
+    "big yikes",
+    "so bad lol",
+]
+FILLERS = ["", "", "", "", "honestly ", "ngl ", "tbh ", "omg ", "seriously ", "lol "]
+# Statements of what happened: no opinion word, the event says it (the reader knows what it means).
+POSITIVE_EVENTS = [
+    "arrived a day early",
+    "was fixed in ten minutes",
+    "walked me through every step",
+    "remembered my name",
+    "gave me a refund straight away",
+    "replaced it for free",
+    "sorted it out on the first call",
+    "finally got me to save money",
+    "still runs like new after two years",
+    "lasts two days on one charge",
+    "was ready before they said",
+    "upgraded our room for free",
+    "called back within the hour",
+    "helped me carry everything to the car",
+    "got me through my exam",
+    "paid for itself in a month",
+    "fit like it was made for me",
+    "made the whole trip easy",
+    "answered at two in the morning",
+]
+NEGATIVE_EVENTS = [
+    "got hot enough to burn my hand",
+    "took three weeks to arrive",
+    "transferred me four times",
+    "charged me for something I never ordered",
+    "hung up on me",
+    "lost my booking",
+    "kept my deposit",
+    "broke the second time I used it",
+    "logged me out every five minutes",
+    "deleted all my saved work",
+    "made me wait forty minutes for a cold meal",
+    "sent the wrong size twice",
+    "never called back",
+    "stopped charging after a month",
+    "keeps asking me to rate it",
+    "doesn't stay in my ears",
+    "still hasn't refunded me",
+    "cancelled my flight without telling me",
+    "overcharged me again",
+]
+# Negations that turn the phrase around, both ways, so no negation word decides alone.
+NEGATION_PAIRS = {
+    True: [
+        "I couldn't be happier with {x}",
+        "I can't recommend {x} enough",
+        "Nothing about {x} feels cheap",
+        "{X} wasn't as bad as I feared",
+        "{X} didn't disappoint",
+        "No regrets buying {x}",
+        "I have zero complaints about {x}",
+        "Not bad for a {t}",
+        "Never had a single issue with {x}",
+        "I don't know how I lived without {x}",
+        "Can't fault {x}",
+        "Nothing beats {x}",
+        "I wouldn't change a thing about {x}",
+        "{X} never lets me down",
+        "I'll definitely be back",
+        "Can't wait to go back",
+        "Would not hesitate to buy {x} again",
+    ],
+    False: [
+        "I couldn't be more disappointed with {x}",
+        "I can't recommend {x}",
+        "Nothing about {x} works",
+        "{X} wasn't as good as I hoped",
+        "{X} didn't live up to the hype",
+        "I regret buying {x}",
+        "I have nothing good to say about {x}",
+        "Not good even for a {t}",
+        "Never had a good day with {x}",
+        "I don't think I'll ever order from them again",
+        "Can't believe I paid for {x}",
+        "Nothing works the way it should",
+        "I wouldn't wish {x} on anyone",
+        "{X} always lets me down",
+        "We will not be returning",
+        "Won't be going back",
+        "Would not buy {x} again",
+    ],
+}
+OPENERS = {
+    True: [
+        "Best {t} I've ever owned",
+        "Honestly the best {t} I have ever had",
+        "Hands down the best {t} in town",
+        "By far my favourite {t}",
+        "My new favourite {t}",
+        "Easily the best {t} I've tried",
+    ],
+    False: [
+        "Worst {t} I've ever owned",
+        "Honestly the worst {t} I have ever had",
+        "Hands down the worst {t} in town",
+        "By far the worst {t} I've used",
+        "My least favourite {t}",
+        "Easily the worst {t} I've tried",
+    ],
+}
+STORY_OPENERS = [
+    "We booked this {p} for our anniversary",
+    "I bought this {t} for my mom",
+    "Ordered the {t} last week",
+    "I've had this {t} for a month now",
+    "We went to this {p} on Friday",
+    "Tried the new {t} yesterday",
+    "Got this {t} as a gift",
+    "I switched to this {t} in January",
+]
+POSITIVE_STORY_ENDS = [
+    "and it was perfect from start to finish",
+    "and she uses it every day",
+    "and everything went smoothly",
+    "and it has been great so far",
+    "and we loved every minute",
+    "and I'm already planning to go back",
+    "and it's the best thing I've bought all year",
+    "and I haven't looked back",
+]
+NEGATIVE_STORY_ENDS = [
+    "and it was a disaster",
+    "and it already broke",
+    "and nothing went right",
+    "and it has been one problem after another",
+    "and we left after twenty minutes",
+    "and I'm already trying to return it",
+    "and I wish I hadn't",
+    "and I've regretted it every day",
+]
+
+
+def _score(rng: random.Random, positive: bool) -> str:
+    if rng.random() < 0.5:
+        n = rng.choice([8, 9, 10, 10] if positive else [0, 1, 2, 3])
+        again = rng.choice(["recommend", "buy again", "go again"] if positive else ["not recommend", "avoid"])
+        return rng.choice(SCORE_FORMS).format(n=n, again=again)
+    s = rng.choice([4, 5, 5] if positive else [1, 1, 2])
+    form = rng.choice(STAR_FORMS)
+    star = STARS_WORDS[s] if rng.random() < 0.5 and form.startswith("{s} stars") else str(s)
+    text = form.format(s=star)
+    return text.replace("1 stars", "1 star").replace("One stars", "One star")
+
+
+def _talk(rng: random.Random, positive: bool, depth: int = 0) -> str:
+    """One review written as people write them (second composer version); ``depth`` 1 is a part of a
+    longer one (no parts of its own)."""
+    thing = rng.choice(THINGS)
+    x = rng.choice(["it", "this", f"this {thing}", f"the {thing}", "them"])
+    form = rng.random()
+    if form < 0.18:
+        text = rng.choice(NEGATION_PAIRS[positive]).format(x=x, X=x[0].upper() + x[1:], t=thing)
+    elif form < 0.32:
+        after_is, after_subject, alone = IDIOMS[positive]
+        kind = rng.random()
+        if kind < 0.5:
+            subject = rng.choice([f"This {thing}", f"The {thing}", "It", "Honestly it", "This place"])
+            be = "was" if rng.random() < 0.4 else "is"
+            text = f"{subject} {be} {rng.choice(after_is)}"
+        elif kind < 0.8:
+            text = (
+                f"{rng.choice([f'This {thing}', f'The {thing}', 'It', 'My new ' + thing])} {rng.choice(after_subject)}"
+            )
+        else:
+            text = rng.choice(alone)
+    elif form < 0.44:
+        text = f"{rng.choice(OPENERS[positive]).format(t=thing)}"
+        if rng.random() < 0.5:
+            text += f". {_score(rng, positive)}"
+    elif form < 0.58:
+        events = POSITIVE_EVENTS if positive else NEGATIVE_EVENTS
+        subject = rng.choice(
+            [f"The {thing}", f"My {thing}", "They", "The support team", "The staff", "It", "The driver", "The app"]
+        )
+        text = f"{subject} {rng.choice(events)}"
+    elif form < 0.7:
+        text = _score(rng, positive)
+        if depth == 0 and rng.random() < 0.7:
+            text = f"{_talk(rng, positive, depth + 1).rstrip('.!')}. {text}"
+    elif form < 0.8:
+        slang = POSITIVE_SLANG if positive else NEGATIVE_SLANG
+        text = f"{rng.choice(FILLERS)}{rng.choice(['this ' + thing + ' ', 'the ' + thing + ' is ', '', ''])}"
+        text = (text + rng.choice(slang)).lower()
+        return text + rng.choice(["", "", "!", " lol", "."])
+    elif form < 0.9:
+        opener = rng.choice(STORY_OPENERS).format(t=thing, p=rng.choice(PLACES))
+        text = f"{opener} {rng.choice(POSITIVE_STORY_ENDS if positive else NEGATIVE_STORY_ENDS)}"
+    elif depth == 0:
+        # Two or three sentences whose verdict agrees: a statement, then more.
+        parts = [_talk(rng, positive, depth + 1).rstrip(".!") for _ in range(rng.choice([2, 2, 3]))]
+        text = ". ".join(p[0].upper() + p[1:] for p in parts)
+    else:
+        text = _score(rng, positive)
+    return text[0].upper() + text[1:] + rng.choice(ENDINGS)
+
+
 INTENSIFIERS = ["", "", "", "very ", "really ", "extremely ", "super ", "so ", "incredibly ", "quite ", "pretty "]
 ENDINGS = [".", ".", ".", "!", "!!", "", "."]
 LINKS_BUT = [", but ", " but ", ". But ", ", although ", ", though ", ", however ", ", yet "]
@@ -431,7 +780,11 @@ def _clause(rng: random.Random, domain: list[str], positive: bool) -> str:
     return f"{subject} never {verb}"
 
 
-def _sentence(rng: random.Random, positive: bool) -> str:
+def _sentence(rng: random.Random, positive: bool, talk: float = 0.0) -> str:
+    """A labelled sentence: with probability ``talk`` one of :func:`_talk`, else the first version's."""
+    if talk and rng.random() < talk:
+        text = _talk(rng, positive)
+        return text.lower() if rng.random() < 0.08 else text
     domain = DOMAINS[rng.choice(sorted(DOMAINS))]
     form = rng.random()
     if form < 0.35:
@@ -480,8 +833,10 @@ def _key(text: str) -> str:
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
 
 
-def generate(n: int, seed: int, exclude: list[str] = ()) -> tuple[list[str], list[int]]:
-    """``n`` distinct labelled sentences (half positive, label 1), none equal to an ``exclude`` sentence."""
+def generate(n: int, seed: int, exclude: list[str] = (), talk: float = 0.0) -> tuple[list[str], list[int]]:
+    """``n`` distinct labelled sentences (half positive, label 1), none equal to an ``exclude`` sentence;
+    a share ``talk`` of them from the second version's reviews as people write them (0: the first
+    version's sentences only, as v2 of the English model was trained)."""
     rng = random.Random(seed)
     excluded = {_key(t) for t in exclude}
     seen: set[str] = set()
@@ -493,7 +848,7 @@ def generate(n: int, seed: int, exclude: list[str] = ()) -> tuple[list[str], lis
         if attempts > 50 * n:
             raise RuntimeError(f"only {len(texts)} distinct sentences after {attempts} attempts")
         positive = len(texts) % 2 == 0
-        text = _sentence(rng, positive)
+        text = _sentence(rng, positive, talk)
         key = _key(text)
         if key in seen or key in excluded:
             continue
