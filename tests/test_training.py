@@ -113,7 +113,7 @@ def test_two_graphs_trained_apart_combine_into_their_weighted_mean_each_fed_its_
 
     argv = ["--smoke", "--lang", "zh", "--data-dir", str(data_dir / "sentiment"), "--max-len", "512"]
     sentiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--bigram-buckets", "1024"])
-    sentiment.main([*argv, "--output-dir", str(tmp_path / "b"), "--arch", "bilstm", "--seed", "2"])
+    sentiment.main([*argv, "--output-dir", str(tmp_path / "b"), "--arch", "bilstm"])
     first, second = tmp_path / "a" / "sentiment-zh" / "1", tmp_path / "b" / "sentiment-zh" / "1"
     meta = sentiment.main([*argv, "--output-dir", str(tmp_path / "c"), "--combine", str(first), str(second)])
     combined = meta["metrics"]["combined"]
@@ -129,12 +129,68 @@ def test_two_graphs_trained_apart_combine_into_their_weighted_mean_each_fed_its_
 
     out = tmp_path / "c" / "sentiment-zh" / "1"
     assert np.abs(probs(out) - ((1 - w) * probs(first) + w * probs(second))).max() < 1e-5
+    with pytest.raises(ValueError, match="max_len"):  # members must read texts as long as the graph will
+        sentiment.main(
+            [
+                "--smoke",
+                "--lang",
+                "zh",
+                "--data-dir",
+                str(data_dir / "sentiment"),
+                "--output-dir",
+                str(tmp_path / "d"),
+                "--combine",
+                str(first),
+                str(second),
+            ]
+        )
     assert "weighted mean" in json.loads((out.parent / "model.json").read_text())["description"]
     with make_client(repository=tmp_path / "c") as client:
         wait_ready(client)
         response = client.post("/v1/sentiment", json={"texts": texts})
         assert response.status_code == 200, response.text
         assert response.json()["model"] == "sentiment-zh"
+
+
+def test_an_embedding_table_is_reordered_to_another_tokenizers_ids_and_other_readers_are_refused() -> None:
+    """Two vocabularies of the same tokens numbered differently, one with a token the other lacks: the
+    reordered table gives each token the row it had (a lacking token the [UNK] row)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, models
+
+    from training.sentiment import remap_embeddings
+
+    own = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "好": 2, "差": 3, "房": 4}, unk_token="[UNK]"))
+    target = Tokenizer(
+        models.WordLevel({"[PAD]": 0, "[UNK]": 1, "房": 2, "好": 3, "差": 4, "新": 5}, unk_token="[UNK]")
+    )
+    table = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)  # row i: own id i
+
+    def graph(*extra: onnx.NodeProto) -> onnx.ModelProto:
+        nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["out"]), *extra]
+        return helper.make_model(
+            helper.make_graph(
+                nodes,
+                "g",
+                [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None])],
+                [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 2])],
+                [numpy_helper.from_array(table, "embed")],
+            ),
+            opset_imports=[helper.make_opsetid("", 17)],
+        )
+
+    model = graph()
+    counts = remap_embeddings(model, own, target)
+    assert counts == {"target_tokens_missing_from_own": 1, "own_tokens_unreachable": 0}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([target.token_to_id(t) for t in ["房", "好", "差", "新", "[PAD]"]], dtype=np.int64)
+    rows = session.run(None, {"input_ids": ids})[0]
+    assert rows.tolist() == table[[4, 2, 3, 1, 0]].tolist()  # each token its own row; 新 gets [UNK]'s
+    shared = graph(helper.make_node("Identity", ["embed"], ["tied"]))
+    with pytest.raises(ValueError, match="more than its lookup"):
+        remap_embeddings(shared, own, target)
 
 
 def test_sentiment_distilled_bilstm_with_composed_and_unlabelled_text_exports_a_servable_graph(
@@ -206,10 +262,18 @@ def test_composed_everyday_sentences_are_distinct_balanced_seeded_and_never_a_ch
 
 
 def test_the_second_composer_writes_reviews_as_people_do_and_keeps_the_first_versions_draw() -> None:
-    from training.everyday_sentences import generate
+    import hashlib
 
-    first = generate(500, seed=1)
-    assert generate(500, seed=1, talk=0.0) == first  # v2's training sentences are drawn unchanged
+    from training.everyday_sentences import generate
+    from training.sentiment import read_everyday
+
+    # v2's 8,000 training sentences, drawn by the composer before its second version (bb218d5).
+    check_set = read_everyday(Path(__file__).parent / "data" / "everyday_sentiment.tsv")[0]
+    texts, labels = generate(8000, seed=1, exclude=check_set, talk=0.0)
+    drawn = "\n".join(f"{t}\t{y}" for t, y in zip(texts, labels, strict=True))
+    assert (
+        hashlib.sha256(drawn.encode()).hexdigest() == "477f301c3c0560eca8e4d3149818a19745d4ca2df25d5b6121b4b13c1d3a7e87"
+    )
     check = ["Never again.", "Save your money", "10/10"]
     texts, labels = generate(4000, seed=1, exclude=check, talk=1.0)
     assert len(set(texts)) == 4000 and sum(labels) == 2000

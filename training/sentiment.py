@@ -77,8 +77,8 @@ class Config:
         default=64,
         metadata={
             "help": "the largest batch the served model.json allows (a batch of 64 reviews padded to 512 tokens "
-            "took 561 MiB more through the bigram CNN and BiLSTM mean, a batch of 8 98 MiB: onnxruntime's arena "
-            "keeps the largest)"
+            "took 561 MiB more through the bigram CNN and BiLSTM mean, a batch of 8 98 MiB, in ad-hoc onnxruntime "
+            "runs: its arena keeps the largest)"
         },
     )
     embed_dim: int = 128
@@ -122,8 +122,9 @@ class Config:
     everyday_talk: float = field(
         default=0.0,
         metadata={
-            "help": "en: share of the composed sentences written as reviews are (the composer's second version: "
-            "idioms, scores, events, slang, stories, several sentences); 0 draws the sentences v2 trained on"
+            "help": "en: the probability that a composed sentence is drawn from the composer's second version "
+            "(reviews as people write them: idioms, scores, events, slang, stories, several sentences; they repeat "
+            "more and are drawn again, so 0.5 gave 41.6 %% of 12,000); 0 draws the sentences v2 trained on"
         },
     )
     test_sentences: int = field(default=1000, metadata={"help": "en: held-out sentences to report"})
@@ -750,7 +751,8 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "composed_by": "training.everyday_sentences (seeded templates written for this project; the check "
             + ("sets' sentences excluded" if cfg.everyday_talk else "set's sentences excluded")
             + (
-                f"; {cfg.everyday_talk:.0%} from its second version, reviews as people write them)"
+                f"; each drawn from its second version, reviews as people write them, with probability "
+                f"{cfg.everyday_talk})"
                 if cfg.everyday_talk
                 else ")"
             )
@@ -836,25 +838,40 @@ def distil(cfg: Config, teacher: nn.Module, vocab: int, seqs, labels, device) ->
     return student, epoch, summary
 
 
-def remap_embeddings(model: onnx.ModelProto, own: Tokenizer, target: Tokenizer) -> int:
-    """``model`` (read in place) made to take ``target``'s token ids: each embedding table gathered by
-    ``input_ids`` has its rows reordered by token (a token ``own`` lacks gets ``own``'s [UNK] row).
+def remap_embeddings(model: onnx.ModelProto, own: Tokenizer, target: Tokenizer) -> dict[str, int]:
+    """``model`` (changed in place) made to take ``target``'s token ids: each embedding table gathered
+    by ``input_ids`` has its rows reordered by token (a token ``own`` lacks gets ``own``'s [UNK] row).
     The WordPiece trainer orders tokens of equal count differently from run to run (two runs on the
-    same Chinese text gave 4,492 and 4,493 tokens), so two graphs trained apart differ in ids. Returns
-    how many of ``target``'s tokens ``own`` lacks."""
+    same Chinese text gave 4,492 and 4,493 tokens), so two graphs trained apart differ in ids. A graph
+    that reads ids otherwise (the bigram CNN hashes them) can only be taken as it is, with equal
+    vocabularies. Returns how many tokens each side lacks."""
     own_vocab, target_vocab = own.get_vocab(), target.get_vocab()
-    unk = own_vocab["[UNK]"]
-    rows = [own_vocab.get(token, unk) for token, _ in sorted(target_vocab.items(), key=lambda kv: kv[1])]
+    counts = {
+        "target_tokens_missing_from_own": sum(t not in own_vocab for t in target_vocab),
+        "own_tokens_unreachable": sum(t not in target_vocab for t in own_vocab),
+    }
+    if own_vocab == target_vocab:
+        return counts
+    for vocab in (own_vocab, target_vocab):
+        if sorted(vocab.values()) != list(range(len(vocab))) or vocab.get(PAD) != 0 or vocab.get(UNK) != 1:
+            raise ValueError("token ids must run 0..N-1 with [PAD] 0 and [UNK] 1")
+    rows = [own_vocab.get(token, own_vocab[UNK]) for token, _ in sorted(target_vocab.items(), key=lambda kv: kv[1])]
     initializers = {i.name: i for i in model.graph.initializer}
+    done: set[str] = set()
     for node in model.graph.node:
         if "input_ids" not in node.input:
             continue
         if node.op_type != "Gather" or node.input[1] != "input_ids" or node.input[0] not in initializers:
             raise ValueError(f"{node.op_type} reads input_ids: only embedding lookups can be remapped")
+        if node.input[0] in done:
+            continue
         table = initializers[node.input[0]]
+        if any(node.input[0] in other.input for other in model.graph.node if other is not node):
+            raise ValueError(f"{table.name} is read by more than its lookup: it cannot be reordered")
         array = onnx.numpy_helper.to_array(table)
         table.CopyFrom(onnx.numpy_helper.from_array(array[rows], table.name))
-    return sum(token not in own_vocab for token in target_vocab)
+        done.add(table.name)
+    return counts
 
 
 def combine(cfg: Config, command: str) -> dict:
@@ -863,8 +880,19 @@ def combine(cfg: Config, command: str) -> dict:
     texts ties over much of the range); validation and test scored on the written graph."""
     first, second = (Path(d) for d in cfg.combine)
     name = cfg.name or ("sentiment" if cfg.lang == "en" else "sentiment-zh")
+    # Both members must have been trained on this split and read texts as long as this graph will.
+    for member in (first, second):
+        trained = json.loads((member / "metadata.json").read_text())["training"]["config"]
+        for key in ("lang", "seed", "max_len"):
+            if trained[key] != str(getattr(cfg, key)):
+                raise ValueError(f"{member}: trained with {key} {trained[key]}, this combine has {getattr(cfg, key)}")
     tokenizer = Tokenizer.from_file(str(first / "tokenizer.json"))
     graphs_in = [onnx.load(str(first / "model.onnx")), onnx.load(str(second / "model.onnx"))]
+    if (graphs_in[0].ir_version, list(graphs_in[0].opset_import)) != (
+        graphs_in[1].ir_version,
+        list(graphs_in[1].opset_import),
+    ):
+        raise ValueError("the two graphs differ in IR version or opsets")
     missing = remap_embeddings(graphs_in[1], Tokenizer.from_file(str(second / "tokenizer.json")), tokenizer)
     data = load_data(cfg)
     seqs = {k: encode(tokenizer, v[0], cfg.max_len) for k, v in data.items() if v[0]}
@@ -922,7 +950,8 @@ def combine(cfg: Config, command: str) -> dict:
             "weight_of_second": weight,
             "chosen_on": "validation log-loss",
             "grid": grid,
-            "second_tokens_missing_from_first_tokenizer": missing,
+            "first_tokens_missing_from_second_tokenizer": missing["target_tokens_missing_from_own"],
+            "second_tokens_unreachable_with_first_tokenizer": missing["own_tokens_unreachable"],
         },
         **scores,
     }
