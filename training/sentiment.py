@@ -507,16 +507,20 @@ def accuracy(model: nn.Module, seqs: list[list[int]], labels: list[int], device:
     return correct / len(seqs)
 
 
+def onnx_probabilities(model: Path | bytes, seqs: list[list[int]], batch: int = 256) -> np.ndarray:
+    """A graph's (a file's, or a serialised model's) probabilities for ``seqs``, in padded batches."""
+    session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=["CPUExecutionProvider"])
+    out = []
+    for i in range(0, len(seqs), batch):
+        ids, mask = pad_batch(seqs[i : i + batch])
+        out.append(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+    return np.concatenate(out)
+
+
 def onnx_accuracy(path: Path, seqs: list[list[int]], labels: list[int]) -> float:
     if not seqs:
         return float("nan")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    correct = 0
-    for i in range(0, len(seqs), 256):
-        ids, mask = pad_batch(seqs[i : i + 256])
-        probs = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-        correct += int((probs.argmax(1) == np.array(labels[i : i + 256])).sum())
-    return correct / len(seqs)
+    return float((onnx_probabilities(path, seqs).argmax(1) == np.array(labels)).mean())
 
 
 def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
@@ -897,14 +901,7 @@ def combine(cfg: Config, command: str) -> dict:
     data = load_data(cfg)
     seqs = {k: encode(tokenizer, v[0], cfg.max_len) for k, v in data.items() if v[0]}
     labels = {k: v[1] for k, v in data.items()}
-    dev = []
-    for model in graphs_in:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        out = []
-        for i in range(0, len(seqs["dev"]), 128):
-            ids, mask = pad_batch(seqs["dev"][i : i + 128])
-            out.append(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
-        dev.append(np.concatenate(out))
+    dev = [onnx_probabilities(model.SerializeToString(), seqs["dev"], batch=128) for model in graphs_in]
     y = np.array(labels["dev"])
     grid = []
     for w in np.linspace(0, 1, 21):
