@@ -60,9 +60,13 @@ def wait_loaded(client: TestClient) -> None:
     client.portal.call(client.app.state.registry.loading_done.wait)
 
 
+# Removed when the test run's interpreter exits: one folder per app under it (a run makes about 140).
+_GALLERIES = tempfile.TemporaryDirectory(prefix="neuroserve-galleries-")
+
+
 def make_client(**overrides) -> TestClient:
     # Each app's face gallery in a folder of its own (the default, data/, is the working directory's).
-    gallery = Path(tempfile.mkdtemp(prefix="neuroserve-gallery-")) / "gallery.sqlite3"
+    gallery = Path(tempfile.mkdtemp(prefix="gallery-", dir=_GALLERIES.name)) / "gallery.sqlite3"
     settings = Settings(**{"repository": ROOT / "models", "log_json": False, "gallery_path": gallery, **overrides})
     return TestClient(create_app(settings))
 
