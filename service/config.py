@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origins browsers may call from (a JSON list or comma-separated; empty: no cross-origin access).",
     )
+    cross_origin_protection: bool = Field(
+        True,
+        description="Refuse a browser's POST or DELETE from another site unless its origin is in "
+        "cors_allow_origins: a form or text/plain POST needs no CORS preflight, so CORS alone does not stop it.",
+    )
     cors_max_age_s: int = Field(600, ge=0, description="How long a browser may cache a CORS preflight answer.")
     gzip_min_bytes: int = Field(
         1024, ge=0, description="JSON answers at least this large are gzip-compressed for clients that accept it."

@@ -74,6 +74,10 @@ class Forbidden(ServiceError):
     summary = "The API key does not have the scope this route needs"
 
 
+class CrossOriginRefused(Forbidden):
+    error_type = "cross_origin_refused"  # a browser's POST/DELETE from an origin not in the CORS list
+
+
 class ModelControlDisabled(Forbidden):
     error_type = "model_control_disabled"  # load/unload need NEUROSERVE_MODEL_CONTROL=explicit
 

@@ -253,6 +253,14 @@ def infer_response(
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
+            # JSON has no NaN or infinity (orjson writes null, with a 200): inputs far outside the
+            # model's range (3e38 into MNIST) overflow. The raw values still go as binary data.
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InvalidTensor(
+                    f"output {name!r} is not finite (NaN or infinity) for these inputs, and JSON cannot carry "
+                    "that: the inputs are far outside what the model takes (ask for the output as binary "
+                    "data to get the raw values)"
+                )
             tensor["data"] = array.ravel()
         tensors.append(tensor)
     body["outputs"] = tensors

@@ -89,6 +89,31 @@ def test_a_declared_body_that_never_comes_gets_408(server) -> None:
     assert data.startswith(b"HTTP/1.1 408") and seconds < 5
 
 
+def test_a_chunked_body_past_the_limit_gets_413_and_the_connection_closes_unread(server) -> None:
+    """With no Content-Length the limit is found while reading: the 413 said nothing of the
+    connection, and the server read on through whatever the client kept sending."""
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"1" * (1 << 20))
+    sent = 0
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        try:
+            while sent < 512 << 20:  # the limit is 32 MiB
+                sock.sendall(chunk)
+                sent += 1 << 20
+        except OSError:  # reset or broken pipe: the server closed
+            pass
+        try:
+            data, _ = answer(sock)
+        except ConnectionResetError:
+            data = b""
+    assert sent < 128 << 20, f"the server read {sent >> 20} MiB past a 32 MiB limit"
+    if data:  # the answer may be lost to the reset when the client is still sending
+        assert data.startswith(b"HTTP/1.1 413") and b"connection: close" in data.lower()
+
+
 @pytest.mark.parametrize(
     "headers",
     [b"X-Big: " + b"a" * 20_000 + b"\r\n", b"".join(b"X-%d: 1\r\n" % i for i in range(200))],

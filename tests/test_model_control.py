@@ -150,6 +150,25 @@ def test_a_load_can_override_model_json_fields_and_an_unknown_model_is_404(repo:
         assert client.post("/v2/repository/models/nothing-here/load").status_code == 404
 
 
+def test_a_load_with_no_content_type_as_tritonclient_sends_it_is_read_and_a_form_is_refused(repo: Path) -> None:
+    """tritonclient's load_model posts '{}' (or its config) with no Content-Type; FastAPI's body
+    parameter answered that with 422. A form or text Content-Type (what a page on another origin
+    can send without a preflight) is refused with 415, not parsed."""
+    with serve(repo, model_control="explicit") as client:
+        wait_ready(client)
+        config = b'{"parameters": {"config": "{\\"max_batch_size\\": 3}"}}'
+        for body in (b"{}", b"", config):
+            r = client.post("/v2/repository/models/scale/load", content=body)
+            assert r.status_code == 200, (body, r.text)
+        assert client.get("/v2/models/scale").json()["parameters"]["max_batch_size"] == 3
+        r = client.post("/v2/repository/index", content=b'{"ready": true}')
+        assert r.status_code == 200 and [row["name"] for row in r.json()] == ["scale"]
+        for kind in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+            r = client.post("/v2/repository/models/scale/load", content=b"{}", headers={"content-type": kind})
+            assert r.status_code == 415 and r.json()["error_type"] == "unsupported_media_type", (kind, r.text)
+        assert infer(client)[0] == 200
+
+
 def test_polling_loads_a_copied_in_version_and_unloads_a_removed_model_under_load(repo: Path) -> None:
     with serve(repo, model_control="poll", model_poll_interval_s=0.1) as client:
         wait_ready(client)

@@ -80,6 +80,23 @@ def test_sentiment_english_unseen_sentences_through_http_match_offline(client: T
     assert offline >= 0.78 and abs(accuracy - offline) <= 0.01  # v2: 0.7583
 
 
+@pytest.mark.parametrize("path", sorted(ROOT.glob("models/*/*/tokenizer.json")), ids=lambda p: p.parent.parent.name)
+def test_control_tokens_typed_in_a_text_are_never_read_as_control_tokens(path: Path) -> None:
+    """ "[PAD]" in a review fed the classifier its padding id; "<pad>" did the same to translation."""
+    from service.tasks.assets import load_tokenizer
+
+    tokenizer = load_tokenizer(path.name, path.parent)
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "<pad>", "<unk>", "<bos>", "<eos>", "<s>", "</s>")
+    ids = tokenizer.token_to_id
+    control = {ids(t) for t in specials if ids(t) is not None}
+    assert control, "the tokenizer has control tokens"
+    plain = tokenizer.encode("a fine film", add_special_tokens=False).ids
+    typed = tokenizer.encode("a fine film " + " ".join(specials), add_special_tokens=False).ids
+    assert typed[: len(plain)] == plain
+    assert not control & set(typed[len(plain) :]) - {ids("[UNK]"), ids("<unk>")}
+    assert len(typed) > len(plain) + len(specials)  # each typed one is split into its characters
+
+
 def test_sentiment_reads_emoji_as_the_word_they_say(client: TestClient) -> None:
     texts = ["love it 😍", "love it 😡", "👍", "👎", "Arrived on time ❤️", "Arrived broken 🤮"]
     labels = [p["label"] for p in client.post(URL, json={"texts": texts}).json()["predictions"]]

@@ -147,7 +147,29 @@ def test_echo_with_no_new_tokens_scores_the_prompt_from_begin_of_text(lm: TestCl
     lp = choice["logprobs"]
     assert np.allclose(lp["token_logprobs"], expected, atol=1e-4)
     assert "".join(lp["tokens"]) == prompt
-    assert lp["text_offset"][0] == 0 and all(len(d) == 2 for d in lp["top_logprobs"])
+    assert lp["text_offset"][0] == 0 and all(len(d) in (2, 3) for d in lp["top_logprobs"])
+    # As OpenAI: each position lists its own token beside the 2 best, so a 3rd entry when it is not one.
+    for token, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert top[token] == pytest.approx(chosen, abs=1e-6)
+        assert len(top) == 2 or chosen < min(v for k, v in top.items() if k != token)
+
+
+def test_control_tokens_typed_in_a_prompt_are_text_and_do_not_cut_its_scores_short(lm: TestClient) -> None:
+    """ "<eos>" typed by a user was read as the end-of-text token: the echo lost it and the prompt's
+    log-probabilities stopped there; streamed and whole answers disagreed."""
+    prompt = "Tom said <eos> and <pad> then <unk> left."
+    choice = complete(lm, prompt=prompt, max_tokens=0, echo=True, logprobs=1)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and "".join(lp["tokens"]) == prompt
+    assert len(lp["token_logprobs"]) == len(lp["tokens"]) and all(v < 0 for v in lp["token_logprobs"])
+    r = lm.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True},
+    )
+    streamed = [json.loads(e)["choices"][0] for e in sse(r.text)[:-1] if json.loads(e)["choices"]]
+    tokens = [t for c in streamed if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    scores = [v for c in streamed if c["logprobs"] for v in c["logprobs"]["token_logprobs"]]
+    assert tokens == lp["tokens"] and np.allclose(scores, lp["token_logprobs"], atol=1e-6)
 
 
 def test_logprobs_of_generated_tokens_are_the_models_and_their_alternatives_rank_them(lm: TestClient) -> None:

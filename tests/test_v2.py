@@ -129,6 +129,33 @@ def test_v2_bad_requests_get_clear_4xx(
     assert response.json()["error"]
 
 
+def test_inputs_that_overflow_the_model_get_400_not_nulls_and_binary_outputs_carry_the_raw_values(
+    client: TestClient,
+) -> None:
+    """3e38 is a finite FP32, but the model's arithmetic overflows: JSON cannot carry NaN or
+    infinity, and orjson wrote null in a 200."""
+    huge = {**GOOD, "data": [3e38] * 784}
+    r = client.post(INFER, json={"inputs": [huge]})
+    assert r.status_code == 400 and r.json()["error_type"] == "invalid_tensor", r.text
+    assert "not finite" in r.json()["error"] and "binary" in r.json()["error"]
+    r = client.post(
+        INFER, json={"inputs": [huge], "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}
+    )
+    assert r.status_code == 200, r.text
+    header = int(r.headers["inference-header-content-length"])
+    raw = np.frombuffer(r.content[header:], dtype="<f4")
+    assert raw.shape == (10,) and not np.isfinite(raw).all()
+    assert client.post(INFER, json={"inputs": [GOOD]}).status_code == 200  # the next request is served as usual
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/mnist", "/metrics", "/"])
+def test_head_answers_every_get_route_as_get_would_without_the_body(client: TestClient, path: str) -> None:
+    get, head = client.get(path), client.head(path)
+    assert get.status_code == 200 and head.status_code == 200, head.text
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert client.head(INFER).status_code == 405  # a POST route is still not a GET one
+
+
 def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> None:
     response = client.get("/v3/whatever")
     assert response.status_code == 404 and response.json()["error_type"] == "not_found"

@@ -123,3 +123,50 @@ def test_without_a_keys_file_everything_stays_open(tmp_path: Path) -> None:
             "/v1/image-classification", headers={"origin": ORIGIN, "access-control-request-method": "POST"}
         )
         assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_a_forged_cross_site_post_is_refused_before_it_is_read_and_the_app_own_origin_passes(edge) -> None:
+    """A page on another site can send a form or text/plain POST without a preflight; CORS only
+    keeps it from reading the answer. Refused by Sec-Fetch-Site, or by Origin where a browser is
+    too old to send it; allowed origins, same-origin pages and non-browser clients pass."""
+    client, keys = edge
+    key = {"x-api-key": keys["infer"]}
+    forged = [
+        {"origin": "https://evil.example", "sec-fetch-site": "cross-site"},
+        {"origin": "https://evil.example"},
+        {"sec-fetch-site": "same-site", "origin": "https://other.app.example.com"},
+        {"origin": "null"},
+    ]
+    for headers in forged:
+        r = client.post("/v1/image-classification", json={"images": [SEVEN_PNG_BASE64]}, headers={**key, **headers})
+        assert r.status_code == 403, (headers, r.text)
+        assert r.json()["error_type"] == "cross_origin_refused"
+        assert "evil" not in r.text  # the origin is not echoed
+    passes = [
+        {},  # curl, SDKs, apps
+        {"origin": ORIGIN, "sec-fetch-site": "cross-site"},  # an allowed origin
+        {"origin": "http://testserver", "sec-fetch-site": "same-origin"},  # the playground
+        {"origin": "http://testserver"},  # an older browser, same origin
+        {"sec-fetch-site": "none"},  # typed in the address bar
+    ]
+    for headers in passes:
+        assert classify(client, **key, **headers).status_code == 200, headers
+    # Reading stays open to every origin: only what changes state is refused.
+    assert client.get("/v2/health/live", headers={"origin": "https://evil.example"}).status_code == 200
+
+
+def test_a_json_route_refuses_a_form_or_text_body_with_415(edge) -> None:
+    client, keys = edge
+    body = b'{"images": ["%s"]}' % SEVEN_PNG_BASE64.encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"):
+        r = client.post(
+            "/v2/models/mnist/infer", content=b"{}", headers={"x-api-key": keys["infer"], "content-type": kind}
+        )
+        assert r.status_code == 415 and r.json()["error_type"] == "unsupported_media_type", (kind, r.text)
+        r = client.post(
+            "/v1/image-classification", content=body, headers={"x-api-key": keys["infer"], "content-type": kind}
+        )
+        assert r.status_code == 415, (kind, r.text)
+    for kind in ("", "application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
+        headers = {"x-api-key": keys["infer"], **({"content-type": kind} if kind else {})}
+        assert client.post("/v1/image-classification", content=body, headers=headers).status_code == 200, kind

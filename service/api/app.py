@@ -16,6 +16,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from service import __version__, tracing
 from service.admission import Claim
 from service.api.auth import KeyStore, load_keys
+from service.api.crossorigin import CrossOriginPolicy
 from service.api.handlers import install_handlers
 from service.api.middleware import EarlyRefusals, RequestGuard
 from service.api.pages import mount_pages
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys=KeyStore(load_keys(settings.api_keys_file)) if settings.api_keys_file else None,
         fast=v2.fast_path(app.exception_handlers),
         early=app.state.early_refusals,
+        cross_origin=CrossOriginPolicy(settings.cors_allow_origins) if settings.cross_origin_protection else None,
     )
     if settings.cors_allow_origins:
         cors = {

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service import imaging
-from service.api.schemas import inline_schema, parse_body
+from service.api.schemas import inline_schema, is_json_media, media_type, parse_body
 from service.config import Settings
 from service.errors import ImageTooLarge, InvalidInput, SchemaError, TooManyItems, UnsupportedMediaType
 from service.memory import release_memory
@@ -29,10 +29,10 @@ _IMAGE_FIELDS = ("images", "image")  # the JSON fields that multipart sends as f
 
 async def read_images(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
     """The image files and the other fields (form fields as strings, JSON fields as parsed)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "multipart/form-data":
         return await _read_multipart(request, settings, json_model)
-    if content_type in ("application/json", ""):
+    if is_json_media(content_type):
         return _read_json(await request.body(), settings, json_model)
     raise UnsupportedMediaType(
         f"content type {content_type!r} is not accepted; send multipart/form-data files or application/json"

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import admission, tracing
 from service.admission import SCOPE_KEY, Claim
 from service.api.auth import KeyStore, presented_key, scope_of
+from service.api.crossorigin import CrossOriginPolicy
 from service.api.handlers import error_body, error_response
 from service.errors import Overloaded, PayloadTooLarge, ServiceError
 from service.logs import REQUEST_ID, log_request
@@ -122,12 +123,14 @@ class RequestGuard:
         keys: KeyStore | None = None,
         fast: Callable[[Scope], ASGIApp | None] | None = None,
         early: EarlyRefusals | None = None,
+        cross_origin: CrossOriginPolicy | None = None,
     ) -> None:
         if early is not None:
             early.guard = self
         self.app = app
         # Routes served straight from here, past the inner middleware (see v2.fast_path).
         self.fast = fast
+        self.cross_origin = cross_origin  # None: browsers' cross-site POSTs are not checked
         self.keys = keys  # None: no keys file, every route open (as before keys existed)
         # Load shedding before routing: a 429 under overload must cost less than the work it saves.
         # It answers a refusal (Overloaded), or lets the request in with a claim on places in queues.
@@ -150,10 +153,18 @@ class RequestGuard:
             request_id = _request_id(scope)
             extra_headers = [(b"x-request-id", request_id.encode())]
         outer_send = send
+        head = scope["method"] == "HEAD"
+        if head:
+            # HEAD is GET without the body (RFC 9110, 9.3.2), for every GET route: monitors and
+            # link checkers probe with it, and FastAPI's routes answered 405. A copy, so that the
+            # server, which reads its own scope, still leaves the body out.
+            scope = {**scope, "method": "GET"}
 
         async def send(message: Message) -> None:  # every answer, errors included, carries the id
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *extra_headers]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await outer_send(message)
 
         token = REQUEST_ID.set(request_id)
@@ -237,11 +248,16 @@ class RequestGuard:
         self, scope: Scope, extra_headers: list[tuple[bytes, bytes]], *, shed: bool = True
     ) -> tuple[ServiceError | None, Claim | None]:
         """What is refused before the application sees the request: a declared body over the
-        limit, a missing or wrong key, and (``shed``) load shedding; or, when let in, its claim
+        limit, a browser's cross-site POST from an origin not allowed, a missing or wrong key, and
+        (``shed``) load shedding; or, when let in, its claim
         on places in queues."""
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             return PayloadTooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes}"), None
+        if self.cross_origin is not None:
+            forged = self.cross_origin.refusal(scope["method"], scope["headers"])
+            if forged is not None:
+                return forged, None
         if self.keys is not None:
             needed = scope_of(scope["method"], scope["path"])
             if needed is not None:
@@ -260,13 +276,15 @@ class RequestGuard:
         limit = self.max_body_bytes
 
         received = 0
+        over_limit = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, over_limit
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    over_limit = True
                     raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
             return message
 
@@ -274,6 +292,10 @@ class RequestGuard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if over_limit:
+                    # A chunked body past the limit: the rest is never read, so the connection
+                    # cannot carry another request (it read on through gigabytes before).
+                    message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
         app = (self.fast(scope) if self.fast is not None else None) or self.app

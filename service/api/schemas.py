@@ -7,12 +7,14 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
+from starlette.requests import Request
 
 from service.errors import (
     InvalidInput,
     SchemaError,
     TextTooLong,
     TooManyItems,
+    UnsupportedMediaType,
     describe_validation,
     status_summary,
     wire_errors,
@@ -52,6 +54,27 @@ ERROR_RESPONSES = {status: _error_doc(status) for status in _WIRE_ERRORS}
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower case ("" when there is none)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json_media(kind: str) -> bool:
+    """No Content-Type (curl without -H, Triton's own client) or a JSON one. Not text/plain, forms or
+    multipart: those are what a page on another origin can send without a CORS preflight."""
+    return kind in ("", "application/json") or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """A JSON route's body into ``model``: 415 for another media type, 400 when it is not JSON,
+    422 when its shape is wrong. ``optional``: an empty body reads as ``{}``."""
+    kind = media_type(request)
+    if not is_json_media(kind):
+        raise UnsupportedMediaType(f"content type {kind!r} is not accepted; send application/json")
+    body = await request.body()
+    return parse_body(body if body or not optional else b"{}", model)
 
 
 def parse_body(body: bytes, model: type[M]) -> M:
@@ -102,9 +125,9 @@ def inline_schema(model: type[BaseModel]) -> dict:
     return resolve(schema)  # type: ignore[return-value]
 
 
-def json_body_doc(model: type[BaseModel]) -> dict:
-    """OpenAPI for a route that parses its JSON body itself (with ``parse_body``)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
+def json_body_doc(model: type[BaseModel], *, required: bool = True) -> dict:
+    """OpenAPI for a route that parses its JSON body itself (with ``read_json``)."""
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": inline_schema(model)}}}}
 
 
 # Limits set by the server's settings, stated in its OpenAPI document with the values it runs with.

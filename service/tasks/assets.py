@@ -28,6 +28,10 @@ def load_tokenizer(filename: str, version_dir: Path) -> Tokenizer:
         raise ModelLoadError(path, f"not a Hugging Face tokenizers file: {exc}") from None
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    # "<eos>", "[PAD]" or "<unk>" typed by a user is text, not a control token: matched as specials,
+    # "<eos>" in a prompt ended its log-probabilities early and vanished from the echo, and "[PAD]"
+    # in a review fed the classifier its padding id.
+    tokenizer.encode_special_tokens = True
     return tokenizer
 
 

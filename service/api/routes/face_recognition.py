@@ -29,7 +29,7 @@ from service import imaging
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_each, read_images, request_doc
-from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, limit, parse_body, validate
+from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, is_json_media, limit, media_type, read_json, validate
 from service.config import Settings
 from service.errors import ModelNotReady, NoFace, NotFound, SchemaError, ServiceError
 from service.gallery import Gallery
@@ -432,9 +432,8 @@ def _box(face: task.Face) -> FaceBox:
 
 async def _read_one(request: Request, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:
     """One image: a multipart file (and form fields) or JSON with a base64 ``image``."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in ("application/json", ""):
-        body: Any = parse_body(await request.body(), json_model)
+    if is_json_media(media_type(request)):
+        body: Any = await read_json(request, json_model)
         return [("image", imaging.decode_base64(body.image, 0))], body.model_dump(exclude={"image"}, exclude_none=True)
     blobs, fields = await read_images(request, settings, json_model)
     if len(blobs) != 1:

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, parse_body
+from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, read_json
 from service.errors import SchemaError, TooManyItems
 from service.responses import ModelResponse
 from service.tasks import image_generation as task
@@ -74,7 +74,7 @@ async def generate(request: Request, registry: RegistryDep, settings: SettingsDe
     """Each digit of ``digits`` is drawn by the generator and the digits are set side by side; image
     ``i`` is drawn from ``seed + i`` (any image can be redrawn alone). With ``format`` png the
     answer is the PNG file itself and its seed is in the ``x-seed`` header."""
-    body = parse_body(await request.body(), ImageGenerationRequest)
+    body = await read_json(request, ImageGenerationRequest)
     if len(body.digits) > settings.max_generated_digits:
         raise TooManyItems(f"digits: at most {settings.max_generated_digits} digits, got {len(body.digits)}")
     if body.n > settings.max_generated_images:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, parse_body
+from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, read_json
 from service.errors import SchemaError, TooManyItems
 from service.responses import ModelResponse
 from service.tasks import rating as task
@@ -95,7 +95,7 @@ class RecommendationResponse(BaseModel):
     openapi_extra=json_body_doc(RatingRequest),
 )
 async def predict_ratings(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    body = parse_body(await request.body(), RatingRequest)
+    body = await read_json(request, RatingRequest)
     if len(body.pairs) > settings.max_pairs_per_request:
         raise TooManyItems(f"{len(body.pairs)} pairs; at most {settings.max_pairs_per_request} per request")
     served = registry.for_task(task.TASK.name, body.model)
@@ -133,7 +133,7 @@ async def predict_ratings(request: Request, registry: RegistryDep, settings: Set
     openapi_extra=json_body_doc(RecommendationRequest),
 )
 async def recommend(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    body = parse_body(await request.body(), RecommendationRequest)
+    body = await read_json(request, RecommendationRequest)
     if body.k > settings.max_recommendations:
         raise SchemaError(f"k must be between 1 and {settings.max_recommendations}, got {body.k}")
     served = registry.for_task(task.TASK.name, body.model)

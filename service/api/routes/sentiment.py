@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, parse_body
+from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, read_json
 from service.registry import Inference, ServedModel
 from service.responses import ModelResponse
 from service.tasks import sentiment as task
@@ -67,7 +67,7 @@ class SentimentResponse(BaseModel):
     openapi_extra=json_body_doc(SentimentRequest),
 )
 async def classify_sentiment(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
-    body = parse_body(await request.body(), SentimentRequest)
+    body = await read_json(request, SentimentRequest)
     texts = body.texts
     check_texts(texts, settings.max_texts_per_request, settings.max_text_chars)
     # One model per text: the one named, else the default of the text's language (given or

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, parse_body
+from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, read_json
 from service.config import Settings
 from service.decoding import DecodeStats
 from service.errors import (
@@ -243,7 +243,7 @@ async def get_model(model: Annotated[str, Path(max_length=256)], registry: Regis
     openapi_extra=json_body_doc(CompletionRequest),
 )
 async def completions(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    body = parse_body(await request.body(), CompletionRequest)
+    body = await read_json(request, CompletionRequest)
     served = _served(registry, body.model)
     engine: task.TextGenerationEngine = served.engine  # type: ignore[assignment]
     assets: task.GenerationAssets = served.assets
@@ -322,7 +322,7 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
     openapi_extra=json_body_doc(TextGenerationRequest),
 )
 async def text_generation(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    body = parse_body(await request.body(), TextGenerationRequest)
+    body = await read_json(request, TextGenerationRequest)
     _check_prompts(body.prompts, settings)
     served = registry.for_task(task.TASK.name, body.model)
     engine: task.TextGenerationEngine = served.engine  # type: ignore[assignment]
@@ -468,14 +468,18 @@ def _logprobs(
     token has none), the first starting at ``offset``; none past ``text_end`` (a stop sequence)."""
     tokens, logprobs, tops, offsets = [], [], [], []
     for i, record in enumerate(records):
-        if record.token == engine.assets.eos or (text_end is not None and offset >= text_end):
-            break  # the end of the text (OpenAI shows no end-of-text token), or past a stop sequence
+        # The generated end-of-text token has no piece (OpenAI shows none); one inside a prompt of
+        # token ids does, and the records after it go on.
+        if i >= len(pieces) or (text_end is not None and offset >= text_end):
+            break  # the end of the text, or past a stop sequence
         piece = pieces[i]
         tokens.append(piece)
         logprobs.append(record.logprob)
         top: dict[str, float] = {}
         for t, lp in record.top:  # best first: two tokens of one text (pieces of characters) keep the best
             top.setdefault(engine.token_text(t), lp)
+        # As OpenAI: the chosen token is always there, so there may be logprobs + 1 entries.
+        top.setdefault(engine.token_text(record.token), record.logprob)
         tops.append(top)
         offsets.append(offset)
         offset += len(piece)

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
-from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, parse_body
+from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, read_json
 from service.errors import SchemaError, ServiceError, UnsupportedText
 from service.responses import ModelResponse
 from service.tasks import translation as task
@@ -81,7 +81,7 @@ class TranslationResponse(BaseModel):
     openapi_extra=json_body_doc(TranslationRequest),
 )
 async def translate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
-    body = parse_body(await request.body(), TranslationRequest)
+    body = await read_json(request, TranslationRequest)
     check_texts(body.texts, settings.max_texts_per_request, settings.max_text_chars)
     if body.stream and body.beam_size > 1:
         raise SchemaError("stream: token streaming needs greedy decoding (beam_size 1); a beam's best changes")

@@ -19,9 +19,9 @@ from service import protocol
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.routes.health import ModelStateName
-from service.api.schemas import ERROR_RESPONSES, ErrorType
+from service.api.schemas import ERROR_RESPONSES, ErrorType, is_json_media, json_body_doc, media_type, read_json
 from service.config import Settings
-from service.errors import InvalidInput, ModelControlDisabled, ModelNotReady
+from service.errors import InvalidInput, ModelControlDisabled, ModelNotReady, UnsupportedMediaType
 from service.registry import ModelRegistry, ModelState, ModelVersionMetadata
 from service.responses import JSONResponse, ModelResponse
 
@@ -111,10 +111,14 @@ class IndexRequest(BaseModel):
 
 
 @router.post(
-    "/v2/repository/index", summary="Model repository index (Triton's extension)", response_model=list[IndexRow]
+    "/v2/repository/index",
+    summary="Model repository index (Triton's extension)",
+    response_model=list[IndexRow],
+    openapi_extra=json_body_doc(IndexRequest, required=False),
 )
-async def repository_index(registry: RegistryDep, body: IndexRequest | None = None) -> Response:
-    return _index(registry, ready_only=body is not None and body.ready)
+async def repository_index(request: Request, registry: RegistryDep) -> Response:
+    body = await read_json(request, IndexRequest, optional=True)
+    return _index(registry, ready_only=body.ready)
 
 
 def _index(registry: ModelRegistry, *, ready_only: bool) -> Response:
@@ -181,13 +185,15 @@ def _answer(status: Any) -> ModelResponse:
     "fails, the versions that served go on serving (400 with the reason). Needs NEUROSERVE_MODEL_CONTROL=explicit.",
     response_model=ModelControlAnswer,
     responses=ERROR_RESPONSES,
+    openapi_extra=json_body_doc(LoadRequest, required=False),
 )
-async def load_model(
-    model: str, registry: RegistryDep, settings: SettingsDep, body: LoadRequest | None = None
-) -> ModelResponse:
+async def load_model(model: str, request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     _control_allowed(settings)
+    # Read by hand, not as a FastAPI body parameter: that one took only a JSON Content-Type, and
+    # tritonclient's load_model sends "{}" with none (422 before).
+    body = await read_json(request, LoadRequest, optional=True)
     override = None
-    if body is not None and body.parameters is not None and body.parameters.config is not None:
+    if body.parameters is not None and body.parameters.config is not None:
         try:
             override = orjson.loads(body.parameters.config)
         except orjson.JSONDecodeError as exc:
@@ -319,6 +325,12 @@ async def infer_endpoint(request: Request) -> Response:
     is what limits throughput on a small CPU machine."""
     params = request.path_params
     served = request.app.state.registry.get(params["model"], params.get("version"))
+    kind = media_type(request)
+    if not (is_json_media(kind) or kind == "application/octet-stream"):  # octet-stream: binary tensors
+        raise UnsupportedMediaType(
+            f"content type {kind!r} is not accepted; send application/json (or application/octet-stream "
+            "with Inference-Header-Content-Length)"
+        )
     header, binary = protocol.split_binary(await request.body(), request.headers.get("inference-header-content-length"))
     settings = request.app.state.settings
     parse = functools.partial(_parse, header, binary, served.spec, served.batched, settings.max_tensor_elements)
