@@ -99,6 +99,7 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
         page.click("#translate-run")
         page.wait_for_function("document.getElementById('translate-meta').textContent.includes('tokens')")
         assert "gare" in page.inner_text("#translate-result")
+        assert "first token" in page.inner_text("#translate-meta") and "request" in page.inner_text("#translate-meta")
 
         page.click("#sentiment-run")
         page.wait_for_function("document.getElementById('sentiment-result').textContent.includes('positive')")
@@ -107,6 +108,7 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
         page.fill("#write-seed", "3")
         page.click("#write-run")
         page.wait_for_function("document.getElementById('write-meta').textContent.includes('tokens')")
+        assert "first token" in page.inner_text("#write-meta")
         written = page.inner_text("#write-result")
         assert written.startswith("I think that") and len(written) > len("I think that "), written
 

@@ -40,6 +40,19 @@ def test_the_committed_types_are_the_served_openapi_documents(tmp_path: Path) ->
     )
 
 
+def test_the_types_compile_for_a_node_esm_project(tmp_path: Path) -> None:
+    """Under "module": "nodenext" a relative import needs its extension: "./schema" broke every
+    project of that kind (TS2834)."""
+    config = {
+        "compilerOptions": {"module": "nodenext", "moduleResolution": "nodenext", "strict": True, "noEmit": True},
+        "files": [str(CLIENT / "src" / "index.d.ts")],
+    }
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    tsc = CLIENT / "node_modules" / "typescript" / "bin" / "tsc"
+    result = subprocess.run(["node", str(tsc), "-p", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
 def test_the_client_passes_its_tests_against_a_live_server() -> None:
     with neuroserve(ROOT / "models") as server:
         result = subprocess.run(

@@ -52,6 +52,7 @@ EXPOSED_HEADERS = [
     "x-inference-time-ms",
     "x-batch-size",
     "x-decode-steps",
+    "x-seed",  # a generated PNG's seed, so that a page can make it again
 ]
 
 

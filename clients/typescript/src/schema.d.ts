@@ -726,7 +726,7 @@ export interface components {
              * @description Stable machine-readable kind (one class in service/errors.py).
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** FaceBox */
         FaceBox: {
@@ -863,11 +863,6 @@ export interface components {
             /** Generated Tokens */
             generated_tokens: number;
         };
-        /** HTTPValidationError */
-        HTTPValidationError: {
-            /** Detail */
-            detail?: components["schemas"]["ValidationError"][];
-        };
         /** IdentifyResponse */
         IdentifyResponse: {
             /** Model */
@@ -917,15 +912,6 @@ export interface components {
             version: string;
             /** Images */
             images: components["schemas"]["GeneratedImage"][];
-        };
-        /** IndexRequest */
-        IndexRequest: {
-            /**
-             * Ready
-             * @description Only the models that are ready to serve
-             * @default false
-             */
-            ready: boolean;
         };
         /** IndexRow */
         IndexRow: {
@@ -988,18 +974,6 @@ export interface components {
             /** Live */
             live: boolean;
         };
-        /** LoadParameters */
-        LoadParameters: {
-            /**
-             * Config
-             * @description model.json fields (a JSON object as a string: Triton's form) replacing the file's for this load
-             */
-            config?: string | null;
-        };
-        /** LoadRequest */
-        LoadRequest: {
-            parameters?: components["schemas"]["LoadParameters"] | null;
-        };
         /** ModelCard */
         ModelCard: {
             /** Id */
@@ -1054,7 +1028,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
             /** Name */
             name: string;
             /** Ready */
@@ -1175,7 +1149,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** ObjectDetectionResponse */
         ObjectDetectionResponse: {
@@ -1453,19 +1427,6 @@ export interface components {
             /** Total Tokens */
             total_tokens: number;
         };
-        /** ValidationError */
-        ValidationError: {
-            /** Location */
-            loc: (string | number)[];
-            /** Message */
-            msg: string;
-            /** Error Type */
-            type: string;
-            /** Input */
-            input?: unknown;
-            /** Context */
-            ctx?: Record<string, never>;
-        };
     };
     responses: never;
     parameters: never;
@@ -1573,7 +1534,14 @@ export interface operations {
         };
         requestBody?: {
             content: {
-                "application/json": components["schemas"]["IndexRequest"] | null;
+                "application/json": {
+                    /**
+                     * Ready
+                     * @description Only the models that are ready to serve
+                     * @default false
+                     */
+                    ready?: boolean;
+                };
             };
         };
         responses: {
@@ -1584,15 +1552,6 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["IndexRow"][];
-                };
-            };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
         };
@@ -1608,7 +1567,15 @@ export interface operations {
         };
         requestBody?: {
             content: {
-                "application/json": components["schemas"]["LoadRequest"] | null;
+                "application/json": {
+                    parameters?: {
+                        /**
+                         * Config
+                         * @description model.json fields (a JSON object as a string: Triton's form) replacing the file's for this load
+                         */
+                        config?: string | null;
+                    } | null;
+                };
             };
         };
         responses: {
@@ -1639,7 +1606,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1787,7 +1754,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1936,7 +1903,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2086,7 +2053,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2235,7 +2202,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2384,7 +2351,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2534,7 +2501,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2683,7 +2650,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2833,7 +2800,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -3800,7 +3767,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4768,7 +4735,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -4949,7 +4916,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5178,7 +5145,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5345,7 +5312,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5508,7 +5475,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5675,7 +5642,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -5853,7 +5820,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6046,7 +6013,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6192,7 +6159,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6340,7 +6307,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6605,7 +6572,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6806,7 +6773,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -6997,7 +6964,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -7186,7 +7153,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -7337,7 +7304,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -7526,7 +7493,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -7675,7 +7642,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -7823,7 +7790,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -8024,7 +7991,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `model_control_disabled` */
+            /** @description The API key does not have the scope this route needs. error_type: `forbidden`, `cross_origin_refused`, `model_control_disabled` */
             403: {
                 headers: {
                     [name: string]: unknown;

@@ -17,6 +17,17 @@ function headers(extra) {
   return out;
 }
 
+// A stream's headers go out before any decoding, so its timing is measured here, as the user sees it.
+function streamTiming(response, started, first) {
+  const now = performance.now();
+  const parts = [];
+  if (first !== null) parts.push(`first token ${Math.round(first - started)} ms`);
+  parts.push(`total ${Math.round(now - started)} ms`);
+  const id = response.headers.get("x-request-id");
+  if (id) parts.push(`request ${id}`);
+  return parts.join(" · ");
+}
+
 function timing(response) {
   const parts = [];
   const names = { "x-inference-time-ms": "inference", "x-queue-time-ms": "queue", "x-batch-size": "batch" };
@@ -132,6 +143,8 @@ document.getElementById("generate-run").addEventListener("click", async () => {
   const request = { digits: document.getElementById("generate-digits").value.trim(), n: 4, scale: 3, polarity: "dark-on-light" };
   const seed = document.getElementById("generate-seed").value;
   if (seed !== "") request.seed = Number(seed);
+  let started = null;
+  let first = null;
   try {
     const response = await call("/v1/image-generation", {
       method: "POST",
@@ -206,6 +219,10 @@ document.getElementById("sentiment-run").addEventListener("click", async () => {
   clearError(result);
   result.textContent = "…";
   const texts = document.getElementById("sentiment-text").value.split("\n").filter((t) => t.trim());
+  if (!texts.length) {
+    showError(result, meta, new Error("type a sentence first (one per line)"));
+    return;
+  }
   try {
     const response = await call("/v1/sentiment", {
       method: "POST",
@@ -230,6 +247,12 @@ document.getElementById("translate-run").addEventListener("click", async () => {
   result.textContent = "";
   meta.textContent = "…";
   const text = document.getElementById("translate-text").value;
+  if (!text.trim()) {
+    showError(result, meta, new Error("type an English sentence first"));
+    return;
+  }
+  const started = performance.now();
+  let first = null;
   try {
     const response = await call("/v1/translation", {
       method: "POST",
@@ -249,10 +272,13 @@ document.getElementById("translate-run").addEventListener("click", async () => {
         buffer = buffer.slice(cut + 2);
         const name = (event.match(/^event: (.*)$/m) || [])[1];
         const data = JSON.parse((event.match(/^data: (.*)$/m) || [null, "{}"])[1]);
-        if (name === "token") result.textContent = data.text;
+        if (name === "token") {
+          if (first === null) first = performance.now();
+          result.textContent = data.text;
+        }
         if (name === "done") {
           result.textContent = data.translations[0].text;
-          meta.textContent = `${data.model} v${data.version} · ${data.translations[0].generated_tokens} tokens`;
+          meta.textContent = `${data.model} v${data.version} · ${data.translations[0].generated_tokens} tokens · ${streamTiming(response, started, first)}`;
         }
         if (name === "error") throw new Error(`${data.error} (${data.error_type})`);
       }
@@ -273,10 +299,13 @@ document.getElementById("write-run").addEventListener("click", async () => {
   const request = { prompt, max_tokens: 40, temperature: Number(document.getElementById("write-temperature").value || 0), stream: true, stream_options: { include_usage: true } };
   const seed = document.getElementById("write-seed").value;
   if (seed !== "") request.seed = Number(seed);
+  let started = null;
+  let first = null;
   try {
     const models = await (await call("/v1/models", { headers: headers() })).json();
     if (!models.data.length) throw new Error("this server has no text-generation model");
     request.model = models.data[0].id;
+    started = performance.now();
     const response = await call("/v1/completions", {
       method: "POST",
       body: JSON.stringify(request),
@@ -298,10 +327,11 @@ document.getElementById("write-run").addEventListener("click", async () => {
         const chunk = JSON.parse(line.slice(6));
         if (chunk.error) throw new Error(`${chunk.error.message} (${chunk.error.code})`);
         for (const choice of chunk.choices) {
+          if (first === null && choice.text) first = performance.now();
           result.textContent += choice.text;
           if (choice.finish_reason) reason = choice.finish_reason === "stop" ? "ended by the model" : "stopped at 40 tokens";
         }
-        if (chunk.usage) meta.textContent = `${chunk.model} · ${chunk.usage.completion_tokens} tokens · ${reason}`;
+        if (chunk.usage) meta.textContent = `${chunk.model} · ${chunk.usage.completion_tokens} tokens · ${reason} · ${streamTiming(response, started, first)}`;
       }
     }
   } catch (err) {
