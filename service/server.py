@@ -222,6 +222,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if deadlines is None:
             deadlines = self.server_state.deadlines = _Deadlines(self.loop, self.connections)
         self._deadlines = deadlines
+        self._running = None  # the request the application is answering (self.cycle: the newest read)
         if len(self.connections) > self.limits.max_connections:
             self._reject(TooManyConnections("the server has too many open connections; retry later"))
             return
@@ -230,6 +231,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_phase()
+        # uvicorn tells only self.cycle, the newest request read, that the client is gone; with
+        # requests pipelined behind it, that is one not started, and the one running was computed
+        # and then written to the closed socket (an error logged, a 200 counted).
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -317,11 +325,13 @@ class GuardedProtocol(HttpToolsProtocol):
                     self.refuse(cycle, refusal)
                 return
             self._claim_if_complete(cycle)
+        self._running = cycle
         super()._start_asgi_task(cycle, app)
 
     def let_in(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
         """A request held at the door goes to the application after all."""
         self._claim_if_complete(cycle)
+        self._running = cycle
         super()._start_asgi_task(cycle, app)
 
     @staticmethod

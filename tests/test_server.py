@@ -4,12 +4,14 @@ and the harness that starts one (``bench.harness``) never leaves a process behin
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from bench.harness import Server, ServerError, free_port, neuroserve
@@ -114,6 +116,36 @@ def test_client_that_disconnects_is_dropped_before_inference(tmp_path: Path) -> 
         # Only the patient requests were computed: one row per batch.
         assert server.metric('neuroserve_batch_size_count{model="slow"}') == busy_n
         server.stop_cleanly()
+
+
+def test_a_client_gone_with_pipelined_requests_is_dropped_and_nothing_is_written_to_its_socket(tmp_path: Path) -> None:
+    """Two requests in one write, then the client goes. uvicorn marked only the newest request
+    (the pipelined one, not yet started) as disconnected: the running one was computed, logged an
+    error writing to the closed socket, and counted as a 200."""
+    spec = model_json("slow", width=WIDTH, max_batch_size=4, dynamic_batching={"max_queue_delay_ms": 0})
+    write_model(tmp_path, "slow", slow=True, width=WIDTH, layers=400, spec=spec)
+    busy_n = 60
+    raw = orjson.dumps(body(7))
+    one = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    one += b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw)
+    with serve(tmp_path, NEUROSERVE_MAX_BATCH_SIZE="1") as server:
+        with ThreadPoolExecutor(busy_n) as pool:
+            busy = [pool.submit(server.request, "POST", "/v2/models/slow/infer", body(i)) for i in range(busy_n)]
+            deadline = time.monotonic() + 20
+            while server.metric('neuroserve_queue_depth{model="slow"}') < 40 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(one + one)
+                time.sleep(0.2)  # the first is read and queued, the second waits behind it
+            assert all(f.result()[0] == 200 for f in busy)
+        metric = 'neuroserve_model_requests_total{model="slow",outcome="client_disconnected"}'
+        deadline = time.monotonic() + 10
+        while server.metric(metric) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.metric(metric) == 1
+        assert server.metric('neuroserve_batch_size_count{model="slow"}') == busy_n  # it was never computed
+        log = server.stop_cleanly()
+    assert "Traceback" not in log and "closed" not in log.lower(), log[-3000:]
 
 
 # The harness itself, on stand-in servers (a second or two each).
