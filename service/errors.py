@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+_MAX_MESSAGE_CHARS = 1000
+
 
 class ServiceError(Exception):
     status_code = 500
@@ -21,6 +23,9 @@ class ServiceError(Exception):
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
+        # A message quoting the client's input (a model name, a field) never sends a megabyte back.
+        if len(message) > _MAX_MESSAGE_CHARS:
+            message = message[: _MAX_MESSAGE_CHARS - 20] + f"... ({len(message)} characters)"
         self.message = message
         self.headers = headers or {}
         self.param = param  # the request field at fault, when one is

@@ -112,7 +112,10 @@ def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndar
                 raise InvalidTensor(f"input {name!r}: {datatype} data must be numbers, not booleans")
             if dtype.kind in "iu" and given.size:
                 info = np.iinfo(dtype)
-                if given.min() < info.min or given.max() > info.max:
+                # Against floats, the bounds as floats: float(2**63 - 1) is 2**63, which passed a
+                # "> max" test and wrapped to -2**63 in the cast.
+                high = info.max if given.dtype.kind != "f" else float(info.max) + 1.0
+                if given.min() < info.min or (given.max() >= high if given.dtype.kind == "f" else given.max() > high):
                     raise InvalidTensor(f"input {name!r}: values out of the {datatype} range")
             return given.astype(dtype) if given.size else np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError):

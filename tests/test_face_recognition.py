@@ -167,6 +167,7 @@ def test_bad_requests_are_clear_4xx(client, lfw, folds) -> None:
         ("/v1/face-embeddings", {"images": ["not base64!"]}, 400, "invalid_image"),
         ("/v1/face-embeddings", {"images": [b64(b"GIF89a nonsense")]}, 415, "unsupported_image_format"),
         ("/v1/faces", {"person": "  ", "image": one}, 422, "schema_error"),
+        ("/v1/faces", {"person": "\u200b\u200d", "image": one}, 422, "schema_error"),  # nothing visible
         ("/v1/faces", {"person": "x", "images": [one]}, 422, "schema_error"),
         ("/v1/face-identification", {"image": one, "k": 0}, 422, "schema_error"),
         ("/v1/face-embeddings", {"images": [one], "model": "nope"}, 404, "model_not_found"),

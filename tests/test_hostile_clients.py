@@ -269,3 +269,53 @@ def test_the_openapi_document_states_the_limits_this_server_runs_with() -> None:
         over = client.post("/v1/sentiment", json={"texts": ["fine"] * 4})
         assert over.status_code == 413 and over.json()["error_type"] == "too_many_items"
         assert client.post("/v1/recommendations", json={"user_id": "1", "k": 12}).status_code == 422
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\ufeff", "\u00ad\u200b", "\x00", " \u2060 \t"])
+@pytest.mark.parametrize("path", ["/v1/sentiment", "/v1/translation"])
+def test_a_text_with_nothing_visible_is_empty(client: TestClient, path: str, text: str) -> None:
+    """Zero-width and format characters tokenise to nothing: the classifier answered a guess with a 200."""
+    r = client.post(path, json={"texts": ["Fine.", text]})
+    assert r.status_code == 400 and r.json()["error_type"] == "invalid_input", r.text
+    assert "texts[1] is empty" in r.json()["error"]
+
+
+def test_an_integer_at_two_to_the_63_written_as_a_float_does_not_wrap_to_the_lowest(client: TestClient) -> None:
+    """float(2**63 - 1) is 2**63, which passed "> max" and became -2**63 in the cast."""
+    r = infer(client, "rating", ints("user", [9.223372036854775807e18], [1]), ints("item", [1], [1]))
+    assert r.status_code == 400 and "out of the INT64 range" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({"content-encoding": "gzip"}, "Content-Encoding"),
+        ({"content-encoding": "br"}, "Content-Encoding"),
+        ({"transfer-encoding": "gzip, chunked"}, "Transfer-Encoding"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/sentiment", "/v2/models/mnist/infer", "/v1/image-classification"])
+def test_a_compressed_body_is_415_not_invalid_json(client: TestClient, path: str, headers: dict, problem: str) -> None:
+    r = client.post(path, content=b"\x1f\x8b\x08\x00", headers={"content-type": "application/json", **headers})
+    assert r.status_code == 415 and r.json()["error_type"] == "unsupported_media_type", r.text
+    assert problem in r.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["1_0", "\uff11\uff10", "1e1_0", "٣"])
+def test_a_form_number_is_ascii_digits(client: TestClient, value: str) -> None:
+    """pydantic (as Python's int()) read "1_0" and full-width digits as 10."""
+    from service.api.schemas import SEVEN_PNG_BASE64
+
+    png = __import__("base64").b64decode(SEVEN_PNG_BASE64)
+    r = client.post("/v1/image-classification", files=[("files", ("7.png", png))], data={"top_k": value})
+    assert r.status_code == 422 and r.json()["error_type"] == "schema_error", r.text
+    assert "ASCII digits" in r.json()["error"]
+    ok = client.post("/v1/image-classification", files=[("files", ("7.png", png))], data={"top_k": " 3 "})
+    assert ok.status_code == 200 and len(ok.json()["predictions"][0]) == 3, ok.text
+
+
+def test_an_error_never_sends_a_megabyte_of_the_request_back(client: TestClient) -> None:
+    name = "m" * 1_000_000
+    r = client.post("/v1/sentiment", json={"texts": ["Fine."], "model": name})
+    assert r.status_code == 404 and len(r.content) < 2_000, len(r.content)
+    assert "1000" in r.json()["error"] or "characters" in r.json()["error"]

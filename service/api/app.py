@@ -129,6 +129,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await registry.close(drain=True)
+            gallery = getattr(app.state, "gallery", None)
+            if gallery is not None:  # opened on first use by the face routes
+                app.state.gallery = None
+                gallery.close()
             log.info("all model queues drained; shutting down")
 
     app = FastAPI(

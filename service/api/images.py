@@ -4,7 +4,9 @@ or JSON with base64 images (``images``), with the same limits and errors either 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -67,10 +69,22 @@ async def _read_multipart(request: Request, settings: Settings, json_model: type
                 raise SchemaError(f"{key}: given more than once")
             if not isinstance(value, str):
                 raise SchemaError(f"{key}: must be a text field, not a file")
+            if _numeric(json_model, key) and not _FORM_NUMBER.fullmatch(value.strip()):
+                # pydantic reads "1_0" as 10 and full-width "１０" as 10, as Python's int() does
+                raise SchemaError(f"{key}: {value[:20]!r} is not a number written in ASCII digits")
             fields[key] = value
         return blobs, fields
     finally:
         await form.close()  # spooled temporary files
+
+
+_FORM_NUMBER = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _numeric(model: type[BaseModel], key: str) -> bool:
+    annotation = model.model_fields[key].annotation
+    kinds = {annotation, *typing.get_args(annotation)}
+    return bool(kinds & {int, float}) and str not in kinds
 
 
 def _read_json(body: bytes, settings: Settings, json_model: type[BaseModel]) -> tuple[Blobs, dict]:

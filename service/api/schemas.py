@@ -4,6 +4,7 @@ models live in its route module."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
@@ -57,8 +58,16 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def media_type(request: Request) -> str:
-    """The request's Content-Type without parameters, lower case ("" when there is none)."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    """The request's Content-Type without parameters, lower case ("" when there is none); 415 for a
+    compressed body, which no route decodes (it read as "not valid JSON" before)."""
+    headers = request.headers
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed")
+    transfer = headers.get("transfer-encoding")
+    if transfer is not None and transfer.replace(" ", "").lower() not in ("chunked", "identity"):
+        raise UnsupportedMediaType(f"Transfer-Encoding {transfer[:40]!r} is not accepted; only chunked")
+    return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def is_json_media(kind: str) -> bool:
@@ -95,13 +104,24 @@ def validate(model: type[M], fields: dict) -> M:
         raise SchemaError(describe_validation(exc.errors())) from None
 
 
+# A character that shows: not white space, not a control or format character (zero-width space,
+# soft hyphen, byte-order mark, direction marks). A search, so that ordinary text stops at its first character.
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\xad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+
+
+def has_visible(text: str) -> bool:
+    """Whether ``text`` holds anything to read: "\u200b" or "\ufeff" alone tokenised to nothing,
+    and the classifier answered a guess with a 200."""
+    return _VISIBLE.search(text) is not None
+
+
 def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:
     """The limits every text endpoint applies: how many texts, none empty, none too long."""
     if len(texts) > max_texts:
         raise TooManyItems(f"{len(texts)} texts; at most {max_texts} per request")
     for i, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidInput(f"texts[{i}] is empty")
+        if not has_visible(text):
+            raise InvalidInput(f"texts[{i}] is empty (nothing but white space, control or invisible characters)")
         if len(text) > max_chars:
             raise TextTooLong(f"texts[{i}] has {len(text)} characters; the limit is {max_chars}")
 

@@ -29,7 +29,16 @@ from service import imaging
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.images import Blobs, decode_each, read_images, request_doc
-from service.api.schemas import ERROR_RESPONSES, SEVEN_PNG_BASE64, is_json_media, limit, media_type, read_json, validate
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    SEVEN_PNG_BASE64,
+    has_visible,
+    is_json_media,
+    limit,
+    media_type,
+    read_json,
+    validate,
+)
 from service.config import Settings
 from service.errors import ModelNotReady, NoFace, NotFound, SchemaError, ServiceError
 from service.gallery import Gallery
@@ -66,6 +75,8 @@ def _printable(name: str) -> str:
     name = unicodedata.normalize("NFC", name)
     if any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in name):
         raise ValueError("a name may not hold control characters or bidirectional overrides")
+    if not has_visible(name):
+        raise ValueError("a name needs a visible character (not only zero-width or format characters)")
     return name
 
 
