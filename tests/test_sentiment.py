@@ -107,13 +107,13 @@ def test_sentiment_chinese_heldout_accuracy_through_http_matches_offline(client:
     from training.sentiment import read_chnsenticorp, stratified_split
 
     texts, labels = read_chnsenticorp(data_dir / "sentiment" / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
-    meta = metadata("sentiment-zh", "2")
+    meta = metadata("sentiment-zh", "3")
     seed = int(meta["training"]["config"]["seed"])
     _, _, test_idx = stratified_split(labels, seed)
     accuracy = http_accuracy(client, [texts[i] for i in test_idx], [labels[i] for i in test_idx])
     offline = meta["metrics"]["test_accuracy"]
     print(f"\nChnSentiCorp held-out split through HTTP: {accuracy:.2%} (offline {offline:.2%})")
-    assert offline >= 0.90
+    assert offline >= 0.91
     assert abs(accuracy - offline) <= 0.01
 
 

@@ -111,6 +111,37 @@ def export_onnx(
         )
 
 
+def half_embeddings(model: Any, min_elements: int = 100_000) -> int:
+    """Embedding tables of ``model`` (an ``onnx.ModelProto``, changed in place) stored as float16: a
+    float32 initializer of at least ``min_elements`` numbers read only by ``Gather`` nodes becomes
+    float16, and each lookup's rows are cast back to float32, so that everything after the lookup
+    computes as before (a cast of the whole table per call would cost more than the model). Returns
+    how many tables were converted."""
+    import onnx
+    from onnx import numpy_helper
+
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    converted, nodes = set(), []
+    for init in model.graph.initializer:
+        users = readers.get(init.name, [])
+        big = init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements
+        if big and users and all(n.op_type == "Gather" and n.input[0] == init.name for n in users):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+            converted.add(init.name)
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type == "Gather" and node.input[0] in converted:
+            rows = node.output[0]
+            node.output[0] = rows + "/float16"
+            nodes.append(onnx.helper.make_node("Cast", [node.output[0]], [rows], to=onnx.TensorProto.FLOAT))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(converted)
+
+
 def check_parity(
     model: torch.nn.Module,
     onnx_path: Path,

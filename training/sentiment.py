@@ -151,6 +151,13 @@ class Config:
             "nargs": 2,
         },
     )
+    half_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "combine: store embedding tables (Gather inputs of 100,000+ numbers) as float16, cast "
+            "after the lookup: half the file, the same arithmetic after it"
+        },
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     epochs: int = 8
     batch_size: int = 64
@@ -934,6 +941,8 @@ def combine(cfg: Config, command: str) -> dict:
     )
     merged = onnx.helper.make_model(graph, opset_imports=graphs_in[0].opset_import)
     merged.ir_version = graphs_in[0].ir_version
+    if cfg.half_embeddings:
+        print(f"{common.half_embeddings(merged)} embedding tables stored as float16")
     onnx.checker.check_model(merged)
     version_dir = cfg.output_dir / name / str(cfg.version)
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -962,9 +971,11 @@ def combine(cfg: Config, command: str) -> dict:
     ]
     language, rest = config["description"].split(": ", 1)
     config["description"] = (
-        f"{language}: the weighted mean ({1 - weight:.2f}, {weight:.2f}) of two graphs trained apart, a "
-        f"{networks[0]} and a {networks[1]}, over a {rest.split(' over a ', 1)[1]}"
+        f"{language}: the weighted mean ({1 - weight:.2f}, {weight:.2f}) of two graphs trained apart, "
+        f"({networks[0]}) and ({networks[1]}), over a {rest.split(' over a ', 1)[1]}"
     )
+    if cfg.half_embeddings:
+        config["description"] += " Embedding tables stored as float16."
     common.write_model_json(cfg.output_dir / name, config)
     meta = common.write_version_metadata(
         version_dir,
