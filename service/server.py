@@ -71,6 +71,9 @@ class _Held:
     since: float
 
 
+DRAIN_BYTES = 256 * 1024  # body bytes dropped after an early answer before the connection is closed
+
+
 class Door:
     """Refusals for load answered at a bounded rate; the requests beyond it wait for their answer.
 
@@ -216,6 +219,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._header_bytes = 0
         self._header_count = 0
+        self._dropped = 0  # body bytes dropped after an early answer (see on_body)
         self._rejected = False
         self._deadline: tuple[float, str] | None = None  # when this phase times out, and why
         deadlines = getattr(self.server_state, "deadlines", None)
@@ -278,7 +282,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_bytes = self._header_count = 0
+        self._header_bytes = self._header_count = self._dropped = 0
         self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
 
     def on_url(self, url: bytes) -> None:
@@ -392,6 +396,17 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered before its body was read (a refusal, a 401, a 404): the rest is dropped as it
+            # comes, for the connection to serve its next request. Up to DRAIN_BYTES, as Go's
+            # net/http drains; beyond, close: a chunked body has no end to wait for (512 MiB sent
+            # behind a 401 were all read).
+            self._dropped += len(body)
+            if self._dropped > DRAIN_BYTES:
+                if not self.transport.is_closing():
+                    self.transport.close()
+                return
         super().on_body(body)
 
     def on_message_complete(self) -> None:

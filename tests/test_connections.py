@@ -114,6 +114,29 @@ def test_a_chunked_body_past_the_limit_gets_413_and_the_connection_closes_unread
         assert data.startswith(b"HTTP/1.1 413") and b"connection: close" in data.lower()
 
 
+@pytest.mark.parametrize("path", ["/v2/models/nope/infer", "/v2/health/live"])  # 404; 405 (a GET route)
+def test_a_chunked_body_behind_an_early_answer_is_not_read_for_ever(server, path: str) -> None:
+    """Answered before its body is read, a request's body was drained to its end, and a chunked
+    one has none: 512 MiB behind a 401 were all read. Up to 256 KiB are dropped, then it closes."""
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"1" * (1 << 20))
+    sent = 0
+    with connect(server) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % path.encode())
+        try:
+            while sent < 512 << 20:
+                sock.sendall(chunk)
+                sent += 1 << 20
+        except OSError:
+            pass
+        try:
+            data, _ = answer(sock)
+        except ConnectionResetError:
+            data = b""
+    assert sent < 64 << 20, f"the server read {sent >> 20} MiB of a body it had answered"
+    if data:
+        assert data.split(b" ")[1] in (b"404", b"405")
+
+
 @pytest.mark.parametrize(
     "headers",
     [b"X-Big: " + b"a" * 20_000 + b"\r\n", b"".join(b"X-%d: 1\r\n" % i for i in range(200))],

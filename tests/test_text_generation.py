@@ -170,6 +170,10 @@ def test_control_tokens_typed_in_a_prompt_are_text_and_do_not_cut_its_scores_sho
     tokens = [t for c in streamed if c["logprobs"] for t in c["logprobs"]["tokens"]]
     scores = [v for c in streamed if c["logprobs"] for v in c["logprobs"]["token_logprobs"]]
     assert tokens == lp["tokens"] and np.allclose(scores, lp["token_logprobs"], atol=1e-6)
+    # An end-of-text id inside a prompt of ids is scored like any other prompt token, at the end too.
+    for ids in ([5, 2], [2, 2, 2], [5, 2, 7]):
+        scored = complete(lm, prompt=ids, max_tokens=0, echo=True, logprobs=1)["choices"][0]["logprobs"]
+        assert len(scored["token_logprobs"]) == len(ids) and all(v <= 0 for v in scored["token_logprobs"]), ids
 
 
 def test_logprobs_of_generated_tokens_are_the_models_and_their_alternatives_rank_them(lm: TestClient) -> None:

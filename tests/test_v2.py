@@ -154,6 +154,7 @@ def test_head_answers_every_get_route_as_get_would_without_the_body(client: Test
     assert get.status_code == 200 and head.status_code == 200, head.text
     assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
     assert client.head(INFER).status_code == 405  # a POST route is still not a GET one
+    assert 'method="HEAD"' in client.get("/metrics").text  # counted as what it was
 
 
 def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> None:

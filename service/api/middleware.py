@@ -31,6 +31,7 @@ _REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
 
 
+_ASKED = "neuroserve.method"  # scope key: the method the client sent, where it is served as another
 _EARLY = "neuroserve.early"  # scope key: the guard's decision, taken by the protocol (see EarlyRefusals)
 
 
@@ -158,7 +159,7 @@ class RequestGuard:
             # HEAD is GET without the body (RFC 9110, 9.3.2), for every GET route: monitors and
             # link checkers probe with it, and FastAPI's routes answered 405. A copy, so that the
             # server, which reads its own scope, still leaves the body out.
-            scope = {**scope, "method": "GET"}
+            scope = {**scope, "method": "GET", _ASKED: "HEAD"}
 
         async def send(message: Message) -> None:  # every answer, errors included, carries the id
             if message["type"] == "http.response.start":
@@ -316,7 +317,7 @@ class RequestGuard:
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        method = scope["method"]
+        method = scope.get(_ASKED) or scope["method"]  # a HEAD is logged and counted as one
         key = (method, template, status)
         series = self._series.get(key)
         if series is None:  # labels() takes a lock and builds a tuple: do it once per series

@@ -5,6 +5,7 @@ models live in its route module."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
@@ -61,12 +62,15 @@ def media_type(request: Request) -> str:
     """The request's Content-Type without parameters, lower case ("" when there is none); 415 for a
     compressed body, which no route decodes (it read as "not valid JSON" before)."""
     headers = request.headers
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", ""):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed")
-    transfer = headers.get("transfer-encoding")
-    if transfer is not None and transfer.replace(" ", "").lower() not in ("chunked", "identity"):
-        raise UnsupportedMediaType(f"Transfer-Encoding {transfer[:40]!r} is not accepted; only chunked")
+    # Every occurrence: a second header ("identity", then "gzip") is as binding as the first.
+    for encoding in headers.getlist("content-encoding"):
+        if encoding.strip().lower() not in ("identity", ""):
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed"
+            )
+    for transfer in headers.getlist("transfer-encoding"):
+        if transfer.replace(" ", "").lower() != "chunked":
+            raise UnsupportedMediaType(f"Transfer-Encoding {transfer[:40]!r} is not accepted; only chunked")
     return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
@@ -104,15 +108,21 @@ def validate(model: type[M], fields: dict) -> M:
         raise SchemaError(describe_validation(exc.errors())) from None
 
 
-# A character that shows: not white space, not a control or format character (zero-width space,
-# soft hyphen, byte-order mark, direction marks). A search, so that ordinary text stops at its first character.
-_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\xad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+# What does not show on its own: white space, control and format characters (zero-width space,
+# soft hyphen, BOM, tags), unassigned code points, combining marks with nothing to combine with,
+# and the blank letters and fillers Unicode files as letters or symbols.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANKS = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0\ufffc")
+_PLAIN = re.compile(r"[0-9A-Za-z\u4e00-\u9fff]")  # the common case, found without a per-character loop
 
 
 def has_visible(text: str) -> bool:
-    """Whether ``text`` holds anything to read: "\u200b" or "\ufeff" alone tokenised to nothing,
-    and the classifier answered a guess with a 200."""
-    return _VISIBLE.search(text) is not None
+    """Whether ``text`` holds anything to read: "\u200b", "\ufeff" or "\U000e0020" alone
+    tokenised to nothing, and the classifier answered a guess with a 200."""
+    if _PLAIN.search(text) is not None:
+        return True
+    category = unicodedata.category
+    return any(c not in _BLANKS and category(c) not in _INVISIBLE_CATEGORIES for c in text)
 
 
 def check_texts(texts: list[str], max_texts: int, max_chars: int) -> None:

@@ -462,6 +462,7 @@ def _logprobs(
     pieces: list[str],
     offset: int,
     text_end: int | None = None,
+    prompt_records: int = 0,
 ) -> CompletionLogprobs:
     """OpenAI's log-probability block for ``records`` (``pieces``: their texts, as
     :meth:`~service.tasks.text_generation.TextGenerationEngine.pieces` gives them; the end-of-text
@@ -470,9 +471,13 @@ def _logprobs(
     for i, record in enumerate(records):
         # The generated end-of-text token has no piece (OpenAI shows none); one inside a prompt of
         # token ids does, and the records after it go on.
-        if i >= len(pieces) or (text_end is not None and offset >= text_end):
-            break  # the end of the text, or past a stop sequence
+        if i >= len(pieces):
+            break  # the end of the text
         piece = pieces[i]
+        # Past a stop sequence (or text not yet released). A prompt's records all belong: one with
+        # no text at the prompt's end (an end-of-text id in a prompt of ids) lost its score before.
+        if i >= prompt_records and text_end is not None and offset >= text_end:
+            break
         tokens.append(piece)
         logprobs.append(record.logprob)
         top: dict[str, float] = {}
@@ -493,7 +498,8 @@ def _choice(engine: task.TextGenerationEngine, job: task.GenerationJob, index: i
     if job.sampler.params.logprobs is not None:
         records = (job.prompt_logprobs if echo else []) + job.logprobs
         pieces = (engine.pieces(job.prompt[1:]) if echo else []) + engine.pieces(job.generated)
-        logprobs = _logprobs(engine, records, pieces, 0, len(prompt_text) + len(text))
+        prompt_records = len(job.prompt_logprobs) if echo else 0
+        logprobs = _logprobs(engine, records, pieces, 0, len(prompt_text) + len(text), prompt_records)
     return CompletionChoice(text=prompt_text + text, index=index, logprobs=logprobs, finish_reason=job.finish_reason)
 
 
@@ -605,7 +611,7 @@ async def _stream(
             # Before the end, only records whose text has gone out: a token whose text is held back (an
             # unfinished character, or what may begin a stop sequence) waits, since the stop may cut it.
             released = sent[index] + len(delta) if not done else len(engine.text_of(job))
-            block = _logprobs(engine, records, pieces, offsets[index], len(prompt_texts[index]) + released)
+            block = _logprobs(engine, records, pieces, offsets[index], len(prompt_texts[index]) + released, echoed)
             offsets[index] += sum(len(t) for t in block.tokens)
             logprobs = block.model_dump()
             sent_logprobs[index] = scored if done else sent_logprobs[index] + max(0, len(block.tokens) - echoed)
