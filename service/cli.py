@@ -10,6 +10,7 @@ from pathlib import Path
 
 from service.api.app import create_app
 from service.api.auth import add_key
+from service.api.crossorigin import LOOPBACK_NAMES
 from service.config import Settings
 from service.logs import LogWriter, configure
 from service.memory import configure_allocator
@@ -26,6 +27,9 @@ def serve(settings: Settings) -> None:
             "(set NEUROSERVE_API_KEYS_FILE; create keys with `neuroserve keys add NAME --scope infer`)",
             settings.host,
         )
+    if not settings.allowed_hosts and settings.host in ("127.0.0.1", "localhost", "::1"):
+        # Reachable only from this machine, so only this machine's names: no DNS rebinding.
+        settings = settings.model_copy(update={"allowed_hosts": LOOPBACK_NAMES})
     limits = ConnectionLimits(
         keep_alive_s=settings.keep_alive_s,
         header_timeout_s=settings.header_timeout_s,

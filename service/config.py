@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origins browsers may call from (a JSON list or comma-separated; empty: no cross-origin access).",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host header names accepted (a JSON list or comma-separated; '.example.com' takes its "
+        "subdomains too; '*': any). Empty: `neuroserve serve` bound to loopback takes only localhost, "
+        "127.0.0.1 and ::1 (a page on another site cannot reach it by DNS rebinding); bound elsewhere, any.",
+    )
     cross_origin_protection: bool = Field(
         True,
         description="Refuse a browser's POST or DELETE from another site unless its origin is in "
@@ -252,7 +258,7 @@ class Settings(BaseSettings):
         """An empty variable (compose's "${VAR:-}") means no keys file, not the current folder."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("default_models", "cors_allow_origins", mode="before")
+    @field_validator("default_models", "cors_allow_origins", "allowed_hosts", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:
         """A JSON list or comma-separated names (``mnist,sentiment-zh``)."""

@@ -55,6 +55,10 @@ class InvalidJSON(InvalidInput):
     error_type = "invalid_json"
 
 
+class InvalidHost(InvalidInput):
+    error_type = "invalid_host"  # a Host header not in NEUROSERVE_ALLOWED_HOSTS
+
+
 class InvalidTensor(InvalidInput):
     error_type = "invalid_tensor"
 

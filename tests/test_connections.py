@@ -53,7 +53,7 @@ def test_a_connection_that_never_sends_a_request_is_closed(server) -> None:
 
 def test_headers_sent_slowly_get_408(server) -> None:
     with connect(server) as sock:
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n")
         time.sleep(0.2)
         sock.sendall(b"X-Slow: 1\r\n")  # and never the blank line
         data, seconds = answer(sock)
@@ -83,7 +83,7 @@ def test_empty_lines_dripped_between_requests_do_not_hold_a_connection(server) -
 
 def test_a_declared_body_that_never_comes_gets_408(server) -> None:
     with connect(server) as sock:
-        head = b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         sock.sendall(head + b"Content-Length: 30000000\r\n\r\n" + b'{"inputs": [}')
         data, seconds = answer(sock)
     assert data.startswith(b"HTTP/1.1 408") and seconds < 5
@@ -96,7 +96,7 @@ def test_a_chunked_body_past_the_limit_gets_413_and_the_connection_closes_unread
     sent = 0
     with connect(server) as sock:
         sock.sendall(
-            b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
         try:
@@ -121,7 +121,7 @@ def test_a_chunked_body_behind_an_early_answer_is_not_read_for_ever(server, path
     chunk = b"%x\r\n%s\r\n" % (1 << 20, b"1" * (1 << 20))
     sent = 0
     with connect(server) as sock:
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % path.encode())
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n" % path.encode())
         try:
             while sent < 512 << 20:
                 sock.sendall(chunk)
@@ -144,7 +144,7 @@ def test_a_chunked_body_behind_an_early_answer_is_not_read_for_ever(server, path
 )
 def test_oversized_headers_get_431(server, headers: bytes) -> None:
     with connect(server) as sock:
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n")
         data, _ = answer(sock)
     assert data.startswith(b"HTTP/1.1 431") and b"headers_too_large" in data
 
@@ -167,9 +167,25 @@ def test_connections_beyond_the_cap_are_refused_and_the_server_still_serves(serv
 def test_a_normal_keep_alive_client_is_unaffected(server) -> None:
     with connect(server) as sock:
         for _ in range(3):
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
             reply = b""
             while not reply.endswith(b'{"live":true}'):
                 reply += sock.recv(65536)
             assert reply.startswith(b"HTTP/1.1 200")
             time.sleep(0.3)  # well within the idle limit between requests
+
+
+def test_a_server_on_loopback_answers_only_to_its_own_names(server) -> None:
+    """DNS rebinding: a page on evil.example whose name then resolves to 127.0.0.1 is "same-origin"
+    with a keyless server on loopback, and would read every answer. Its Host header gives it away."""
+    for method, path in (("GET", "/v2/models"), ("POST", "/v2/models/mnist/infer")):
+        with connect(server) as sock:
+            head = f"{method} {path} HTTP/1.1\r\nHost: evil.example:{server.port}\r\nContent-Length: 2\r\n"
+            sock.sendall(head.encode() + b"Connection: close\r\n\r\n{}")
+            data, _ = answer(sock)  # the whole answer: headers and body may come in two pieces
+        assert data.startswith(b"HTTP/1.1 400") and b"invalid_host" in data, data[:300]
+    for host in ("localhost", f"127.0.0.1:{server.port}", f"[::1]:{server.port}"):
+        with connect(server) as sock:
+            sock.sendall(f"GET /v2/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data, _ = answer(sock)
+        assert data.startswith(b"HTTP/1.1 200"), (host, data[:300])

@@ -51,7 +51,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def request(path: str, body: bytes, *headers: str) -> bytes:
-    head = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    head = [
+        f"POST {path} HTTP/1.1",
+        "Host: localhost",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
     return ("\r\n".join([*head, *headers]) + "\r\n\r\n").encode() + body
 
 
@@ -144,7 +149,9 @@ def test_a_keys_rate_is_counted_once_per_request(server) -> None:
 
 def test_a_declared_body_over_the_limit_is_refused_and_the_connection_closed(server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v2/models/quick/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n" + b"x" * 100)
+        sock.sendall(
+            b"POST /v2/models/quick/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: 999999\r\n\r\n" + b"x" * 100
+        )
         ((status, headers, body),) = read_answers(sock, 1)
         assert status == 413 and headers.get("connection") == "close"
         assert json.loads(body)["error_type"] == "payload_too_large"

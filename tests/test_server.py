@@ -126,7 +126,7 @@ def test_a_client_gone_with_pipelined_requests_is_dropped_and_nothing_is_written
     write_model(tmp_path, "slow", slow=True, width=WIDTH, layers=400, spec=spec)
     busy_n = 60
     raw = orjson.dumps(body(7))
-    one = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    one = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     one += b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw)
     with serve(tmp_path, NEUROSERVE_MAX_BATCH_SIZE="1") as server:
         with ThreadPoolExecutor(busy_n) as pool:
@@ -228,7 +228,7 @@ def test_overload_is_refused_before_the_body_is_read(slow_repo: Path) -> None:
         """Headers of a large body and not one byte of it: the answer, if one comes within a second."""
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(
-                b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 5000000\r\n\r\n"
             )
             reply = b""

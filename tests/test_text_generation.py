@@ -361,7 +361,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(tmp_path: Path) -> N
         ).encode()
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

@@ -170,3 +170,23 @@ def test_a_json_route_refuses_a_form_or_text_body_with_415(edge) -> None:
     for kind in ("", "application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
         headers = {"x-api-key": keys["infer"], **({"content-type": kind} if kind else {})}
         assert client.post("/v1/image-classification", content=body, headers=headers).status_code == 200, kind
+
+
+def test_allowed_hosts_take_names_with_any_port_and_subdomains_of_a_dotted_one(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "mnist", repo / "mnist")
+    with make_client(repository=repo, allowed_hosts=[".example.com", "api.internal"]) as client:
+        client.headers["host"] = "example.com"  # the test client's own "testserver" is not one of them
+        wait_ready(client)
+        for host, status in (
+            ("example.com", 200),
+            ("models.example.com:8443", 200),
+            ("api.internal", 200),
+            ("evil.com", 400),
+            ("example.com.evil.com", 400),
+            ("testserver", 400),
+        ):
+            r = client.get("/v2/models/mnist", headers={"host": host})
+            assert r.status_code == status, (host, r.text)
+            if status == 400:
+                assert r.json()["error_type"] == "invalid_host"

@@ -16,7 +16,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from service import __version__, tracing
 from service.admission import Claim
 from service.api.auth import KeyStore, load_keys
-from service.api.crossorigin import CrossOriginPolicy
+from service.api.crossorigin import CrossOriginPolicy, HostAllowlist
 from service.api.handlers import install_handlers
 from service.api.middleware import EarlyRefusals, RequestGuard
 from service.api.pages import mount_pages
@@ -170,6 +170,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fast=v2.fast_path(app.exception_handlers),
         early=app.state.early_refusals,
         cross_origin=CrossOriginPolicy(settings.cors_allow_origins) if settings.cross_origin_protection else None,
+        hosts=HostAllowlist(settings.allowed_hosts)
+        if settings.allowed_hosts and "*" not in settings.allowed_hosts
+        else None,
     )
     if settings.cors_allow_origins:
         cors = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from service.errors import CrossOriginRefused
+from service.errors import CrossOriginRefused, InvalidHost
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -56,3 +56,36 @@ class CrossOriginPolicy:
         if same_host:
             return None
         return CrossOriginRefused(f"a cross-origin {method} from an origin not in NEUROSERVE_CORS_ALLOW_ORIGINS")
+
+
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
+
+
+class HostAllowlist:
+    """The Host header checked against the names a server answers to (Django's ALLOWED_HOSTS, Vite's
+    allowedHosts). A server on loopback with no keys is otherwise open to any web page by DNS
+    rebinding: the attacker's name resolves to 127.0.0.1, the page is then "same-origin" with it,
+    and both the browser's CORS and the cross-origin check above let it read every answer. Names
+    match with any port; ".example.com" also matches its subdomains."""
+
+    def __init__(self, names: list[str]) -> None:
+        names = [n.strip().lower().rstrip(".") for n in names if n.strip()]
+        self.exact = frozenset(n.strip("[]") for n in names if not n.startswith("."))
+        self.suffixes = tuple(n for n in names if n.startswith("."))
+
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> InvalidHost | None:
+        for name, value in headers:
+            if name == b"host":
+                host = _hostname(value.decode("latin-1").strip().lower())
+                if host in self.exact or (self.suffixes and ("." + host).endswith(self.suffixes)):
+                    return None
+                return InvalidHost("this server does not answer to that Host name: add it to NEUROSERVE_ALLOWED_HOSTS")
+        return InvalidHost("the request has no Host header")
+
+
+def _hostname(host: str) -> str:
+    """The name of a Host header without its port ("[::1]:8000" -> "::1")."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, _, _ = host.partition(":") if host.count(":") == 1 else (host, "", "")
+    return name.rstrip(".")

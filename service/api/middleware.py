@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import admission, tracing
 from service.admission import SCOPE_KEY, Claim
 from service.api.auth import KeyStore, presented_key, scope_of
-from service.api.crossorigin import CrossOriginPolicy
+from service.api.crossorigin import CrossOriginPolicy, HostAllowlist
 from service.api.handlers import error_body, error_response
 from service.errors import Overloaded, PayloadTooLarge, ServiceError
 from service.logs import REQUEST_ID, log_request
@@ -125,6 +125,7 @@ class RequestGuard:
         fast: Callable[[Scope], ASGIApp | None] | None = None,
         early: EarlyRefusals | None = None,
         cross_origin: CrossOriginPolicy | None = None,
+        hosts: HostAllowlist | None = None,
     ) -> None:
         if early is not None:
             early.guard = self
@@ -132,6 +133,7 @@ class RequestGuard:
         # Routes served straight from here, past the inner middleware (see v2.fast_path).
         self.fast = fast
         self.cross_origin = cross_origin  # None: browsers' cross-site POSTs are not checked
+        self.hosts = hosts  # None: any Host header
         self.keys = keys  # None: no keys file, every route open (as before keys existed)
         # Load shedding before routing: a 429 under overload must cost less than the work it saves.
         # It answers a refusal (Overloaded), or lets the request in with a claim on places in queues.
@@ -252,6 +254,10 @@ class RequestGuard:
         limit, a browser's cross-site POST from an origin not allowed, a missing or wrong key, and
         (``shed``) load shedding; or, when let in, its claim
         on places in queues."""
+        if self.hosts is not None:
+            wrong_host = self.hosts.refusal(scope["headers"])
+            if wrong_host is not None:
+                return wrong_host, None
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             return PayloadTooLarge(f"request body of {declared} bytes is over the limit of {self.max_body_bytes}"), None

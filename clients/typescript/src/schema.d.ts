@@ -726,7 +726,7 @@ export interface components {
              * @description Stable machine-readable kind (one class in service/errors.py).
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_host" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** FaceBox */
         FaceBox: {
@@ -1028,7 +1028,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_host" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
             /** Name */
             name: string;
             /** Ready */
@@ -1149,7 +1149,7 @@ export interface components {
              * Error Type
              * @enum {string}
              */
-            error_type: "invalid_input" | "invalid_json" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
+            error_type: "invalid_input" | "invalid_json" | "invalid_host" | "invalid_tensor" | "invalid_image" | "unsupported_text" | "model_load_failed" | "context_length_exceeded" | "invalid_id" | "unauthenticated" | "forbidden" | "cross_origin_refused" | "model_control_disabled" | "model_not_found" | "no_default_model" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "image_too_large" | "too_many_items" | "text_too_long" | "unsupported_media_type" | "unsupported_image_format" | "schema_error" | "no_face" | "overloaded" | "rate_limited" | "headers_too_large" | "internal_error" | "inference_failed" | "model_not_ready" | "not_ready" | "gallery_busy" | "too_many_connections" | "shutting_down" | "deadline_exceeded";
         };
         /** ObjectDetectionResponse */
         ObjectDetectionResponse: {
@@ -1588,7 +1588,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelControlAnswer"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1736,7 +1736,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelControlAnswer"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1885,7 +1885,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2035,7 +2035,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2184,7 +2184,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2333,7 +2333,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2483,7 +2483,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2632,7 +2632,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2782,7 +2782,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3749,7 +3749,7 @@ export interface operations {
                     "application/json": components["schemas"]["InferResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4717,7 +4717,7 @@ export interface operations {
                     "application/json": components["schemas"]["InferResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4898,7 +4898,7 @@ export interface operations {
                     "application/json": components["schemas"]["ImageClassificationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5127,7 +5127,7 @@ export interface operations {
                     "image/jpeg": unknown;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5294,7 +5294,7 @@ export interface operations {
                     "application/json": components["schemas"]["SentimentResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5457,7 +5457,7 @@ export interface operations {
                     "application/json": components["schemas"]["RatingResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5624,7 +5624,7 @@ export interface operations {
                     "application/json": components["schemas"]["RecommendationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5802,7 +5802,7 @@ export interface operations {
                     "application/json": components["schemas"]["TranslationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5995,7 +5995,7 @@ export interface operations {
                     "image/png": unknown;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -6141,7 +6141,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelList"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -6289,7 +6289,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelCard"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -6554,7 +6554,7 @@ export interface operations {
                     "text/event-stream": string;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -6755,7 +6755,7 @@ export interface operations {
                     "application/json": components["schemas"]["TextGenerationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -6946,7 +6946,7 @@ export interface operations {
                     "application/json": components["schemas"]["FaceEmbeddingsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -7135,7 +7135,7 @@ export interface operations {
                     "application/json": components["schemas"]["FaceVerificationResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -7286,7 +7286,7 @@ export interface operations {
                     "application/json": components["schemas"]["GalleryList"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -7475,7 +7475,7 @@ export interface operations {
                     "application/json": components["schemas"]["EnrolResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -7624,7 +7624,7 @@ export interface operations {
                     "application/json": components["schemas"]["Deleted"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -7772,7 +7772,7 @@ export interface operations {
                     "application/json": components["schemas"]["Deleted"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -7973,7 +7973,7 @@ export interface operations {
                     "application/json": components["schemas"]["IdentifyResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
             400: {
                 headers: {
                     [name: string]: unknown;
