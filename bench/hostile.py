@@ -170,7 +170,9 @@ def probe_connections(server, cap: float = 45.0) -> dict:  # type: ignore[no-unt
     probes = {
         "idle connection": b"",
         "30 MB declared, 16 bytes sent": head + b"Content-Length: 30000000\r\n\r\n" + b'{"inputs": [{}]}',
-        "one 16 MiB header": b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * (16 << 20) + b"\r\n\r\n",
+        "one 16 MiB header": b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Big: "
+        + b"a" * (16 << 20)
+        + b"\r\n\r\n",
         "20,000 headers": b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n"
         + b"".join(b"X-%d: 1\r\n" % i for i in range(20_000))
         + b"\r\n",
