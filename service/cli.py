@@ -21,13 +21,13 @@ def serve(settings: Settings) -> None:
     writer = configure(settings.log_level, settings.log_json)
     _write_logs_before_signal_exit(writer)
     configure_allocator()
-    if settings.api_keys_file is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.api_keys_file is None and settings.host not in LOOPBACK_NAMES:
         logging.getLogger("neuroserve").warning(
             "serving on %s without API keys: anyone who can reach it can use every model "
             "(set NEUROSERVE_API_KEYS_FILE; create keys with `neuroserve keys add NAME --scope infer`)",
             settings.host,
         )
-    if not settings.allowed_hosts and settings.host in ("127.0.0.1", "localhost", "::1"):
+    if not settings.allowed_hosts and settings.host in LOOPBACK_NAMES:
         # Reachable only from this machine, so only this machine's names: no DNS rebinding.
         settings = settings.model_copy(update={"allowed_hosts": LOOPBACK_NAMES})
     limits = ConnectionLimits(

@@ -250,8 +250,9 @@ class RequestGuard:
     def _refusal(
         self, scope: Scope, extra_headers: list[tuple[bytes, bytes]], *, shed: bool = True
     ) -> tuple[ServiceError | None, Claim | None]:
-        """What is refused before the application sees the request: a declared body over the
-        limit, a browser's cross-site POST from an origin not allowed, a missing or wrong key, and
+        """What is refused before the application sees the request: a Host the server does not
+        answer to, a declared body over the limit, a browser's cross-site POST from an origin not
+        allowed, a missing or wrong key, and
         (``shed``) load shedding; or, when let in, its claim
         on places in queues."""
         if self.hosts is not None:
