@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -268,6 +269,29 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
         return value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        """Each an origin as browsers send it (scheme://host[:port], no path), or "*". "null" is
+        refused: it is the opaque origin of every sandboxed iframe and file:// page, on any site, so
+        listing it trusts them all (the Fetch standard's warning)."""
+        for origin in origins:
+            if origin == "*":
+                continue
+            if origin.lower() == "null":
+                raise ValueError(
+                    "'null' cannot be a trusted origin: any site's sandboxed iframe sends it; serve the page "
+                    "from an http(s) origin and list that"
+                )
+            # Any scheme: an app in a web view sends its own (capacitor://localhost, ionic://localhost).
+            scheme, sep, rest = origin.rstrip("/").partition("://")
+            scheme_ok = re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) is not None
+            if not sep or not scheme_ok or not rest or "/" in rest or "@" in rest:
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path), e.g. https://app.example"
+                )
+        return [o.rstrip("/") for o in origins]
 
     def intra_op_threads_or_default(self) -> int:
         """The event loop (HTTP, JSON, responses) is busy for most of every request on a small

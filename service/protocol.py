@@ -115,6 +115,13 @@ def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndar
                 # Against floats, the bounds as floats: float(2**63 - 1) is 2**63, which passed a
                 # "> max" test and wrapped to -2**63 in the cast.
                 high = info.max if given.dtype.kind != "f" else float(info.max) + 1.0
+                # The JSON parser reads an integer beyond 64 bits as a float: -2**63 - 1 arrived as
+                # -2.0**63, in range, and was served as -2**63. Past 2**53 a float names no one integer.
+                if given.dtype.kind == "f" and info.bits > 53 and np.abs(given).max() >= 2.0**53:
+                    raise InvalidTensor(
+                        f"input {name!r}: values out of the {datatype} range as written: from 2**53 on, send "
+                        "exact integers (a float, or an integer past 64 bits, names no one integer)"
+                    )
                 if given.min() < info.min or (given.max() >= high if given.dtype.kind == "f" else given.max() > high):
                     raise InvalidTensor(f"input {name!r}: values out of the {datatype} range")
             return given.astype(dtype) if given.size else np.asarray(data, dtype=dtype)

@@ -32,7 +32,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.admission import SCOPE_KEY as CLAIM
-from service.errors import HeadersTooLarge, RequestTimeout, ServiceError, TooManyConnections
+from service.errors import HeadersTooLarge, InvalidInput, RequestTimeout, ServiceError, TooManyConnections
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,13 @@ class GuardedProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def send_400_response(self, msg: str) -> None:
+        # The parser's refusals (a malformed request line or header, "Transfer-Encoding: identity",
+        # both Content-Length and chunked) in the service's one wire shape: uvicorn's own is text/plain.
         if not self._rejected:  # a refusal of ours already answered and closed
-            super().send_400_response(msg)
+            self._rejected = True
+            self._cancel_phase()
+            reason = "upgrades (WebSocket) are not served" if "WebSocket" in msg else msg.rstrip(".")
+            _reply(self.transport, InvalidInput(f"malformed HTTP request: {reason}"))
 
     # -- phases ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import shutil
 import socket
 import time
 
+import orjson
 import pytest
 
 from bench.harness import neuroserve
@@ -185,3 +186,23 @@ def test_a_server_on_loopback_answers_only_to_its_own_names(server) -> None:
             sock.sendall(f"GET /v2/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             data, _ = answer(sock)
         assert data.startswith(b"HTTP/1.1 200"), (host, data[:300])
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v1/sentiment HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: identity\r\n\r\n{}",
+        b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
+        b"POST /v1/sentiment HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    ],
+    ids=["transfer-encoding-identity", "header-without-colon", "two-content-lengths"],
+)
+def test_a_request_the_parser_refuses_gets_the_json_error_shape(server, request_bytes: bytes) -> None:
+    # uvicorn answers its parser's refusals in text/plain; a client parsing {"error", "error_type"} broke.
+    with connect(server) as sock:
+        sock.sendall(request_bytes)
+        data, _ = answer(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert orjson.loads(body)["error_type"] == "invalid_input"
+    assert orjson.loads(body)["error"].startswith("malformed HTTP request")

@@ -300,6 +300,18 @@ def test_an_integer_at_two_to_the_63_written_as_a_float_does_not_wrap_to_the_low
     assert r.status_code == 400 and "out of the INT64 range" in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize("literal", [b"-9223372036854775809", b"-18446744073709551616", b"1e300", b"-9.3e18"])
+def test_an_integer_past_64_bits_is_refused_not_rounded_into_range(client: TestClient, literal: bytes) -> None:
+    """The JSON parser reads -2**63 - 1 as the float -2.0**63: it was taken, and quoted as -2**63."""
+    body = (
+        b'{"inputs": [{"name": "user", "shape": [1], "datatype": "INT64", "data": [' + literal + b"]}, "
+        b'{"name": "item", "shape": [1], "datatype": "INT64", "data": [1]}]}'
+    )
+    r = client.post("/v2/models/rating/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error_type"] == "invalid_tensor", r.text
+    assert "out of the INT64 range as written" in r.json()["error"] and "-9223372036854775808" not in r.text
+
+
 @pytest.mark.parametrize(
     ("headers", "problem"),
     [

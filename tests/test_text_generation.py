@@ -176,6 +176,20 @@ def test_control_tokens_typed_in_a_prompt_are_text_and_do_not_cut_its_scores_sho
         assert len(scored["token_logprobs"]) == len(ids) and all(v <= 0 for v in scored["token_logprobs"]), ids
 
 
+def test_every_token_is_found_in_its_own_alternatives_under_the_same_string(lm: TestClient, graphs) -> None:
+    """A control token in a prompt of ids, or a piece of a character, showed as "" in ``tokens`` but
+    under its own text ("<eos>", U+FFFD) in ``top_logprobs``: a client's lookup of the chosen token failed."""
+    _, tokenizer = graphs
+    pieces = tokenizer.encode("Café über naïve 日本").ids
+    for ids in ([5, 2, 7], pieces, [0, 3, *pieces[:3]]):
+        for max_tokens in (0, 4):
+            body = {"prompt": ids, "max_tokens": max_tokens, "echo": True, "logprobs": 2, "temperature": 0}
+            lp = complete(lm, **body)["choices"][0]["logprobs"]
+            for token, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+                assert token in top, (ids, token, top)
+                assert top[token] >= chosen - 1e-6
+
+
 def test_logprobs_of_generated_tokens_are_the_models_and_their_alternatives_rank_them(lm: TestClient) -> None:
     choice = complete(lm, prompt="Tom is", max_tokens=8, temperature=0, logprobs=3)["choices"][0]
     lp = choice["logprobs"]

@@ -9,9 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from service.api.auth import add_key
 from service.api.schemas import SEVEN_PNG_BASE64
+from service.config import Settings
 from tests.conftest import ROOT, make_client, wait_ready
 
 ORIGIN = "https://app.example.com"
@@ -190,3 +192,17 @@ def test_allowed_hosts_take_names_with_any_port_and_subdomains_of_a_dotted_one(t
             assert r.status_code == status, (host, r.text)
             if status == 400:
                 assert r.json()["error_type"] == "invalid_host"
+
+
+@pytest.mark.parametrize(
+    "origins", ["null", "https://app.example.com,null", "https://app.example.com/page", "app.example"]
+)
+def test_an_origin_list_that_would_trust_any_site_or_names_no_origin_stops_the_start(origins: str) -> None:
+    """ "null" listed admitted every sandboxed iframe and file:// page, on any site."""
+    with pytest.raises(ValidationError, match="cors_allow_origins"):
+        Settings(cors_allow_origins=origins)
+
+
+def test_an_app_origin_of_any_scheme_and_a_trailing_slash_are_taken() -> None:
+    settings = Settings(cors_allow_origins="https://app.example.com/, capacitor://localhost, *")
+    assert settings.cors_allow_origins == ["https://app.example.com", "capacitor://localhost", "*"]

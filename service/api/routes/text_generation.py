@@ -481,10 +481,13 @@ def _logprobs(
         tokens.append(piece)
         logprobs.append(record.logprob)
         top: dict[str, float] = {}
+        # The chosen token under the same string as in ``tokens`` (a client looks it up there): its
+        # piece of the text, "" for a piece of a character or a control token in a prompt of ids,
+        # whose own text ("\ufffd", "<eos>") its alternatives still show.
         for t, lp in record.top:  # best first: two tokens of one text (pieces of characters) keep the best
-            top.setdefault(engine.token_text(t), lp)
+            top.setdefault(piece if t == record.token else engine.token_text(t), lp)
         # As OpenAI: the chosen token is always there, so there may be logprobs + 1 entries.
-        top.setdefault(engine.token_text(record.token), record.logprob)
+        top.setdefault(piece, record.logprob)
         tops.append(top)
         offsets.append(offset)
         offset += len(piece)
