@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from service.api.app import create_app
 from service.api.auth import add_key
 from service.api.crossorigin import LOOPBACK_NAMES
@@ -74,6 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     p_add.add_argument("--requests-per-minute", type=int, default=None)
     p_add.add_argument("--file", type=Path, help="keys file (default: NEUROSERVE_API_KEYS_FILE, else keys.json)")
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except ValidationError as exc:
+        # pydantic's report names fields and ends in a URL; an operator set NEUROSERVE_* variables.
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"neuroserve: NEUROSERVE_{field.upper()}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "keys":
         path = args.file or Settings().api_keys_file or Path("keys.json")
         key = add_key(path, args.name, args.scope, args.requests_per_minute)

@@ -273,25 +273,13 @@ class Settings(BaseSettings):
     @field_validator("cors_allow_origins")
     @classmethod
     def _origins(cls, origins: list[str]) -> list[str]:
-        """Each an origin as browsers send it (scheme://host[:port], no path), or "*". "null" is
-        refused: it is the opaque origin of every sandboxed iframe and file:// page, on any site, so
-        listing it trusts them all (the Fetch standard's warning)."""
-        for origin in origins:
-            if origin == "*":
-                continue
-            if origin.lower() == "null":
-                raise ValueError(
-                    "'null' cannot be a trusted origin: any site's sandboxed iframe sends it; serve the page "
-                    "from an http(s) origin and list that"
-                )
-            # Any scheme: an app in a web view sends its own (capacitor://localhost, ionic://localhost).
-            scheme, sep, rest = origin.rstrip("/").partition("://")
-            scheme_ok = re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) is not None
-            if not sep or not scheme_ok or not rest or "/" in rest or "@" in rest:
-                raise ValueError(
-                    f"{origin!r} is not an origin (scheme://host[:port], no path), e.g. https://app.example"
-                )
-        return [o.rstrip("/") for o in origins]
+        """Each an origin as browsers send it, or "*": browsers send the scheme and host in lower
+        case and leave out a default port, and the CORS answer compares strings, so
+        ``HTTPS://App.example:443`` is written ``https://app.example``. "null" is refused: it is the
+        opaque origin of every sandboxed iframe and file:// page, on any site, so listing it trusts
+        them all (the Fetch standard's warning). Any scheme: an app in a web view sends its own
+        (capacitor://localhost, ionic://localhost)."""
+        return [origin if origin == "*" else _origin(origin) for origin in origins]
 
     def intra_op_threads_or_default(self) -> int:
         """The event loop (HTTP, JSON, responses) is busy for most of every request on a small
@@ -308,6 +296,32 @@ class Settings(BaseSettings):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         quota = _cgroup_cpu_quota()
         return max(1, min(cores, quota)) if quota is not None else cores
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _origin(text: str) -> str:
+    """``text`` as the Origin header a browser would send for it; ValueError when it cannot be one."""
+    if text.strip().lower() == "null":
+        raise ValueError(
+            "'null' cannot be a trusted origin: any site's sandboxed iframe sends it; serve the page from an "
+            "http(s) origin and list that"
+        )
+    example = "scheme://host[:port] with no path, query or wildcard, e.g. https://app.example.com"
+    scheme, sep, rest = text.strip().rstrip("/").partition("://")
+    host, _, port = rest.rpartition(":") if re.search(r":\d*$", rest) else (rest, "", "")
+    valid = (
+        sep
+        and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme)
+        and re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", host)
+        and (port == "" or (port.isdigit() and 0 < int(port) < 65536))
+    )
+    if not valid:
+        raise ValueError(f"{text!r} is not an origin: {example}")
+    scheme, host = scheme.lower(), host.lower()
+    keep_port = port and int(port) != _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{host}:{int(port)}" if keep_port else f"{scheme}://{host}"
 
 
 def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:

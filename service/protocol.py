@@ -107,8 +107,8 @@ def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndar
                 )
             if given.dtype.kind not in "biuf" and given.size:
                 raise ValueError(given.dtype)
-            # numpy reads [true, 2] as [1, 2]; a flat list (the usual form) is checked for booleans.
-            if dtype.kind != "b" and given.ndim == 1 and bool in set(map(type, data)):
+            # numpy reads [true, 2] as [1, 2]: every innermost list is checked for booleans.
+            if dtype.kind != "b" and given.ndim >= 1 and given.size and _has_bool(data, given.ndim):
                 raise InvalidTensor(f"input {name!r}: {datatype} data must be numbers, not booleans")
             if dtype.kind in "iu" and given.size:
                 info = np.iinfo(dtype)
@@ -130,6 +130,13 @@ def _json_array(name: str, data: Any, datatype: str, dtype: np.dtype) -> np.ndar
 
 
 _FLOAT_KINDS = frozenset((float, int))
+
+
+def _has_bool(data: Any, depth: int) -> bool:
+    """Whether a list nested ``depth`` deep (as numpy read it: regular) holds a boolean."""
+    if depth <= 1:
+        return bool in set(map(type, data))
+    return any(_has_bool(part, depth - 1) for part in data)
 
 
 def _tensor(

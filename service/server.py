@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import httptools
 import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -54,7 +56,10 @@ def _reply(transport: asyncio.BaseTransport, error: ServiceError) -> None:
     status = error.status_code
     transport.write(  # type: ignore[attr-defined]
         STATUS_LINE[status]
-        + b"content-type: application/json\r\nconnection: close\r\ncontent-length: "
+        # Every answer carries an id (README), these too; nothing of the request was read to log it by.
+        + b"x-request-id: "
+        + os.urandom(16).hex().encode()
+        + b"\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: "
         + str(len(body)).encode()
         + b"\r\n\r\n"
         + body
@@ -227,6 +232,8 @@ class GuardedProtocol(HttpToolsProtocol):
             deadlines = self.server_state.deadlines = _Deadlines(self.loop, self.connections)
         self._deadlines = deadlines
         self._running = None  # the request the application is answering (self.cycle: the newest read)
+        self._in_headers = False  # reading a request's line and headers (no cycle of its own yet)
+        self._pending: ServiceError | None = None  # a refusal waiting for the answers owed before it
         if len(self.connections) > self.limits.max_connections:
             self._reject(TooManyConnections("the server has too many open connections; retry later"))
             return
@@ -252,7 +259,17 @@ class GuardedProtocol(HttpToolsProtocol):
             # lines without beginning a request, and each piece of data stops the idle timer, so a
             # client sending "\r\n" every half second held its connection for ever.
             self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
-        super().data_received(data)
+        # uvicorn's data_received, keeping the parser's reason for the 400 (uvicorn drops it).
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.send_400_response(str(exc) or "Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
 
     def send_400_response(self, msg: str) -> None:
         # The parser's refusals (a malformed request line or header, "Transfer-Encoding: identity",
@@ -260,8 +277,12 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._rejected:  # a refusal of ours already answered and closed
             self._rejected = True
             self._cancel_phase()
-            reason = "upgrades (WebSocket) are not served" if "WebSocket" in msg else msg.rstrip(".")
-            _reply(self.transport, InvalidInput(f"malformed HTTP request: {reason}"))
+            reason = msg.rstrip(".")
+            error = InvalidInput(f"malformed HTTP request: {reason}")
+            if not self._after_earlier(error):
+                self._rejected = True
+                self._cancel_phase()
+                _reply(self.transport, error)
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -272,8 +293,45 @@ class GuardedProtocol(HttpToolsProtocol):
     def _cancel_phase(self) -> None:
         self._deadline = None
 
+    def _after_earlier(self, error: ServiceError) -> bool:
+        """Hold ``error`` back when it answers a pipelined request that earlier ones are still owed
+        answers before (HTTP answers in order): the malformed request after a running translation
+        closed the connection, the translation was cancelled and the client read the 400 as its
+        answer. Reading stops; the refusal is written, and the connection closed, after the last."""
+        culprit = None if self._in_headers else self.cycle  # a request whose headers are in has a cycle
+        if culprit is None:
+            earlier = self.cycle is not None and not self.cycle.response_complete
+        else:
+            running = self._running
+            earlier = (running is not None and running is not culprit and not running.response_complete) or any(
+                c is not culprit for c, _ in self.pipeline
+            )
+        if not earlier:
+            return False
+        self._rejected = True  # nothing more is read
+        self._cancel_phase()
+        self._pending = error
+        if culprit is not None:  # queued behind the others: it never runs
+            self.pipeline = type(self.pipeline)(item for item in self.pipeline if item[0] is not culprit)
+            culprit.response_started = culprit.response_complete = True
+            culprit.disconnected = True
+            culprit.message_event.set()
+        return True
+
+    def _flush_pending(self) -> None:
+        running = self._running
+        if self.pipeline or (running is not None and not running.response_complete):
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # held at the door
+        error, self._pending = self._pending, None
+        if error is not None and not self.transport.is_closing():
+            _reply(self.transport, error)
+
     def _reject(self, error: ServiceError) -> None:
         if self._rejected or self.transport.is_closing():
+            return
+        if self._after_earlier(error):
             return
         self._rejected = True
         self._cancel_phase()
@@ -287,6 +345,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_headers = True
         self._header_bytes = self._header_count = self._dropped = 0
         self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
 
@@ -312,6 +371,7 @@ class GuardedProtocol(HttpToolsProtocol):
             raise _Refused
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         super().on_headers_complete()
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
 
@@ -385,6 +445,8 @@ class GuardedProtocol(HttpToolsProtocol):
                     break
         finally:
             self._completing = False
+        if self._pending is not None:
+            self._flush_pending()
 
     def _early_answer(self, cycle, refusal) -> tuple[bytes, bool]:  # type: ignore[no-untyped-def]
         """The whole answer's bytes for a refusal, and whether to close."""
@@ -439,6 +501,9 @@ def run(app, *, host: str, port: int, limits: ConnectionLimits) -> None:  # type
         http=protocol_class(limits, getattr(app.state, "early_refusals", None)),  # type: ignore[arg-type]
         log_config=None,
         access_log=False,
+        # No WebSocket route exists: with a WebSocket library installed, an Upgrade got uvicorn's own
+        # 403 in text/plain; without one, the header is ignored and the request answered as HTTP.
+        ws="none",
         timeout_graceful_shutdown=30,
         timeout_keep_alive=int(limits.keep_alive_s),
         h11_max_incomplete_event_size=limits.max_header_bytes,

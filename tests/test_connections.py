@@ -206,3 +206,42 @@ def test_a_request_the_parser_refuses_gets_the_json_error_shape(server, request_
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
     assert orjson.loads(body)["error_type"] == "invalid_input"
     assert orjson.loads(body)["error"].startswith("malformed HTTP request")
+    assert b"x-request-id: " in head  # as every answer
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 60 + b"\r\n",
+    ],
+    ids=["malformed", "too-many-headers"],
+)
+def test_a_refused_pipelined_request_waits_for_the_answer_owed_before_it(server, second: bytes) -> None:
+    """HTTP answers in order: the refusal closed the connection while the request before it ran,
+    which was cancelled, and its client read the 400 as that request's answer."""
+    body = orjson.dumps(
+        {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    )
+    first = (
+        b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with connect(server) as sock:
+        sock.sendall(first + second)  # one read: the second is refused while the first runs
+        data, _ = answer(sock)
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2, data[:400]
+    assert answers[0].startswith(b"200") and b'"outputs"' in answers[0]
+    assert answers[1].startswith((b"400", b"431")) and b'"error_type"' in answers[1]
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(server) -> None:
+    """No route speaks WebSocket: uvicorn's handshake library answered a text/plain 403 instead."""
+    with connect(server) as sock:
+        sock.sendall(
+            b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: close\r\n\r\n"
+        )
+        data, _ = answer(sock)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"live":true}'), data[:300]

@@ -152,6 +152,10 @@ def test_header_length_must_be_plain_digits(client: TestClient) -> None:
 def test_method_not_allowed_says_what_is(client: TestClient) -> None:
     response = client.delete("/v1/sentiment")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
+    # Every method of the path, not only the first route's: /v1/faces said "POST".
+    response = client.put("/v1/faces")
+    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET, HEAD, POST"
+    assert client.post("/v2/health/live").headers["allow"] == "GET, HEAD"
 
 
 @pytest.mark.parametrize(
@@ -167,6 +171,23 @@ def test_method_not_allowed_says_what_is(client: TestClient) -> None:
 def test_json_numbers_and_booleans_are_not_coerced(client: TestClient, url: str, body: dict) -> None:
     response = client.post(url, json=body)
     assert response.status_code == 422 and response.json()["error_type"] == "schema_error", response.text
+
+
+@pytest.mark.parametrize(
+    ("model", "tensor"),
+    [
+        ("sentiment", ints("input_ids", [[True, 2]], [1, 2])),
+        ("sentiment", ints("input_ids", [True, 2], [1, 2])),
+        (
+            "mnist",
+            {"name": "image", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [[[[True] + [0.0] * 27] * 28]]},
+        ),
+    ],
+)
+def test_a_boolean_in_a_nested_tensor_is_not_read_as_one(client: TestClient, model: str, tensor: dict) -> None:
+    """Only a flat list was checked: [[true, 2]] was served as [[1, 2]]."""
+    r = infer(client, model, tensor)
+    assert r.status_code == 400 and "not booleans" in r.json()["error"], r.text
 
 
 def test_an_id_with_a_trailing_newline_is_not_an_id(client: TestClient) -> None:

@@ -93,6 +93,10 @@ def test_an_allowed_origin_gets_cors_and_a_foreign_one_does_not(edge) -> None:
         "/v1/image-classification", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
     )
     assert "access-control-allow-origin" not in foreign_preflight.headers
+    # In the one error shape (Starlette's was a text/plain 400 "Disallowed CORS origin").
+    assert foreign_preflight.status_code == 403, foreign_preflight.text
+    assert foreign_preflight.json()["error_type"] == "cross_origin_refused"
+    assert "origin" in foreign_preflight.json()["error"]
 
 
 def test_every_answer_carries_a_request_id(edge) -> None:
@@ -187,11 +191,17 @@ def test_allowed_hosts_take_names_with_any_port_and_subdomains_of_a_dotted_one(t
             ("evil.com", 400),
             ("example.com.evil.com", 400),
             ("testserver", 400),
+            ("example.com:abc", 400),
+            ("[::1]x", 400),
         ):
             r = client.get("/v2/models/mnist", headers={"host": host})
             assert r.status_code == status, (host, r.text)
             if status == 400:
                 assert r.json()["error_type"] == "invalid_host"
+        # Two Host headers, an allowed one first: which one a proxy routed by is anyone's guess.
+        for pair in (["example.com", "evil.com"], ["evil.com", "example.com"]):
+            r = client.get("/v2/models/mnist", headers=[("host", pair[0]), ("host", pair[1])])
+            assert r.status_code == 400 and "more than one Host" in r.json()["error"], (pair, r.text)
 
 
 @pytest.mark.parametrize(
@@ -206,3 +216,33 @@ def test_an_origin_list_that_would_trust_any_site_or_names_no_origin_stops_the_s
 def test_an_app_origin_of_any_scheme_and_a_trailing_slash_are_taken() -> None:
     settings = Settings(cors_allow_origins="https://app.example.com/, capacitor://localhost, *")
     assert settings.cors_allow_origins == ["https://app.example.com", "capacitor://localhost", "*"]
+
+
+def test_origins_are_written_as_browsers_send_them_so_the_cors_answer_matches() -> None:
+    """Browsers send the scheme and host in lower case and no default port; the CORS answer compares
+    strings, so "HTTPS://App.example.com:443" passed the forgery check but got no CORS headers."""
+    settings = Settings(cors_allow_origins="HTTPS://App.Example.com:443, http://localhost:80, http://[::1]:8080")
+    assert settings.cors_allow_origins == ["https://app.example.com", "http://localhost", "http://[::1]:8080"]
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://a.com?x=1", "https://a.com#f", "https://a b.com", "https://a.com:99999", "https://*.example.com"],
+)
+def test_an_origin_no_browser_can_send_is_refused(origin: str) -> None:
+    with pytest.raises(ValidationError, match="is not an origin"):
+        Settings(cors_allow_origins=[origin])
+
+
+def test_a_bad_setting_stops_the_cli_with_one_line_per_variable(monkeypatch, capsys) -> None:
+    """pydantic's 16-line traceback named the field, not the NEUROSERVE_* variable an operator sets."""
+    from service import cli
+
+    monkeypatch.setenv("NEUROSERVE_CORS_ALLOW_ORIGINS", "null")
+    monkeypatch.setenv("NEUROSERVE_PORT", "abc")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve"])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("neuroserve: NEUROSERVE_") for line in lines)
+    assert any("NEUROSERVE_CORS_ALLOW_ORIGINS" in line and "null" in line for line in lines)

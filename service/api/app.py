@@ -16,7 +16,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from service import __version__, tracing
 from service.admission import Claim
 from service.api.auth import KeyStore, load_keys
-from service.api.crossorigin import CrossOriginPolicy, HostAllowlist
+from service.api.crossorigin import CorsMiddleware, CrossOriginPolicy, HostAllowlist
 from service.api.handlers import install_handlers
 from service.api.middleware import EarlyRefusals, RequestGuard
 from service.api.pages import mount_pages
@@ -182,7 +182,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "expose_headers": EXPOSED_HEADERS,
             "max_age": settings.cors_max_age_s,
         }
-        app.add_middleware(CORSMiddleware, **cors)
+        app.add_middleware(CorsMiddleware, **cors)
         # The same headers on the answers the HTTP protocol gives before the stack (EarlyRefusals).
         app.state.early_refusals.cors = CORSMiddleware(app=None, **cors)  # type: ignore[arg-type]
     _state_limits(app, settings)

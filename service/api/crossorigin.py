@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
+
 from service.errors import CrossOriginRefused, InvalidHost
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -74,18 +78,41 @@ class HostAllowlist:
         self.suffixes = tuple(n for n in names if n.startswith("."))
 
     def refusal(self, headers: list[tuple[bytes, bytes]]) -> InvalidHost | None:
-        for name, value in headers:
-            if name == b"host":
-                host = _hostname(value.decode("latin-1").strip().lower())
-                if host in self.exact or (self.suffixes and ("." + host).endswith(self.suffixes)):
-                    return None
-                return InvalidHost("this server does not answer to that Host name: add it to NEUROSERVE_ALLOWED_HOSTS")
-        return InvalidHost("the request has no Host header")
+        hosts = [value for name, value in headers if name == b"host"]
+        if not hosts:
+            return InvalidHost("the request has no Host header")
+        if len(hosts) > 1:  # which one a proxy routed by is anyone's guess (RFC 9112, 3.2: 400)
+            return InvalidHost("the request has more than one Host header")
+        host, port = _host_and_port(hosts[0].decode("latin-1").strip().lower())
+        if port and not (port.isascii() and port.isdigit()):
+            return InvalidHost("the Host header's port is not a number")
+        if host in self.exact or (self.suffixes and ("." + host).endswith(self.suffixes)):
+            return None
+        return InvalidHost("this server does not answer to that Host name: add it to NEUROSERVE_ALLOWED_HOSTS")
 
 
-def _hostname(host: str) -> str:
-    """The name of a Host header without its port ("[::1]:8000" -> "::1")."""
+def _host_and_port(host: str) -> tuple[str, str]:
+    """The name of a Host header without its port, and the port ("[::1]:8000" -> "::1", "8000")."""
     if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    name, _, _ = host.partition(":") if host.count(":") == 1 else (host, "", "")
-    return name.rstrip(".")
+        end = host.find("]")
+        if end < 0:
+            return host, ""
+        return host[1:end], host[end + 2 :] if host[end + 1 : end + 2] == ":" else host[end + 1 :]
+    name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", "")
+    return name.rstrip("."), port
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the service's one wire shape (403
+    ``cross_origin_refused``) instead of a text/plain 400 "Disallowed CORS origin"."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode("latin-1").removeprefix("Disallowed CORS ")
+        error = CrossOriginRefused(
+            f"CORS preflight refused ({refused} not allowed; origins: NEUROSERVE_CORS_ALLOW_ORIGINS)"
+        )
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from service.errors import (
     ClientDisconnected,
@@ -65,7 +66,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(error_for_status(exc.status_code, str(exc.detail), exc.headers), request.url.path)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path; /v1/faces has three.
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(error_for_status(exc.status_code, str(exc.detail), headers), request.url.path)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
@@ -76,3 +81,16 @@ def install_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(ServiceError(f"internal error: {type(exc).__name__}"), request.url.path)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (HEAD with GET: the guard answers it)."""
+    routes = request.app.router.routes
+    methods = [
+        method
+        for method in ("DELETE", "GET", "POST", "PUT", "PATCH")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    if "GET" in methods:
+        methods.append("HEAD")
+    return ", ".join(sorted(methods))

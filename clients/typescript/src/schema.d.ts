@@ -5800,6 +5800,7 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["TranslationResponse"];
+                    "text/event-stream": string;
                 };
             };
             /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */

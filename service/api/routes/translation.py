@@ -77,7 +77,8 @@ class TranslationResponse(BaseModel):
     "/v1/translation",
     summary="Translate English texts into French",
     response_model=TranslationResponse,
-    responses=ERROR_RESPONSES,
+    # "stream": true answers server-sent events (README, streaming).
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
     openapi_extra=json_body_doc(TranslationRequest),
 )
 async def translate(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
