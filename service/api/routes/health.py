@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from service import __version__
 from service.api.deps import RegistryDep, SettingsDep
-from service.api.schemas import ErrorType
+from service.api.schemas import ERROR_RESPONSES, ErrorType
 from service.errors import NotReady
 from service.responses import ModelResponse
 
@@ -42,7 +42,7 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
-@router.get("/v2/health/live", summary="The process is up", response_model=Live)
+@router.get("/v2/health/live", summary="The process is up", response_model=Live, responses=ERROR_RESPONSES)
 async def live() -> ModelResponse:
     return ModelResponse(Live(live=True))
 
@@ -51,7 +51,10 @@ async def live() -> ModelResponse:
     "/v2/health/ready",
     summary="Every model has been loaded and warmed (503 until then)",
     response_model=Ready,
-    responses={503: {"model": NotReadyResponse, "description": "Still loading, or no model could be loaded"}},
+    responses={
+        **ERROR_RESPONSES,
+        503: {"model": NotReadyResponse, "description": "Still loading, or no model could be loaded"},
+    },
 )
 async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     states = {name: status.state.value for name, status in registry.models.items()}
@@ -69,7 +72,7 @@ async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     return ModelResponse(body, status_code=err.status_code, headers=err.headers)
 
 
-@router.get("/v2", summary="Server metadata", response_model=ServerMetadata)
+@router.get("/v2", summary="Server metadata", response_model=ServerMetadata, responses=ERROR_RESPONSES)
 async def server_metadata(settings: SettingsDep) -> ModelResponse:
     extensions = [*EXTENSIONS, "model_repository"] if settings.model_control != "none" else EXTENSIONS
     return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=extensions))

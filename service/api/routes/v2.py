@@ -101,7 +101,12 @@ _INFER_DOC = {
 }
 
 
-@router.get("/v2/models", summary="Every model in the repository with its state", response_model=list[IndexRow])
+@router.get(
+    "/v2/models",
+    summary="Every model in the repository with its state",
+    response_model=list[IndexRow],
+    responses=ERROR_RESPONSES,
+)
 async def models_index(registry: RegistryDep) -> Response:
     return _index(registry, ready_only=False)
 
@@ -114,6 +119,7 @@ class IndexRequest(BaseModel):
     "/v2/repository/index",
     summary="Model repository index (Triton's extension)",
     response_model=list[IndexRow],
+    responses=ERROR_RESPONSES,
     openapi_extra=json_body_doc(IndexRequest, required=False),
 )
 async def repository_index(request: Request, registry: RegistryDep) -> Response:
