@@ -87,6 +87,13 @@ class Config:
     max_context_tokens: int = field(default=256, metadata={"help": "longest prompt the service takes (model.json)"})
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens the service generates (model.json)"})
     max_train_sentences: int = field(default=0, metadata={"help": "use only this many training sentences (0: all)"})
+    extra_train: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "more Tatoeba zips in --data-dir (e.g. cmn-eng.zip) whose English sentences join training only "
+            "(validation and test stay fra-eng.zip's, so figures compare across versions)"
+        },
+    )
     seed: int = 1
     device: str = "auto"
     threads: int = field(default=2, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -96,19 +103,31 @@ class Config:
 # --- data ----------------------------------------------------------------------------------------
 
 
-def read_sentences(data_dir: Path) -> list[str]:
-    """The distinct English sentences of ``fra-eng.zip``, in order of first appearance."""
-    path = data_dir / "fra-eng.zip"
-    with zipfile.ZipFile(path) as archive, archive.open("fra.txt") as raw:
+def read_sentences(data_dir: Path, archive_name: str = "fra-eng.zip") -> list[str]:
+    """The distinct English sentences of a Tatoeba zip (``fra-eng.zip``: ``fra.txt``), in order of
+    first appearance; English is the first column."""
+    path = data_dir / archive_name
+    inner = archive_name.split("-")[0] + ".txt"
+    with zipfile.ZipFile(path) as archive, archive.open(inner) as raw:
         lines = io.TextIOWrapper(raw, encoding="utf-8").read().splitlines()
     english = []
     for number, line in enumerate(lines, start=1):
         cols = line.split("\t")
         if len(cols) < 2:
-            raise ValueError(f"{path}!fra.txt:{number}: expected 'English<TAB>French'")
+            raise ValueError(f"{path}!{inner}:{number}: expected 'English<TAB>translation'")
         if cols[0].strip():
             english.append(cols[0].strip())
     return list(dict.fromkeys(english))
+
+
+def extra_training(cfg: Config, held: list[str]) -> list[str]:
+    """English sentences of ``cfg.extra_train`` not among ``held`` (fra-eng's, every split), in a
+    seeded order: training only, so the validation and test sentences are the same with or without."""
+    known = set(held)
+    extra = [s for name in cfg.extra_train for s in read_sentences(cfg.data_dir, name) if s not in known]
+    extra = sorted(set(extra))
+    random.Random(cfg.seed + 1).shuffle(extra)
+    return extra[:300] if cfg.smoke else extra
 
 
 def split_sentences(sentences: list[str], validation: float, test: float, seed: int) -> dict[str, list[str]]:
@@ -659,6 +678,8 @@ def train(cfg: Config, command: str = "") -> dict:
         (cfg, splits), epochs = smoke_sized(cfg, splits), 1
     if cfg.max_train_sentences:
         splits["train"] = splits["train"][: cfg.max_train_sentences]
+    extra = extra_training(cfg, sentences)
+    splits["train"] += extra
     baseline = ngram_baseline(cfg, splits)
 
     tokenizer = build_tokenizer(splits["train"], cfg.vocab_size)
@@ -704,7 +725,15 @@ def train(cfg: Config, command: str = "") -> dict:
         "split": f"{len(sentences)} distinct English sentences (exact duplicates removed) shuffled with seed "
         f"{cfg.seed}: {cfg.test_fraction:.0%} test (reported once), {cfg.validation_fraction:.0%} validation "
         "(epoch choice, n-gram order choice), the rest training (the tokenizer, the LSTM and the n-gram "
-        "model); no sentence on two sides" + (" (smoke: a subset)" if cfg.smoke else ""),
+        "model); no sentence on two sides"
+        + (
+            f"; training also has the {len(extra)} English sentences of {', '.join(cfg.extra_train)} that are "
+            "not fra-eng.zip sentences (so none is a validation or test sentence)"
+            if cfg.extra_train
+            else ""
+        )
+        + (" (smoke: a subset)" if cfg.smoke else ""),
+        "extra_training_sentences": len(extra),
         **{f"{k}_sentences": len(v) for k, v in splits.items()},
         **{f"{k}_characters": chars[k] - len(v) for k, v in splits.items()},
     }
