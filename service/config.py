@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(30.0, gt=0, description="Idle time a connection may stay open without a request.")
     header_timeout_s: float = Field(10.0, gt=0, description="Time for a request's line and headers, once begun (408).")
     body_timeout_s: float = Field(15.0, gt=0, description="Longest silence between two pieces of a request body (408).")
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest time an answer may wait for a client that reads nothing (a full send buffer): "
+        "then the connection is dropped and its request cancelled.",
+    )
     max_header_bytes: int = Field(65536, ge=1024, description="Bytes of a request's line and headers (431 beyond).")
     max_headers: int = Field(100, ge=8, description="Headers per request (431 beyond).")
     max_connections: int = Field(

@@ -44,6 +44,7 @@ class ConnectionLimits:
     keep_alive_s: float = 30.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 15.0
+    send_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     max_connections: int = 2048
@@ -211,6 +212,10 @@ class _Deadlines:
             if deadline is not None and now >= deadline[0]:
                 protocol._deadline = None
                 protocol._reject(RequestTimeout(deadline[1]))
+            stalled = getattr(protocol, "_stalled", None)
+            if stalled is not None and now >= stalled:
+                protocol._stalled = None
+                protocol._abandon()
         if self.connections:
             self.start()
 
@@ -233,6 +238,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadlines = deadlines
         self._running = None  # the request the application is answering (self.cycle: the newest read)
         self._in_headers = False  # reading a request's line and headers (no cycle of its own yet)
+        self._stalled: float | None = None  # when a full send buffer that has not drained times out
         self._pending: ServiceError | None = None  # a refusal waiting for the answers owed before it
         if len(self.connections) > self.limits.max_connections:
             self._reject(TooManyConnections("the server has too many open connections; retry later"))
@@ -270,6 +276,27 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+
+    # -- a client that stops reading --------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The socket's send buffer is full: the client reads slower than the answer comes, or not
+        at all. A stream of 64 choices whose client never read was held for ever (2.8 MB waiting,
+        its rows decoding, and shutdown waiting 30 s for it); past ``send_timeout_s`` without the
+        buffer draining, the connection is dropped and its request cancelled."""
+        super().pause_writing()
+        self._stalled = self.loop.time() + self.limits.send_timeout_s
+        self._deadlines.start()
+
+    def resume_writing(self) -> None:
+        self._stalled = None
+        super().resume_writing()
+
+    def _abandon(self) -> None:
+        if self.transport.is_closing():
+            return
+        log.info("dropped a connection whose client read nothing for %.0f s", self.limits.send_timeout_s)
+        self.transport.abort()  # connection_lost follows: the running request sees the client gone
 
     def send_400_response(self, msg: str) -> None:
         # The parser's refusals (a malformed request line or header, "Transfer-Encoding: identity",

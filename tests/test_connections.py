@@ -19,6 +19,7 @@ LIMITS = {
     "NEUROSERVE_KEEP_ALIVE_S": "1",
     "NEUROSERVE_HEADER_TIMEOUT_S": "1",
     "NEUROSERVE_BODY_TIMEOUT_S": "1",
+    "NEUROSERVE_SEND_TIMEOUT_S": "1",
     "NEUROSERVE_MAX_HEADER_BYTES": "8192",
     "NEUROSERVE_MAX_HEADERS": "50",
     "NEUROSERVE_MAX_CONNECTIONS": "40",
@@ -245,3 +246,30 @@ def test_a_websocket_upgrade_is_answered_as_plain_http(server) -> None:
         )
         data, _ = answer(sock)
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"live":true}'), data[:300]
+
+
+def test_a_client_that_stops_reading_its_answers_is_dropped(server) -> None:
+    """Nothing timed out a full send buffer: a stream nobody read was held for ever, its rows decoding.
+    Here many pipelined requests whose answers the client never reads fill the buffers."""
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    count = 50_000
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    with sock:
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(3)
+        try:
+            sock.sendall(request * count)
+        except (TimeoutError, OSError):
+            pass  # the server stopped reading: it owes answers first
+        time.sleep(4)  # past the 1 s send timeout, reading nothing
+        sock.settimeout(5)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail(f"the connection is still open after {data.count(b'HTTP/1.1 200')} answers")
+    assert data.count(b"HTTP/1.1 200") < count

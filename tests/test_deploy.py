@@ -51,6 +51,12 @@ def test_kubernetes_deployments_probe_the_v2_health_endpoints_and_set_resources(
     }
     gpu = next(d for d in kinds["Deployment"] if d["metadata"]["name"].endswith("gpu"))
     assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # Every Deployment's pods are behind some Service (the GPU pods were behind none).
+    for deployment in kinds["Deployment"]:
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert any(
+            all(labels.get(k) == v for k, v in service["spec"]["selector"].items()) for service in kinds["Service"]
+        ), deployment["metadata"]["name"]
 
 
 def test_compose_replicas_are_health_gated_limited_and_read_only() -> None:

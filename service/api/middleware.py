@@ -336,7 +336,9 @@ class RequestGuard:
         series[1].observe(elapsed)
         if status >= 400 or (self.access_log and scope["path"] not in _QUIET_PATHS):
             log_request(
-                logging.INFO,
+                # A 5xx at warning: an operator who logs at warning still sees the server's failures
+                # (a 504, a 503), not the clients' mistakes.
+                logging.WARNING if status >= 500 else logging.INFO,
                 method,
                 scope["path"],
                 status,
