@@ -43,7 +43,13 @@ def serve(settings: Settings) -> None:
         shed_per_s=settings.shed_per_s,
         shed_max_wait_s=settings.shed_max_wait_s,
     )
-    run(create_app(settings), host=settings.host, port=settings.port, limits=limits)
+    run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        limits=limits,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
 
 
 def _write_logs_before_signal_exit(writer: LogWriter) -> None:

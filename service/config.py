@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
     access_log: bool = Field(True, description="Log every request (errors are always logged).")
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="Proxies whose X-Forwarded-For names the client in the logs (a JSON list or comma-separated "
+        "addresses or networks; '*': any, for a server only its proxy can reach).",
+    )
 
     # Clients on the web: who may call, from which origins.
     api_keys_file: Path | None = Field(
@@ -265,7 +270,7 @@ class Settings(BaseSettings):
         """An empty variable (compose's "${VAR:-}") means no keys file, not the current folder."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("default_models", "cors_allow_origins", "allowed_hosts", mode="before")
+    @field_validator("default_models", "cors_allow_origins", "allowed_hosts", "forwarded_allow_ips", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:
         """A JSON list or comma-separated names (``mnist,sentiment-zh``)."""

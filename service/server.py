@@ -520,11 +520,16 @@ def protocol_class(limits: ConnectionLimits, early=None) -> type[GuardedProtocol
     return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits, "early": early, "door": door})
 
 
-def run(app, *, host: str, port: int, limits: ConnectionLimits) -> None:  # type: ignore[no-untyped-def]
+def run(  # type: ignore[no-untyped-def]
+    app, *, host: str, port: int, limits: ConnectionLimits, forwarded_allow_ips: list[str] | None = None
+) -> None:
     uvicorn.run(
         app,
         host=host,
         port=port,
+        # Behind nginx the peer is nginx: the client's address comes from X-Forwarded-For, taken
+        # only from these proxies (uvicorn's default: 127.0.0.1).
+        forwarded_allow_ips=forwarded_allow_ips or ["127.0.0.1"],
         http=protocol_class(limits, getattr(app.state, "early_refusals", None)),  # type: ignore[arg-type]
         log_config=None,
         access_log=False,

@@ -273,3 +273,22 @@ def test_a_client_that_stops_reading_its_answers_is_dropped(server) -> None:
         except TimeoutError:
             pytest.fail(f"the connection is still open after {data.count(b'HTTP/1.1 200')} answers")
     assert data.count(b"HTTP/1.1 200") < count
+
+
+@pytest.mark.parametrize(("trusted", "logged"), [("*", "203.0.113.7"), ("10.9.9.9", "127.0.0.1")])
+def test_only_a_trusted_proxy_names_the_client_in_the_log(tmp_path, trusted: str, logged: str) -> None:
+    """Behind nginx every access line named nginx: uvicorn trusts X-Forwarded-For from 127.0.0.1 only."""
+    shutil.copytree(ROOT / "models" / "mnist", tmp_path / "mnist")
+    env = {"NEUROSERVE_FORWARDED_ALLOW_IPS": trusted, "NEUROSERVE_ACCESS_LOG": "true", "NEUROSERVE_LOG_LEVEL": "info"}
+    with neuroserve(tmp_path, **env) as proxied, connect(proxied) as sock:
+        sock.sendall(
+            b"GET /v2/models HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 203.0.113.7\r\n"
+            b"X-Request-ID: forwarded-client-check\r\nConnection: close\r\n\r\n"
+        )
+        data, _ = answer(sock)
+        assert data.startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 5
+        while "forwarded-client-check" not in proxied.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (line,) = [line for line in proxied.output().splitlines() if "forwarded-client-check" in line]
+    assert f'"client":"{logged}"' in line.replace(" ", ""), line
