@@ -302,10 +302,7 @@ class GuardedProtocol(HttpToolsProtocol):
         # The parser's refusals (a malformed request line or header, "Transfer-Encoding: identity",
         # both Content-Length and chunked) in the service's one wire shape: uvicorn's own is text/plain.
         if not self._rejected:  # a refusal of ours already answered and closed
-            self._rejected = True
-            self._cancel_phase()
-            reason = msg.rstrip(".")
-            error = InvalidInput(f"malformed HTTP request: {reason}")
+            error = InvalidInput(f"malformed HTTP request: {msg.rstrip('.')}")
             if not self._after_earlier(error):
                 self._rejected = True
                 self._cancel_phase()
