@@ -6,10 +6,13 @@ request guard; time is the event loop's."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import pytest
 
+from service.api import middleware
+from service.metrics import Metrics
 from service.server import Door
 
 pytestmark = pytest.mark.anyio
@@ -185,3 +188,26 @@ async def test_each_path_has_its_own_line() -> None:
 def test_the_bucket_holds_a_tenth_of_a_seconds_refusals_and_at_least_one(per_s: float) -> None:
     door = Door(FakeGuard(), per_s=per_s, max_wait_s=1)
     assert door.capacity == max(1.0, per_s / 10)
+
+
+def test_a_flood_of_429s_is_logged_once_a_second_per_route_with_the_count_not_written(monkeypatch, caplog) -> None:
+    """Every refusal was a log line (500 a second at 1,024 connections, the log thread holding the
+    interpreter lock the decode threads need); /metrics still counts each one."""
+    metrics = Metrics()
+    guard = middleware.RequestGuard(lambda *a: None, max_body_bytes=1024, metrics=metrics, access_log=False)
+    clock = [100.0]
+    monkeypatch.setattr(middleware.time, "monotonic", lambda: clock[0])
+    scope = {"type": "http", "method": "POST", "path": "/v1/translation", "headers": [], "client": ("127.0.0.1", 1)}
+    with caplog.at_level(logging.INFO, logger="neuroserve.access"):
+        for _ in range(5):
+            guard._record(scope, 429, 0.0)
+        clock[0] += 1.5
+        guard._record(scope, 429, 0.0)
+        guard._record(scope, 400, 0.0)  # other errors are each logged
+    lines = [r for r in caplog.records if r.name == "neuroserve.access"]
+    assert [r.getMessage().split()[-1] for r in lines] == ["429", "429", "400"]
+    assert not hasattr(lines[0], "unlogged_429s") and lines[1].unlogged_429s == 4
+    counted = metrics.registry.get_sample_value(
+        "neuroserve_http_requests_total", {"method": "POST", "route": "unmatched", "status": "429"}
+    )
+    assert counted == 6

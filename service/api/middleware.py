@@ -139,6 +139,7 @@ class RequestGuard:
         # It answers a refusal (Overloaded), or lets the request in with a claim on places in queues.
         self.admit = admit
         self.access_log = access_log
+        self._shed_log: dict[str, list] = {}  # route -> [when its last 429 was logged, 429s not logged since]
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self._series: dict[tuple[str, str, int], tuple] = {}
@@ -334,6 +335,19 @@ class RequestGuard:
             )
         series[0].inc()
         series[1].observe(elapsed)
+        fields: dict = {}
+        if status == 429:
+            # Under a flood every refusal was a line: 500 a second at 1,024 connections (the log
+            # thread took 3 % of the interpreter lock the decode threads need, py-spy), identical
+            # but for ids. One a second per route, with how many went unwritten; /metrics counts all.
+            skipped = self._shed_log.get(template)
+            now = time.monotonic()
+            if skipped is not None and now - skipped[0] < 1.0:
+                skipped[1] += 1
+                return
+            self._shed_log[template] = [now, 0]
+            if skipped and skipped[1]:
+                fields["unlogged_429s"] = skipped[1]
         if status >= 400 or (self.access_log and scope["path"] not in _QUIET_PATHS):
             log_request(
                 # A 5xx at warning: an operator who logs at warning still sees the server's failures
@@ -350,6 +364,7 @@ class RequestGuard:
                     "route": template,
                     "client": (scope.get("client") or ("-",))[0],
                     **({"trace_id": trace_id} if (trace_id := tracing.current_trace_id()) else {}),
+                    **fields,
                 },
             )
 
