@@ -34,6 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.admission import SCOPE_KEY as CLAIM
+from service.api.handlers import error_body, error_status
 from service.errors import HeadersTooLarge, InvalidInput, RequestTimeout, ServiceError, TooManyConnections
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,11 @@ class ConnectionLimits:
     shed_max_wait_s: float = 2.0
 
 
-def _reply(transport: asyncio.BaseTransport, error: ServiceError) -> None:
-    body = orjson.dumps(error.to_dict())
-    status = error.status_code
+def _reply(transport: asyncio.BaseTransport, error: ServiceError, path: str | None = None) -> None:
+    """The whole answer, then close. ``path``: the request's, when known (the OpenAI routes answer
+    in OpenAI's error shape, which its client libraries parse)."""
+    body = orjson.dumps(error_body(error, path))
+    status = error_status(error, path)
     transport.write(  # type: ignore[attr-defined]
         STATUS_LINE[status]
         # Every answer carries an id (README), these too; nothing of the request was read to log it by.
@@ -239,7 +242,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._running = None  # the request the application is answering (self.cycle: the newest read)
         self._in_headers = False  # reading a request's line and headers (no cycle of its own yet)
         self._stalled: float | None = None  # when a full send buffer that has not drained times out
-        self._pending: ServiceError | None = None  # a refusal waiting for the answers owed before it
+        self._pending: tuple[ServiceError, str | None] | None = None  # a refusal owed after earlier answers
         if len(self.connections) > self.limits.max_connections:
             self._reject(TooManyConnections("the server has too many open connections; retry later"))
             return
@@ -306,7 +309,7 @@ class GuardedProtocol(HttpToolsProtocol):
             if not self._after_earlier(error):
                 self._rejected = True
                 self._cancel_phase()
-                _reply(self.transport, error)
+                _reply(self.transport, error, self._path())
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -316,6 +319,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _cancel_phase(self) -> None:
         self._deadline = None
+
+    def _path(self) -> str | None:
+        """The path of the request being read, as far as it has come ("" before its line)."""
+        url = getattr(self, "url", b"")
+        return url.split(b"?", 1)[0].decode("latin-1") if url else None
 
     def _after_earlier(self, error: ServiceError) -> bool:
         """Hold ``error`` back when it answers a pipelined request that earlier ones are still owed
@@ -334,7 +342,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return False
         self._rejected = True  # nothing more is read
         self._cancel_phase()
-        self._pending = error
+        self._pending = (error, self._path())
         if culprit is not None:  # queued behind the others: it never runs
             self.pipeline = type(self.pipeline)(item for item in self.pipeline if item[0] is not culprit)
             culprit.response_started = culprit.response_complete = True
@@ -348,9 +356,9 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # held at the door
-        error, self._pending = self._pending, None
-        if error is not None and not self.transport.is_closing():
-            _reply(self.transport, error)
+        pending, self._pending = self._pending, None
+        if pending is not None and not self.transport.is_closing():
+            _reply(self.transport, *pending)
 
     def _reject(self, error: ServiceError) -> None:
         if self._rejected or self.transport.is_closing():
@@ -365,7 +373,7 @@ class GuardedProtocol(HttpToolsProtocol):
             if self.cycle is not None:
                 self.cycle.disconnected = True  # the application sees the client gone
                 self.cycle.message_event.set()
-            _reply(self.transport, error)
+            _reply(self.transport, error, self._path())
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -292,3 +292,19 @@ def test_only_a_trusted_proxy_names_the_client_in_the_log(tmp_path, trusted: str
             time.sleep(0.1)
         (line,) = [line for line in proxied.output().splitlines() if "forwarded-client-check" in line]
     assert f'"client":"{logged}"' in line.replace(" ", ""), line
+
+
+def test_the_openai_routes_refusals_before_the_application_come_in_openais_shape(server) -> None:
+    """An OpenAI client parses {"error": {"message", "type", "code"}}: a 431 or a parser 400 on
+    /v1/completions came in the house shape, which it could not read."""
+    for request_bytes, status in (
+        (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 60 + b"\r\n", b"431"),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: identity\r\n\r\n", b"400"),
+    ):
+        with connect(server) as sock:
+            sock.sendall(request_bytes)
+            data, _ = answer(sock)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status), data[:300]
+        error = orjson.loads(body)["error"]
+        assert error["code"] in ("headers_too_large", "invalid_input") and error["message"], body
