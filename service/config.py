@@ -7,6 +7,7 @@ read at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -325,12 +326,17 @@ def _origin(text: str) -> str:
     valid = (
         sep
         and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme)
-        and re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", host)
+        and re.fullmatch(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", host)
         and (port == "" or (port.isdigit() and 0 < int(port) < 65536))
     )
     if not valid:
         raise ValueError(f"{text!r} is not an origin: {example}")
     scheme, host = scheme.lower(), host.lower()
+    if host.startswith("["):  # as browsers write it: [2001:db8:0:0::1] is sent as [2001:db8::1]
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(f"{text!r} is not an origin: {host} is not an IPv6 address") from None
     keep_port = port and int(port) != _DEFAULT_PORTS.get(scheme)
     return f"{scheme}://{host}:{int(port)}" if keep_port else f"{scheme}://{host}"
 

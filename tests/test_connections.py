@@ -3,14 +3,17 @@ request. Raw sockets to a real server on 127.0.0.1, every limit set to about a s
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import orjson
 import pytest
 
-from bench.harness import neuroserve
+from bench.harness import free_port, neuroserve
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -215,8 +218,9 @@ def test_a_request_the_parser_refuses_gets_the_json_error_shape(server, request_
     [
         b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: identity\r\n\r\n",
         b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 60 + b"\r\n",
+        b"GET http://a:b/ HTTP/1.1\r\nHost: localhost\r\n\r\n",  # taken by the parser, not by the URL split
     ],
-    ids=["malformed", "too-many-headers"],
+    ids=["malformed", "too-many-headers", "unsplittable-url"],
 )
 def test_a_refused_pipelined_request_waits_for_the_answer_owed_before_it(server, second: bytes) -> None:
     """HTTP answers in order: the refusal closed the connection while the request before it ran,
@@ -308,3 +312,77 @@ def test_the_openai_routes_refusals_before_the_application_come_in_openais_shape
         assert head.startswith(b"HTTP/1.1 " + status), data[:300]
         error = orjson.loads(body)["error"]
         assert error["code"] in ("headers_too_large", "invalid_input") and error["message"], body
+
+
+@pytest.fixture
+def big_answers():
+    """A server of the service's protocol (tests/protocol_app.py) whose /big is 4 MB in one write,
+    more than the kernel's buffers hold; keep-alive and send timeouts 1 s."""
+    port = free_port()
+    env = {**os.environ, "KA": "1", "ST": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.protocol_app", str(port)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _small_window(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _body_and_length(data: bytes) -> tuple[bytes, int]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    length = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return body, int(length.split(b":")[1])
+
+
+def test_a_slow_client_that_keeps_reading_is_not_dropped(big_answers: int) -> None:
+    """The send timeout ran from a full buffer until it drained below its mark, and the kernel's
+    own buffer hid the progress: a client reading a large answer steadily was cut as if it read nothing."""
+    with _small_window(big_answers) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        started = time.monotonic()
+        while len(data) < 4_000_000:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            time.sleep(0.01)
+        seconds = time.monotonic() - started
+    body, length = _body_and_length(data)
+    assert len(body) == length and seconds > 1.5, (len(body), length, seconds)
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["idle-timer-closes", "connection-close"])
+def test_a_client_that_reads_nothing_is_dropped_even_once_its_connection_is_closing(big_answers: int, close) -> None:
+    """close() waits for the buffer to drain: when the idle timer or Connection: close came first,
+    the never-reading client was held for ever (the drop skipped connections already closing)."""
+    with _small_window(big_answers) as sock:
+        close_header = b"Connection: close\r\n" if close else b""
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: localhost\r\n" + close_header + b"\r\n")
+        time.sleep(4)  # reading nothing, past the 1 s timeouts
+        sock.settimeout(10)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    body, length = _body_and_length(data)
+    assert len(body) < length  # dropped: the rest never came

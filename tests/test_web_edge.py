@@ -221,8 +221,17 @@ def test_an_app_origin_of_any_scheme_and_a_trailing_slash_are_taken() -> None:
 def test_origins_are_written_as_browsers_send_them_so_the_cors_answer_matches() -> None:
     """Browsers send the scheme and host in lower case and no default port; the CORS answer compares
     strings, so "HTTPS://App.example.com:443" passed the forgery check but got no CORS headers."""
-    settings = Settings(cors_allow_origins="HTTPS://App.Example.com:443, http://localhost:80, http://[::1]:8080")
-    assert settings.cors_allow_origins == ["https://app.example.com", "http://localhost", "http://[::1]:8080"]
+    settings = Settings(
+        cors_allow_origins="HTTPS://App.Example.com:443, http://localhost:80, http://[::1]:8080, "
+        "http://[2001:DB8:0:0::1], http://my_app.internal:3000"
+    )
+    assert settings.cors_allow_origins == [
+        "https://app.example.com",
+        "http://localhost",
+        "http://[::1]:8080",
+        "http://[2001:db8::1]",
+        "http://my_app.internal:3000",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -67,9 +67,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = exc.headers
-        if exc.status_code == 405:
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
             # Starlette names the methods of the first route on the path; /v1/faces has three.
-            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+            # (None found: a mounted app such as /static, whose own Allow stands.)
+            headers = {**(headers or {}), "Allow": allowed}
         return error_response(error_for_status(exc.status_code, str(exc.detail), headers), request.url.path)
 
     @app.exception_handler(ClientDisconnect)
