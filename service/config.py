@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="Longest time an answer may wait for a client that reads nothing (a full send buffer): "
-        "then the connection is dropped and its request cancelled.",
+        description="Longest time an answer may wait for a client that takes none of it (a full send buffer "
+        "and nothing read from it or the kernel's queue): then the connection is dropped and its request "
+        "cancelled. A slow client that keeps reading is never cut.",
     )
     max_header_bytes: int = Field(65536, ge=1024, description="Bytes of a request's line and headers (431 beyond).")
     max_headers: int = Field(100, ge=8, description="Headers per request (431 beyond).")
