@@ -50,6 +50,20 @@ def answer(sock: socket.socket) -> tuple[bytes, float]:
     return b"".join(chunks), time.monotonic() - started
 
 
+def read_until_dropped(sock: socket.socket, seconds: float = 10) -> bytes:
+    """What the server sent before it closed or reset the connection; fails if it keeps it open."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection is still open after {len(data)} bytes")
+    return data
+
+
 def test_a_connection_that_never_sends_a_request_is_closed(server) -> None:
     with connect(server) as sock:
         data, seconds = answer(sock)
@@ -267,15 +281,7 @@ def test_a_client_that_stops_reading_its_answers_is_dropped(server) -> None:
         except (TimeoutError, OSError):
             pass  # the server stopped reading: it owes answers first
         time.sleep(4)  # past the 1 s send timeout, reading nothing
-        sock.settimeout(5)
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            pytest.fail(f"the connection is still open after {data.count(b'HTTP/1.1 200')} answers")
+        data = read_until_dropped(sock)
     assert data.count(b"HTTP/1.1 200") < count
 
 
@@ -377,12 +383,6 @@ def test_a_client_that_reads_nothing_is_dropped_even_once_its_connection_is_clos
         close_header = b"Connection: close\r\n" if close else b""
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: localhost\r\n" + close_header + b"\r\n")
         time.sleep(4)  # reading nothing, past the 1 s timeouts
-        sock.settimeout(10)
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
+        data = read_until_dropped(sock)
     body, length = _body_and_length(data)
     assert len(body) < length  # dropped: the rest never came
