@@ -67,6 +67,8 @@ class Config:
     hidden: int = 512
     layers: int = 2
     dropout: float = field(default=0.4, metadata={"help": "on the embeddings, between the layers and on the output"})
+    input_dropout: float | None = field(default=None, metadata={"help": "on the embeddings (unset: --dropout)"})
+    layer_dropout: float | None = field(default=None, metadata={"help": "between the LSTM layers (unset: --dropout)"})
     variational: bool = field(
         default=True, metadata={"help": "one dropout mask per sentence for all its positions (embeddings, output)"}
     )
@@ -74,6 +76,13 @@ class Config:
         default=0.25, metadata={"help": "DropConnect on the LSTM's hidden-to-hidden weights while training"}
     )
     epochs: int = 16
+    time_budget_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "also stop after this many minutes of training, the learning rate's cosine following the "
+            "time spent (or the steps, whichever is further): a run of known length on a machine of unknown speed"
+        },
+    )
     batch_tokens: int = field(default=2048, metadata={"help": "tokens (with <bos>, <eos>) per batch"})
     lr: float = 8e-3
     warmup_steps: int = 200
@@ -94,8 +103,22 @@ class Config:
             "(validation and test stay fra-eng.zip's, so figures compare across versions)"
         },
     )
-    seed: int = 1
+    seed: int = field(default=1, metadata={"help": "initial weights, dropout and batch order"})
+    split_seed: int = field(
+        default=1,
+        metadata={"help": "the split by sentence (runs that differ only in --seed share their held-out sentences)"},
+    )
     device: str = "auto"
+    checkpoint: Path | None = field(
+        default=None,
+        metadata={
+            "help": "save the best weights, the tokenizer and the history in this folder and stop before the "
+            "export (train on the GPU machine, export and score here with --from-checkpoint)"
+        },
+    )
+    from_checkpoint: Path | None = field(
+        default=None, metadata={"help": "a --checkpoint folder: export and score its weights instead of training"}
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads (0: torch's default)"})
     smoke: bool = field(default=False, metadata={"help": "3,000 sentences, tiny model, one epoch: checks the pipeline"})
 
@@ -126,7 +149,7 @@ def extra_training(cfg: Config, held: list[str]) -> list[str]:
     known = set(held)
     extra = [s for name in cfg.extra_train for s in read_sentences(cfg.data_dir, name) if s not in known]
     extra = sorted(set(extra))
-    random.Random(cfg.seed + 1).shuffle(extra)
+    random.Random(cfg.split_seed + 1).shuffle(extra)
     return extra[:300] if cfg.smoke else extra
 
 
@@ -318,10 +341,12 @@ class LanguageModel(nn.Module):
     def __init__(self, vocab: int, cfg: Config) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, cfg.embed_dim, padding_idx=PAD_ID)
+        between = cfg.dropout if cfg.layer_dropout is None else cfg.layer_dropout
         self.lstm = nn.LSTM(
-            cfg.embed_dim, cfg.hidden, cfg.layers, batch_first=True, dropout=cfg.dropout if cfg.layers > 1 else 0.0
+            cfg.embed_dim, cfg.hidden, cfg.layers, batch_first=True, dropout=between if cfg.layers > 1 else 0.0
         )
         self.dropout = nn.Dropout(cfg.dropout)
+        self.input_dropout = nn.Dropout(cfg.dropout if cfg.input_dropout is None else cfg.input_dropout)
         self.variational = cfg.variational
         self.weight_drop = cfg.weight_drop
         self.project = nn.Linear(cfg.hidden, cfg.embed_dim) if cfg.hidden != cfg.embed_dim else nn.Identity()
@@ -330,11 +355,12 @@ class LanguageModel(nn.Module):
         with torch.no_grad():
             self.embed.weight[PAD_ID].zero_()
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
+    def drop(self, x: torch.Tensor, dropout: nn.Dropout | None = None) -> torch.Tensor:
         """Dropout of ``[B, T, D]``: with ``variational``, the same units of a sentence at every position."""
+        dropout = dropout or self.dropout
         if not (self.training and self.variational):
-            return self.dropout(x)
-        return x * self.dropout(x.new_ones(x.shape[0], 1, x.shape[2]))
+            return dropout(x)
+        return x * dropout(x.new_ones(x.shape[0], 1, x.shape[2]))
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return F.linear(self.project(self.drop(out)), self.embed.weight, self.bias)
@@ -342,7 +368,7 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``ids [B, T]`` -> logits ``[B, T, V]`` and the state, torch's way (``[layers, B, hidden]``).
         While training, the recurrent weights are dropped (one mask per batch, AWD-LSTM's weight drop)."""
-        x = self.drop(self.embed(ids))
+        x = self.drop(self.embed(ids), self.input_dropout)
         if self.training and self.weight_drop > 0:
             dropped = {
                 name: F.dropout(weight, self.weight_drop, training=True)
@@ -390,11 +416,11 @@ def pad(seqs: list[list[int]]) -> torch.Tensor:
     return out
 
 
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    """Linear warm-up, then a cosine down to 5 % of the peak."""
+def lr_at(step: int, progress: float, cfg: Config) -> float:
+    """Linear warm-up over the first steps, then a cosine down to 5 % of the peak as ``progress``
+    (the share of the run done after the warm-up) goes from 0 to 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -426,11 +452,35 @@ class Fitted(NamedTuple):
     steps: int
     seconds: float
     history: list[dict]
+    device: str = ""
+
+
+def save_checkpoint(
+    folder: Path, fitted: Fitted, tokenizer: Tokenizer, command: str, device: str, baseline: dict
+) -> None:
+    """The best weights and how they were trained (``checkpoint.pt``), the tokenizer, and a summary
+    (``summary.json``: the history and the n-gram baseline), for :func:`load_checkpoint`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {**fitted._asdict(), "device": device, "command": command}
+    torch.save(record, folder / "checkpoint.pt")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    best = min(fitted.history, key=lambda h: h["validation_bits_per_character"])
+    summary = {"command": command, "device": device, "best": best, "ngram_baseline": baseline, **record}
+    del summary["state"]
+    common.write_json(folder / "summary.json", summary)
+
+
+def load_checkpoint(folder: Path, command: str) -> tuple[Fitted, str]:
+    """A :func:`save_checkpoint` folder's training, and the command of both steps (the metadata's)."""
+    record = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    trained_by = record.pop("command")
+    return Fitted(**record), f"{trained_by} && {command}" if command else trained_by
 
 
 def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], chars: int, epochs: int) -> Fitted:
-    """Train for ``epochs``, keeping the weights of the epoch with the lowest validation bits per
-    character (``chars``: the validation characters, each sentence's end counted as one)."""
+    """Train for ``epochs`` (or ``cfg.time_budget_min``, whichever ends first), keeping the weights of
+    the epoch with the lowest validation bits per character (``chars``: the validation characters, each
+    sentence's end counted as one)."""
     device = next(model.parameters()).device
     optimizer = optimizer_for(model, cfg)
     rng = random.Random(cfg.seed)
@@ -439,14 +489,22 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
     total = len(common.token_batches(lengths, cfg.batch_tokens, random.Random(0))) * epochs
     best, best_state, best_epoch, step, history = math.inf, None, 0, 0, []
     started = time.perf_counter()
+    budget = cfg.time_budget_min * 60
+
+    def progress() -> float:
+        done = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return max(done, (time.perf_counter() - started) / budget) if budget else done
+
     for epoch in range(1, epochs + 1):
         model.train()
         bar = tqdm(common.token_batches(lengths, cfg.batch_tokens, rng), desc=f"epoch {epoch}/{epochs}", unit="batch")
         nats, tokens = 0.0, 0
         for batch in bar:
             ids = pad([train[i] for i in batch]).to(device)
+            if budget and progress() >= 1.0:
+                break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, progress(), cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits, _ = model(ids[:, :-1])
             logits = logits.float()
@@ -464,7 +522,7 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": round(nats / tokens, 4),
+                "train_loss": round(nats / max(tokens, 1), 4),
                 "validation_bits_per_character": round(bpc, 4),
                 "seconds": round(time.perf_counter() - started, 1),
             }
@@ -472,6 +530,9 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
         tqdm.write(f"epoch {epoch}: {history[-1]}")
         if bpc < best:
             best, best_epoch, best_state = bpc, epoch, common.snapshot(model)
+        if budget and time.perf_counter() - started >= budget:
+            tqdm.write(f"the time budget of {cfg.time_budget_min} min is spent after epoch {epoch}")
+            break
     return Fitted(best_state, best_epoch, step, time.perf_counter() - started, history)
 
 
@@ -672,7 +733,7 @@ def train(cfg: Config, command: str = "") -> dict:
         torch.set_num_threads(cfg.threads)
     device = common.pick_device(cfg.device)
     sentences = read_sentences(cfg.data_dir)
-    splits = split_sentences(sentences, cfg.validation_fraction, cfg.test_fraction, cfg.seed)
+    splits = split_sentences(sentences, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
     epochs = cfg.epochs
     if cfg.smoke:
         (cfg, splits), epochs = smoke_sized(cfg, splits), 1
@@ -682,7 +743,11 @@ def train(cfg: Config, command: str = "") -> dict:
     splits["train"] += extra
     baseline = ngram_baseline(cfg, splits)
 
-    tokenizer = build_tokenizer(splits["train"], cfg.vocab_size)
+    if cfg.from_checkpoint:
+        tokenizer = Tokenizer.from_file(str(cfg.from_checkpoint / "tokenizer.json"))
+        tokenizer.encode_special_tokens = True
+    else:
+        tokenizer = build_tokenizer(splits["train"], cfg.vocab_size)
     check_lossless(tokenizer, splits["validation"])
     vocab = tokenizer.get_vocab_size()
     seqs = {k: encode(tokenizer, v) for k, v in splits.items()}
@@ -693,7 +758,13 @@ def train(cfg: Config, command: str = "") -> dict:
     )
     model = LanguageModel(vocab, cfg).to(device)
     tqdm.write(f"{sum(p.numel() for p in model.parameters())} parameters")
-    fitted = fit(model, cfg, seqs, chars["validation"], epochs)
+    if cfg.from_checkpoint:
+        fitted, command = load_checkpoint(cfg.from_checkpoint, command)
+    else:
+        fitted = fit(model, cfg, seqs, chars["validation"], epochs)
+    if cfg.checkpoint:
+        save_checkpoint(cfg.checkpoint, fitted, tokenizer, command, str(device), baseline)
+        return {"checkpoint": str(cfg.checkpoint), "best_epoch": fitted.best_epoch, "history": fitted.history}
     model = model.cpu()
     model.load_state_dict(fitted.state)
     model.eval()
@@ -723,7 +794,7 @@ def train(cfg: Config, command: str = "") -> dict:
         "name": "Tatoeba English sentences (the English side of manythings.org/anki fra-eng.zip, 2017 export)",
         "source": "../shared/data/translation/fra-eng.zip (see its SOURCE.md)",
         "split": f"{len(sentences)} distinct English sentences (exact duplicates removed) shuffled with seed "
-        f"{cfg.seed}: {cfg.test_fraction:.0%} test (reported once), {cfg.validation_fraction:.0%} validation "
+        f"{cfg.split_seed}: {cfg.test_fraction:.0%} test (reported once), {cfg.validation_fraction:.0%} validation "
         "(epoch choice, n-gram order choice), the rest training (the tokenizer, the LSTM and the n-gram "
         "model); no sentence on two sides"
         + (
@@ -750,7 +821,7 @@ def train(cfg: Config, command: str = "") -> dict:
             "best_epoch": fitted.best_epoch,
             "steps": fitted.steps,
             "seconds": round(fitted.seconds, 1),
-            "device": str(device),
+            "device": fitted.device or str(device),
             "history": fitted.history,
         },
     )

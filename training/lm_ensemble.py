@@ -1,0 +1,119 @@
+"""Score language-model checkpoints of one tokenizer alone and as mixtures (the mean of their
+next-token probabilities), on the validation and test sentences of their split.
+
+    python -m training.lm_ensemble --data-dir ../shared/data/translation --output /tmp/mix.json RUN_DIR ...
+
+Each folder is a ``python -m training.text_generation --checkpoint`` folder. Every subset of the
+folders is scored; subsets are ranked by validation bits per character (the test figure is reported
+beside it, not used to choose). The mixture's log-probability of a token is
+``logsumexp_i(log p_i) - log k``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from training import common
+from training.text_generation import (
+    PAD_ID,
+    Config,
+    LanguageModel,
+    encode,
+    pad,
+    read_sentences,
+    split_sentences,
+)
+
+
+def architecture(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Embedding width, LSTM width and depth, read from the weights."""
+    layers = sum(1 for k in state if k.startswith("lstm.weight_hh_l"))
+    return {
+        "embed_dim": state["embed.weight"].shape[1],
+        "hidden": state["lstm.weight_hh_l0"].shape[1],
+        "layers": layers,
+    }
+
+
+def load_member(folder: Path, device: torch.device) -> LanguageModel:
+    record = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = record["state"]
+    cfg = dataclasses.replace(Config(), **architecture(state))
+    model = LanguageModel(state["embed.weight"].shape[0], cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def target_log_probs(model: LanguageModel, seqs: list[list[int]], batch_tokens: int = 8192) -> torch.Tensor:
+    """The log-probability of every predicted token (after ``<bos>``, ``<eos>`` included), in an order
+    that depends only on ``seqs`` (so that members line up)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for batch in common.token_batches([len(s) for s in seqs], batch_tokens, random.Random(0)):
+            ids = pad([seqs[i] for i in batch]).to(device)
+            logits, _ = model(ids[:, :-1])
+            log_probs = F.log_softmax(logits.float(), dim=-1)
+            targets = ids[:, 1:]
+            picked = log_probs.gather(2, targets.unsqueeze(2)).squeeze(2)
+            out.append(picked[targets != PAD_ID].double().cpu())
+    return torch.cat(out)
+
+
+def mixture_bits(per_member: list[torch.Tensor]) -> float:
+    stacked = torch.stack(per_member)
+    nats = -(torch.logsumexp(stacked, dim=0) - math.log(len(per_member))).sum()
+    return float(nats) / math.log(2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m training.lm_ensemble", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", type=Path, nargs="+")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--split-seed", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    device = common.pick_device(args.device)
+    tokenizers = {(f / "tokenizer.json").read_text() for f in args.folders}
+    if len(tokenizers) != 1:
+        raise SystemExit("the checkpoints do not share one tokenizer")
+    tokenizer = Tokenizer.from_file(str(args.folders[0] / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True
+    cfg = Config(split_seed=args.split_seed)
+    splits = split_sentences(read_sentences(args.data_dir), cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
+    chars = {k: sum(len(t) + 1 for t in splits[k]) for k in ("validation", "test")}
+    seqs = {k: encode(tokenizer, splits[k]) for k in ("validation", "test")}
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    for folder in args.folders:
+        model = load_member(folder, device)
+        scores[folder.name] = {k: target_log_probs(model, seqs[k]) for k in seqs}
+        del model
+    names = sorted(scores)
+    subsets = []
+    for size in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, size):
+            bpc = {k: mixture_bits([scores[n][k] for n in subset]) / chars[k] for k in seqs}
+            subsets.append(
+                {"members": list(subset), **{f"{k}_bits_per_character": round(v, 4) for k, v in bpc.items()}}
+            )
+    subsets.sort(key=lambda s: s["validation_bits_per_character"])
+    result = {"characters": chars, "subsets": subsets}
+    common.write_json(args.output, result)
+    for s in subsets[:10]:
+        print(s)
+    return result
+
+
+if __name__ == "__main__":
+    main()
