@@ -393,6 +393,8 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(tmp_path: Path) -> N
         time.sleep(0.5)
         assert server.metric('neuroserve_batch_size_count{model="long-lm"}') == steps  # nothing decodes on
         assert steps < 2000
+        # what it generated before it was cancelled is counted (it was not, before)
+        assert 2 <= server.metric('neuroserve_generated_tokens_total{model="long-lm"}') <= steps + 1
         server.stop_cleanly()
 
 

@@ -499,9 +499,11 @@ class TextGenerationEngine:
         if self.observer is None:
             stats = await submit
         else:
-            with self.observer.track():
-                stats = await submit
-            self.observer.on_tokens(job.sampled)
+            try:
+                with self.observer.track():
+                    stats = await submit
+            finally:  # a sequence cancelled or failed mid-way generated its tokens too
+                self.observer.on_tokens(job.sampled)
         decode_span(self.scheduler.name, stats, tokens=job.sampled)
         return stats
 

@@ -525,9 +525,11 @@ class TranslationEngine:
         if self.observer is None:
             stats = await submit
         else:
-            with self.observer.track():
-                stats = await submit
-            self.observer.on_tokens(len(job.result()))
+            try:
+                with self.observer.track():
+                    stats = await submit
+            finally:  # a sequence cancelled or failed mid-way generated its steps' tokens too
+                self.observer.on_tokens(len(job.result()) if job.done else job.search.generated)
         decode_span(self.scheduler.name, stats, tokens=len(job.result()))
         return job, stats
 
