@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -396,6 +397,27 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(tmp_path: Path) -> N
         # what it generated before it was cancelled is counted (it was not, before)
         assert 2 <= server.metric('neuroserve_generated_tokens_total{model="long-lm"}') <= steps + 1
         server.stop_cleanly()
+
+
+@pytest.mark.slow
+def test_a_stream_that_fails_after_its_200_is_logged_as_failed(tmp_path: Path) -> None:
+    # The deadline passes mid-way through 4,000 tokens: the client has its 200 and some chunks, then
+    # OpenAI's error chunk. The access line said a plain 200 before (and none with the access log off).
+    lstm_language_model(tmp_path, "long-lm", hidden=384, max_context_tokens=4100, max_new_tokens=4000)
+    with neuroserve(tmp_path, NEUROSERVE_DECODE_TIMEOUT_MS="400") as server:
+        body = {"model": "long-lm", "prompt": "Tom", "max_tokens": 4000, "stream": True, "logit_bias": {"2": -100}}
+        request = urllib.request.Request(
+            server.url("/v1/completions"), json.dumps(body).encode(), {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            status, events = r.status, r.read().decode().split("\n\n")
+        log = server.stop_cleanly()
+    assert status == 200
+    assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "deadline_exceeded"
+    lines = [json.loads(line) for line in log.splitlines() if '"stream_error"' in line]
+    assert [(x["status"], x["stream_error"], x["stream_error_status"], x["level"]) for x in lines] == [
+        (200, "deadline_exceeded", 504, "warning")
+    ]
 
 
 @pytest.mark.parametrize("batching", ["request", "static"])

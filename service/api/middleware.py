@@ -336,6 +336,10 @@ class RequestGuard:
         series[0].inc()
         series[1].observe(elapsed)
         fields: dict = {}
+        failed = (scope.get("state") or {}).get(_STREAM_ERROR)
+        if failed is not None:
+            fields["stream_error"] = failed.error_type
+            fields["stream_error_status"] = failed.status_code
         if status == 429:
             # Under a flood every refusal was a line: 500 a second at 1,024 connections, identical
             # but for ids (43 million a day; the log thread busy 3 % of the time, py-spy). One a
@@ -348,11 +352,11 @@ class RequestGuard:
             self._shed_log[template] = [now, 0]
             if skipped and skipped[1]:
                 fields["unlogged_429s"] = skipped[1]
-        if status >= 400 or (self.access_log and scope["path"] not in _QUIET_PATHS):
+        if status >= 400 or failed is not None or (self.access_log and scope["path"] not in _QUIET_PATHS):
             log_request(
                 # A 5xx at warning: an operator who logs at warning still sees the server's failures
                 # (a 504, a 503), not the clients' mistakes.
-                logging.WARNING if status >= 500 else logging.INFO,
+                logging.WARNING if max(status, failed.status_code if failed else 0) >= 500 else logging.INFO,
                 method,
                 scope["path"],
                 status,
@@ -367,6 +371,15 @@ class RequestGuard:
                     **fields,
                 },
             )
+
+
+_STREAM_ERROR = "neuroserve.stream_error"
+
+
+def stream_failed(scope: Scope, error: ServiceError) -> None:
+    """A streamed answer that failed after its 200 was sent (the client got an error event): the
+    access line says so, and is written whatever the access-log setting, at warning for a 5xx."""
+    scope.setdefault("state", {})[_STREAM_ERROR] = error
 
 
 def _answered(error: ServiceError) -> None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
+from service.api.middleware import stream_failed
 from service.api.schemas import ERROR_RESPONSES, json_body_doc, limit, read_json
 from service.config import Settings
 from service.decoding import DecodeStats
@@ -289,7 +290,17 @@ async def completions(request: Request, registry: RegistryDep, settings: Setting
         include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
         engine.scheduler.admit(len(prompts) * n)  # refused (429) here, before the stream's 200 begins
         chunks = _stream(
-            engine, prompts, n, params, max_tokens, stop, echo, head, include_usage, settings.stream_interval_ms / 1000
+            engine,
+            prompts,
+            n,
+            params,
+            max_tokens,
+            stop,
+            echo,
+            head,
+            include_usage,
+            settings.stream_interval_ms / 1000,
+            on_error=lambda exc: stream_failed(request.scope, exc),
         )
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -517,6 +528,7 @@ async def _stream(
     head: dict,
     include_usage: bool,
     interval_s: float = 0.0,
+    on_error: Callable[[ServiceError], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's stream: a chunk per new piece of text of a choice (held back while it may be the
     start of a stop sequence or an unfinished character), a last chunk per choice with its
@@ -644,6 +656,8 @@ async def _stream(
         try:
             work.result()
         except ServiceError as exc:
+            if on_error is not None:
+                on_error(exc)
             yield b"data: " + orjson.dumps(exc.to_openai_dict()) + b"\n\n"
             yield b"data: [DONE]\n\n"
             return

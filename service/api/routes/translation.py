@@ -8,7 +8,7 @@ every other request, share decoder steps); the answer comes when the last of the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from service import tracing
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
+from service.api.middleware import stream_failed
 from service.api.schemas import ERROR_RESPONSES, check_texts, json_body_doc, limit, read_json
 from service.errors import SchemaError, ServiceError, UnsupportedText
 from service.responses import ModelResponse
@@ -111,7 +112,7 @@ async def translate(request: Request, registry: RegistryDep, settings: SettingsD
     if body.stream:
         engine.scheduler.admit(len(sources))  # refused (429) here, before the stream's 200 begins
         return StreamingResponse(
-            _stream(engine, sources, max_new, head),
+            _stream(engine, sources, max_new, head, on_error=lambda exc: stream_failed(request.scope, exc)),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
@@ -145,7 +146,11 @@ def _event(name: str, data: dict) -> bytes:
 
 
 async def _stream(
-    engine: task.TranslationEngine, sources: list[task.Source], max_new: int, head: dict
+    engine: task.TranslationEngine,
+    sources: list[task.Source],
+    max_new: int,
+    head: dict,
+    on_error: Callable[[ServiceError], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """``token`` events as the decode loop produces them, then ``done`` with the whole answer
     (or ``error`` with the usual error body). Leaving early (client gone) cancels the decoding."""
@@ -172,6 +177,8 @@ async def _stream(
         try:
             results = work.result()
         except ServiceError as exc:
+            if on_error is not None:
+                on_error(exc)
             yield _event("error", exc.to_dict())
             return
         done = TranslationResponse(**head, translations=[_translation(engine, job) for job, _ in results])
