@@ -424,6 +424,38 @@ def test_text_generation_smoke_training_exports_two_graphs_with_parity(data_dir:
     assert np.allclose(np.exp(log_probs).sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_text_generation_trained_in_one_place_is_exported_in_another_with_the_same_weights(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # The GPU machine trains (--checkpoint, fp16 weights on the way back), this machine exports and
+    # scores (--from-checkpoint); lm_ensemble scores checkpoints alone and mixed on the same split.
+    import torch
+
+    from training import lm_ensemble, text_generation
+
+    common = ["--smoke", "--data-dir", str(data_dir / "translation"), "--layers", "1"]
+    for seed, name in ((3, "a"), (4, "b")):
+        summary = text_generation.main(
+            [*common, "--seed", str(seed), "--checkpoint", str(tmp_path / name), "--time-budget-min", "5"]
+        )
+        assert summary["best_epoch"] == 1 and not (tmp_path / "text-generator").exists()
+    record = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    record["state"] = {k: v.half() for k, v in record["state"].items()}
+    torch.save(record, tmp_path / "a" / "checkpoint.pt")
+    meta = text_generation.main([*common, "--from-checkpoint", str(tmp_path / "a"), "--output-dir", str(tmp_path)])
+    assert meta["training"]["command"].count("python -m training.text_generation") == 2
+    assert "--checkpoint" in meta["training"]["command"] and meta["training"]["history"] == record["history"]
+    assert max(meta["metrics"]["onnx_vs_torch_max_abs_diff"].values()) < 1e-4
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    scored = lm_ensemble.main(
+        ["--smoke", "--data-dir", str(data_dir / "translation"), "--output", str(tmp_path / "mix.json"), *folders]
+    )
+    singles = {s["members"][0]: s for s in scored["subsets"] if len(s["members"]) == 1}
+    assert len(scored["subsets"]) == 3
+    # the exported graphs score what torch scored: the same weights, the same split
+    assert abs(singles["a"]["test_bits_per_character"] - meta["metrics"]["test_bits_per_character"]) < 1e-3
+
+
 def test_character_ngram_distributions_sum_to_one_and_unseen_characters_have_mass() -> None:
     import numpy as np
 

@@ -31,6 +31,7 @@ from training.text_generation import (
     encode,
     pad,
     read_sentences,
+    smoke_sized,
     split_sentences,
 )
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split-seed", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="the held-out subsets of text_generation --smoke")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     device = common.pick_device(args.device)
     tokenizers = {(f / "tokenizer.json").read_text() for f in args.folders}
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.encode_special_tokens = True
     cfg = Config(split_seed=args.split_seed)
     splits = split_sentences(read_sentences(args.data_dir), cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
+    if args.smoke:
+        _, splits = smoke_sized(cfg, splits)
     chars = {k: sum(len(t) + 1 for t in splits[k]) for k in ("validation", "test")}
     seqs = {k: encode(tokenizer, splits[k]) for k in ("validation", "test")}
     scores: dict[str, dict[str, torch.Tensor]] = {}
