@@ -227,6 +227,27 @@ def test_sentiment_distilled_bilstm_with_composed_and_unlabelled_text_exports_a_
         assert response.status_code == 200, response.text
 
 
+def test_sentiment_pretraining_teaches_both_directions_and_leaves_the_classifier_layer_alone() -> None:
+    """ULMFiT's first step at toy size: the forward LSTM learns what comes next and the backward one
+    what came before (two corpora with one rule each way), through the shared embedding; the
+    classifier layer, which the members train, is not touched."""
+    import torch
+
+    from training import sentiment
+
+    torch.manual_seed(0)
+    cfg = sentiment.Config(arch="bilstm", hidden=32, embed_dim=16, dropout=0.0, lr=1e-2, pretrain_epochs=6)
+    model = sentiment.BiLSTM(12, cfg)
+    fc = {k: v.clone() for k, v in model.fc.state_dict().items()}
+    # token 2 + k is always followed by 3 + k: forward, the next token is certain; backward (reversed
+    # rows), the previous one is; a model that learned nothing pays log(12) = 2.5 nats a token
+    texts = [[2 + k, 3 + k, 4 + k, 5 + k] for k in range(5) for _ in range(200)]
+    summary = sentiment.pretrain(model, cfg, texts)
+    losses = [h["loss_nats_per_token"] for h in summary["history"]]
+    assert losses[0] > 1.5 and losses[-1] < 0.6, losses
+    assert all(torch.equal(fc[k], v) for k, v in model.fc.state_dict().items())
+
+
 def test_fused_bilstm_graph_reads_each_row_backwards_from_its_own_end(tmp_path: Path) -> None:
     """Random weights (an untrained model's outputs are too flat to tell) and rows of 1 to 30 tokens:
     the graph with one bidirectional LSTM op and sequence_lens equals the two-LSTM torch network at
