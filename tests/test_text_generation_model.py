@@ -31,7 +31,9 @@ def test_sentences(data_dir: Path) -> list[str]:
     meta = json.loads((VERSION / "metadata.json").read_text())
     config = meta["training"]["config"]
     fractions = float(config["validation_fraction"]), float(config["test_fraction"])
-    splits = split_sentences(read_sentences(data_dir / "translation"), *fractions, int(config["seed"]))
+    # v1 predates --split-seed: its one seed made the split
+    seed = int(config.get("split_seed", config["seed"]))
+    splits = split_sentences(read_sentences(data_dir / "translation"), *fractions, seed)
     return splits["test"]
 
 

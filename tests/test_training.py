@@ -4,12 +4,16 @@ the parity check, and a repository folder that the service then serves."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import make_client, wait_ready
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -225,6 +229,17 @@ def test_sentiment_distilled_bilstm_with_composed_and_unlabelled_text_exports_a_
         wait_ready(client)
         response = client.post("/v1/sentiment", json={"texts": ["fine", "a fine film , and a long one"]})
         assert response.status_code == 200, response.text
+
+
+def test_unlabelled_sentences_never_include_a_check_sets_sentence_and_keep_their_draw(data_dir: Path) -> None:
+    # "I didn't like it." is both a Tatoeba sentence and one of our everyday check set's.
+    from training import sentiment
+
+    cfg = sentiment.Config(smoke=True, unlabelled=data_dir / "translation" / "fra-eng.zip")
+    drawn, _ = sentiment.unlabelled_texts(cfg, exclude=[])
+    held = [drawn[3], "I didn't like it."]
+    kept, labels = sentiment.unlabelled_texts(cfg, exclude=[], held=held)
+    assert kept == [t for t in drawn if t not in held] and len(kept) == len(drawn) - 1 and set(labels) == {-1}
 
 
 def test_sentiment_pretraining_teaches_both_directions_and_leaves_the_classifier_layer_alone() -> None:
@@ -445,36 +460,93 @@ def test_text_generation_smoke_training_exports_two_graphs_with_parity(data_dir:
     assert np.allclose(np.exp(log_probs).sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_the_language_model_trains_where_only_torch_and_the_packed_wheels_are(tmp_path: Path) -> None:
+    # The GPU machine has torch, numpy, onnx, onnxruntime and tokenizers; gpu_text_generation.sh
+    # brings pydantic and tqdm. The service's other dependencies are not there: an import of one (the
+    # prefill graph's helpers came from the service's task module, which imports every task) failed
+    # every run of the script before it trained.
+    blocker = (
+        "import sys\n"
+        "class Blocked:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {BLOCKED}:\n"
+        "            raise ModuleNotFoundError(f'{name} is not on the GPU machine')\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+        "import training.text_generation, training.lm_ensemble\n"
+    ).replace(
+        "{BLOCKED}",
+        repr(
+            {
+                "PIL",
+                "pydantic_settings",
+                "dotenv",
+                "prometheus_client",
+                "opentelemetry",
+                "fastapi",
+                "starlette",
+                "uvicorn",
+                "httptools",
+                "uvloop",
+                "orjson",
+                "multipart",
+                "anyio",
+                "httpx",
+            }
+        ),
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_text_generation_trained_in_one_place_is_exported_in_another_with_the_same_weights(
     data_dir: Path, tmp_path: Path
 ) -> None:
     # The GPU machine trains (--checkpoint, fp16 weights on the way back), this machine exports and
-    # scores (--from-checkpoint); lm_ensemble scores checkpoints alone and mixed on the same split.
+    # scores (--from-checkpoint, the network and split taken from the checkpoint whatever the flags);
+    # lm_ensemble scores checkpoints alone and mixed on the split they were trained on.
     import torch
 
     from training import lm_ensemble, text_generation
 
-    common = ["--smoke", "--data-dir", str(data_dir / "translation"), "--layers", "1"]
+    data = ["--data-dir", str(data_dir / "translation")]
+    out = tmp_path / "repository"
+    trained = [
+        *data,
+        "--smoke",
+        "--layers",
+        "1",
+        "--split-seed",
+        "5",
+        "--output-dir",
+        str(out),
+        "--time-budget-min",
+        "5",
+    ]
     for seed, name in ((3, "a"), (4, "b")):
-        summary = text_generation.main(
-            [*common, "--seed", str(seed), "--checkpoint", str(tmp_path / name), "--time-budget-min", "5"]
-        )
-        assert summary["best_epoch"] == 1 and not (tmp_path / "text-generator").exists()
+        summary = text_generation.main([*trained, "--seed", str(seed), "--checkpoint", str(tmp_path / name)])
+        assert summary["best_epoch"] == 1 and not out.exists()  # stopped before the export
     record = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     record["state"] = {k: v.half() for k, v in record["state"].items()}
     torch.save(record, tmp_path / "a" / "checkpoint.pt")
-    meta = text_generation.main([*common, "--from-checkpoint", str(tmp_path / "a"), "--output-dir", str(tmp_path)])
+    # none of the training flags again: 2 layers and split seed 1 would be the defaults
+    meta = text_generation.main([*data, "--from-checkpoint", str(tmp_path / "a"), "--output-dir", str(out)])
+    config = meta["training"]["config"]
+    assert (config["layers"], config["split_seed"], config["smoke"], config["seed"]) == ("1", "5", "True", "3")
     assert meta["training"]["command"].count("python -m training.text_generation") == 2
     assert "--checkpoint" in meta["training"]["command"] and meta["training"]["history"] == record["history"]
     assert max(meta["metrics"]["onnx_vs_torch_max_abs_diff"].values()) < 1e-4
     folders = [str(tmp_path / "a"), str(tmp_path / "b")]
-    scored = lm_ensemble.main(
-        ["--smoke", "--data-dir", str(data_dir / "translation"), "--output", str(tmp_path / "mix.json"), *folders]
-    )
+    scored = lm_ensemble.main([*data, "--output", str(tmp_path / "mix.json"), *folders])
     singles = {s["members"][0]: s for s in scored["subsets"] if len(s["members"]) == 1}
     assert len(scored["subsets"]) == 3
     # the exported graphs score what torch scored: the same weights, the same split
     assert abs(singles["a"]["test_bits_per_character"] - meta["metrics"]["test_bits_per_character"]) < 1e-3
+    # members of different splits are not mixed
+    text_generation.main(
+        [*data, "--smoke", "--layers", "1", "--output-dir", str(out), "--checkpoint", str(tmp_path / "c")]
+    )
+    with pytest.raises(SystemExit, match="different splits"):
+        lm_ensemble.main([*data, "--output", str(tmp_path / "mix.json"), *folders, str(tmp_path / "c")])
 
 
 def test_character_ngram_distributions_sum_to_one_and_unseen_characters_have_mass() -> None:

@@ -3,7 +3,8 @@ next-token probabilities), on the validation and test sentences of their split.
 
     python -m training.lm_ensemble --data-dir ../shared/data/translation --output /tmp/mix.json RUN_DIR ...
 
-Each folder is a ``python -m training.text_generation --checkpoint`` folder. Every subset of the
+Each folder is a ``python -m training.text_generation --checkpoint`` folder; the held-out sentences
+are those of the split the checkpoints were trained with (they must agree). Every subset of the
 folders is scored; subsets are ranked by validation bits per character (the test figure is reported
 beside it, not used to choose). The mixture's log-probability of a token is
 ``logsumexp_i(log p_i) - log k``.
@@ -30,10 +31,15 @@ from training.text_generation import (
     LanguageModel,
     encode,
     pad,
+    read_checkpoint,
     read_sentences,
     smoke_sized,
     split_sentences,
+    trained_config,
 )
+
+# The settings that decide the held-out sentences: every member must have trained with the same.
+SPLIT_FIELDS = ("split_seed", "validation_fraction", "test_fraction", "smoke")
 
 
 def architecture(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -46,8 +52,7 @@ def architecture(state: dict[str, torch.Tensor]) -> dict[str, int]:
     }
 
 
-def load_member(folder: Path, device: torch.device) -> LanguageModel:
-    record = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+def load_member(record: dict, device: torch.device) -> LanguageModel:
     state = record["state"]
     cfg = dataclasses.replace(Config(), **architecture(state))
     model = LanguageModel(state["embed.weight"].shape[0], cfg)
@@ -81,27 +86,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m training.lm_ensemble", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", type=Path, nargs="+")
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--split-seed", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="the held-out subsets of text_generation --smoke")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     device = common.pick_device(args.device)
+    records = {folder.name: read_checkpoint(folder) for folder in args.folders}
+    splits_of = {name: tuple(r["config"][k] for k in SPLIT_FIELDS) for name, r in records.items()}
+    if len(set(splits_of.values())) != 1:
+        raise SystemExit(f"the checkpoints were trained on different splits ({', '.join(SPLIT_FIELDS)}): {splits_of}")
     tokenizers = {(f / "tokenizer.json").read_text() for f in args.folders}
     if len(tokenizers) != 1:
         raise SystemExit("the checkpoints do not share one tokenizer")
     tokenizer = Tokenizer.from_file(str(args.folders[0] / "tokenizer.json"))
     tokenizer.encode_special_tokens = True
-    cfg = Config(split_seed=args.split_seed)
+    cfg = trained_config(Config(), next(iter(records.values()))["config"])
     splits = split_sentences(read_sentences(args.data_dir), cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
-    if args.smoke:
+    if cfg.smoke:
         _, splits = smoke_sized(cfg, splits)
     chars = {k: sum(len(t) + 1 for t in splits[k]) for k in ("validation", "test")}
     seqs = {k: encode(tokenizer, splits[k]) for k in ("validation", "test")}
     scores: dict[str, dict[str, torch.Tensor]] = {}
-    for folder in args.folders:
-        model = load_member(folder, device)
-        scores[folder.name] = {k: target_log_probs(model, seqs[k]) for k in seqs}
+    for name, record in records.items():
+        model = load_member(record, device)
+        scores[name] = {k: target_log_probs(model, seqs[k]) for k in seqs}
         del model
     names = sorted(scores)
     subsets = []

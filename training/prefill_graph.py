@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 # The positions and padding the service feeds the rewritten graph (one definition, the service's).
-from service.tasks.text_generation import every_position, last_positions, pad_rows
+from service.prefill_rows import every_position, last_positions, pad_rows
 
 OUTPUT_LAYER_OPS = {"LogSoftmax", "Add", "MatMul", "Gemm"}
 

@@ -627,9 +627,10 @@ def model_config(cfg: Config, name: str, vocab: int) -> dict:
     }
 
 
-def unlabelled_texts(cfg: Config, exclude: list[str]) -> tuple[list[str], list[int]]:
+def unlabelled_texts(cfg: Config, exclude: list[str], held: list[str] = ()) -> tuple[list[str], list[int]]:
     """English sentences of a Tatoeba zip (everyday language, no sentiment labels: -1), drawn with the
-    seed; SST-2 is never among them, so no held-out sentence is."""
+    seed; SST-2 is never among them. ``held`` (the check sets: two sentences of our own everyday set are
+    Tatoeba sentences) is removed after the draw, so that the draw is the one earlier versions made."""
     from training.text_generation import read_sentences
 
     sentences = read_sentences(cfg.unlabelled.parent) if cfg.unlabelled.name == "fra-eng.zip" else []
@@ -639,6 +640,8 @@ def unlabelled_texts(cfg: Config, exclude: list[str]) -> tuple[list[str], list[i
     sentences = [t for t in sentences if t not in skip]
     random.Random(cfg.seed).shuffle(sentences)
     chosen = sentences[: 200 if cfg.smoke else cfg.unlabelled_sentences]
+    never = set(held)
+    chosen = [t for t in chosen if t not in never]
     return chosen, [-1] * len(chosen)
 
 
@@ -658,7 +661,8 @@ def encoded_data(cfg: Config) -> tuple[Tokenizer, dict[str, list[list[int]]], di
     if cfg.smoke:
         data = {k: (v[0][:600], v[1][:600]) for k, v in data.items()}
     if (cfg.distil or cfg.pretrain_epochs) and cfg.unlabelled:
-        data["unlabelled"] = unlabelled_texts(cfg, exclude=data["train"][0])
+        held = [t for k in ("dev", "test", "everyday", "independent", "fresh") for t in data.get(k, ([], []))[0]]
+        data["unlabelled"] = unlabelled_texts(cfg, exclude=data["train"][0], held=held)
     if cfg.pretrain_epochs:
         whole = full_sentences(data["train"][0])
         data["pretrain"] = ([data["train"][0][i] for i in whole], [-1] * len(whole))
@@ -711,6 +715,13 @@ def pretrain(model: BiLSTM, cfg: Config, texts: list[list[int]]) -> dict:
         history.append({"epoch": epoch, "loss_nats_per_token": round(nats / count, 4)})
         tqdm.write(f"pretrain epoch {epoch}: {history[-1]}")
     return {"epochs": cfg.pretrain_epochs, "sentences": len(rows), "history": history}
+
+
+def load_pretrained(model: nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
+    """Everything but the classifier layer from :func:`pretrain`'s weights."""
+    result = model.load_state_dict(pretrained, strict=False)
+    if sorted(result.missing_keys) != ["fc.bias", "fc.weight"] or result.unexpected_keys:
+        raise AssertionError(f"pretrained weights do not fit the classifier: {result}")
 
 
 def batches(lengths: list[int], size: int, generator: torch.Generator) -> list[list[int]]:
@@ -899,7 +910,7 @@ def distil(
     common.seed_everything(student_cfg.seed)
     student = ARCHS[student_cfg.arch](vocab, student_cfg).to(device)
     if pretrained and student_cfg.arch == cfg.arch:
-        student.load_state_dict(pretrained, strict=False)
+        load_pretrained(student, pretrained)
     state, epoch = fit(student, student_cfg, student_seqs, student_labels, 1 if cfg.smoke else cfg.epochs, soft=soft)
     student = student.cpu()
     student.load_state_dict(state)
@@ -1094,7 +1105,7 @@ def train(cfg: Config, command: str = "") -> dict:
         common.seed_everything(member_cfg.seed)
         member = ARCHS[cfg.arch](tokenizer.get_vocab_size(), member_cfg).to(device)
         if pretrained:
-            member.load_state_dict(pretrained, strict=False)
+            load_pretrained(member, pretrained)
         best_state, best_epoch = fit(member, member_cfg, seqs, labels, epochs=1 if cfg.smoke else cfg.epochs)
         member = member.cpu()
         member.load_state_dict(best_state)

@@ -117,7 +117,11 @@ class Config:
         },
     )
     from_checkpoint: Path | None = field(
-        default=None, metadata={"help": "a --checkpoint folder: export and score its weights instead of training"}
+        default=None,
+        metadata={
+            "help": "a --checkpoint folder: export and score its weights instead of training; the network, data "
+            "and split settings are the checkpoint's (this command's are ignored), the output settings this one's"
+        },
     )
     threads: int = field(default=2, metadata={"help": "torch CPU threads (0: torch's default)"})
     smoke: bool = field(default=False, metadata={"help": "3,000 sentences, tiny model, one epoch: checks the pipeline"})
@@ -418,7 +422,8 @@ def pad(seqs: list[list[int]]) -> torch.Tensor:
 
 def lr_at(step: int, progress: float, cfg: Config) -> float:
     """Linear warm-up over the first steps, then a cosine down to 5 % of the peak as ``progress``
-    (the share of the run done after the warm-up) goes from 0 to 1."""
+    goes from 0 to 1 (the share of the steps after the warm-up, or of the time budget, whichever is
+    further)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
@@ -455,13 +460,42 @@ class Fitted(NamedTuple):
     device: str = ""
 
 
+# What an export from a checkpoint takes from its own command line; every other field (the network,
+# the data, the split, the training) is the checkpoint's, so that the figures are of the split it
+# was trained on whatever flags the export is given.
+EXPORT_FIELDS = frozenset(
+    {"data_dir", "output_dir", "name", "version", "device", "threads", "checkpoint", "from_checkpoint"}
+    | {"max_context_tokens", "max_new_tokens"}
+)
+
+
+def plain_config(cfg: Config) -> dict:
+    """``cfg`` as a checkpoint keeps it (strings, numbers, lists: what ``torch.load`` reads back safely)."""
+    out = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        out[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def trained_config(cfg: Config, kept: dict) -> Config:
+    """``cfg`` with every field but :data:`EXPORT_FIELDS` taken from a checkpoint's config."""
+    values = {}
+    for f in dataclasses.fields(Config):
+        if f.name in EXPORT_FIELDS or f.name not in kept:
+            continue
+        value = kept[f.name]
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(cfg, **values)
+
+
 def save_checkpoint(
-    folder: Path, fitted: Fitted, tokenizer: Tokenizer, command: str, device: str, baseline: dict
+    folder: Path, fitted: Fitted, tokenizer: Tokenizer, cfg: Config, command: str, device: str, baseline: dict
 ) -> None:
-    """The best weights and how they were trained (``checkpoint.pt``), the tokenizer, and a summary
-    (``summary.json``: the history and the n-gram baseline), for :func:`load_checkpoint`."""
+    """The best weights and how they were trained (``checkpoint.pt``: with the config and the
+    command), the tokenizer, and a summary (``summary.json``: the history and the n-gram baseline),
+    for :func:`load_checkpoint`."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**fitted._asdict(), "device": device, "command": command}
+    record = {**fitted._asdict(), "device": device, "command": command, "config": plain_config(cfg)}
     torch.save(record, folder / "checkpoint.pt")
     tokenizer.save(str(folder / "tokenizer.json"))
     best = min(fitted.history, key=lambda h: h["validation_bits_per_character"])
@@ -470,10 +504,18 @@ def save_checkpoint(
     common.write_json(folder / "summary.json", summary)
 
 
-def load_checkpoint(folder: Path, command: str) -> tuple[Fitted, str]:
-    """A :func:`save_checkpoint` folder's training, and the command of both steps (the metadata's)."""
+def read_checkpoint(folder: Path) -> dict:
     record = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if "config" not in record:
+        raise SystemExit(f"{folder}: a checkpoint without its training config")
+    return record
+
+
+def load_checkpoint(record: dict, command: str) -> tuple[Fitted, str]:
+    """A :func:`read_checkpoint` record's training, and the command of both steps (the metadata's)."""
+    record = dict(record)
     trained_by = record.pop("command")
+    del record["config"]
     return Fitted(**record), f"{trained_by} && {command}" if command else trained_by
 
 
@@ -528,7 +570,7 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
             }
         )
         tqdm.write(f"epoch {epoch}: {history[-1]}")
-        if bpc < best:
+        if bpc < best or best_state is None:  # a NaN first epoch still leaves weights to look at
             best, best_epoch, best_state = bpc, epoch, common.snapshot(model)
         if budget and time.perf_counter() - started >= budget:
             tqdm.write(f"the time budget of {cfg.time_budget_min} min is spent after epoch {epoch}")
@@ -728,6 +770,9 @@ def smoke_sized(cfg: Config, splits: dict[str, list[str]]) -> tuple[Config, dict
 
 
 def train(cfg: Config, command: str = "") -> dict:
+    record = read_checkpoint(cfg.from_checkpoint) if cfg.from_checkpoint else None
+    if record is not None:
+        cfg = trained_config(cfg, record["config"])
     common.seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -743,7 +788,7 @@ def train(cfg: Config, command: str = "") -> dict:
     splits["train"] += extra
     baseline = ngram_baseline(cfg, splits)
 
-    if cfg.from_checkpoint:
+    if record is not None:
         tokenizer = Tokenizer.from_file(str(cfg.from_checkpoint / "tokenizer.json"))
         tokenizer.encode_special_tokens = True
     else:
@@ -758,12 +803,12 @@ def train(cfg: Config, command: str = "") -> dict:
     )
     model = LanguageModel(vocab, cfg).to(device)
     tqdm.write(f"{sum(p.numel() for p in model.parameters())} parameters")
-    if cfg.from_checkpoint:
-        fitted, command = load_checkpoint(cfg.from_checkpoint, command)
+    if record is not None:
+        fitted, command = load_checkpoint(record, command)
     else:
         fitted = fit(model, cfg, seqs, chars["validation"], epochs)
     if cfg.checkpoint:
-        save_checkpoint(cfg.checkpoint, fitted, tokenizer, command, str(device), baseline)
+        save_checkpoint(cfg.checkpoint, fitted, tokenizer, cfg, command, str(device), baseline)
         return {"checkpoint": str(cfg.checkpoint), "best_epoch": fitted.best_epoch, "history": fitted.history}
     model = model.cpu()
     model.load_state_dict(fitted.state)

@@ -30,6 +30,7 @@ from service.config import Settings
 from service.decoding import Decoder, DecodeStats, StepScheduler, gather_all
 from service.errors import ModelLoadError
 from service.metrics import ModelObserver
+from service.prefill_rows import every_position, last_positions, pad_rows
 from service.repository import ModelSpec
 from service.runtime import OnnxModel, RuntimeOptions
 from service.sampling import Sampler, SamplingParams, sample_rows, top_alternatives
@@ -44,26 +45,6 @@ PREFILL_TENSORS = (["ids", "lengths", "positions"], ["log_probs", "h", "c"])
 # a row; scoring projects every position, rows x T x vocab floats: 64 MB at 2,048 tokens of an
 # 8,000-token vocabulary, held only for the call.
 PREFILL_TOKENS_PER_CALL = 2048
-
-
-def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """The prefill graph's right-padded ``ids`` and the ``lengths`` of ``rows``."""
-    lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
-    ids = np.full((len(rows), int(lengths.max())), pad, np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-    return ids, lengths
-
-
-def last_positions(lengths: np.ndarray) -> np.ndarray:
-    """``positions`` for generation: each row's last token, ``[rows, 1]``."""
-    return (np.asarray(lengths, np.int64) - 1)[:, None]
-
-
-def every_position(lengths: np.ndarray, width: int) -> np.ndarray:
-    """``positions`` for scoring: ``0 .. width - 1`` on every row, clipped to the row's last token."""
-    lengths = np.asarray(lengths, np.int64)
-    return np.minimum(np.arange(width, dtype=np.int64)[None, :], lengths[:, None] - 1)
 
 
 class SpecialTokens(Parameters):
