@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 from pathlib import Path
 
 import orjson
@@ -194,6 +195,24 @@ def test_deadline_mid_decode_is_a_504(tmp_path: Path) -> None:
         scheduler = c.app.state.registry.get(MODEL).engine.scheduler
         assert scheduler.active == 0 and scheduler.waiting == 0  # nothing left decoding for nobody
         assert c.post(URL, json={"texts": ["Hi."], "max_new_tokens": 1}).status_code == 200
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event_and_is_logged_as_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / MODEL).symlink_to(ROOT / "models" / MODEL)
+    with make_client(repository=tmp_path, warmup=False, decode_timeout_ms=30) as c:
+        wait_ready(c)
+        texts = ["I would like to buy a ticket for the train to Paris tomorrow morning, please."] * 8
+        with caplog.at_level(logging.INFO):
+            response = c.post(URL, json={"texts": texts, "stream": True})
+    assert response.status_code == 200  # sent before the decoding began
+    last = response.text.strip().split("\n\n")[-1]
+    assert last.startswith("event: error") and '"error_type":"deadline_exceeded"' in last
+    failed = [r for r in caplog.records if getattr(r, "stream_error", None)]
+    assert [(r.status, r.stream_error, r.stream_error_status, r.levelname) for r in failed] == [
+        (200, "deadline_exceeded", 504, "WARNING")
+    ]
 
 
 @pytest.mark.parametrize(
