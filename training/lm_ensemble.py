@@ -16,25 +16,22 @@ import argparse
 import dataclasses
 import itertools
 import math
-import random
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from training import common
 from training.text_generation import (
-    PAD_ID,
     Config,
     LanguageModel,
     encode,
-    pad,
     read_checkpoint,
     read_sentences,
     smoke_sized,
     split_sentences,
+    token_log_probs,
     trained_config,
 )
 
@@ -58,22 +55,6 @@ def load_member(record: dict, device: torch.device) -> LanguageModel:
     model = LanguageModel(state["embed.weight"].shape[0], cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()
-
-
-def target_log_probs(model: LanguageModel, seqs: list[list[int]], batch_tokens: int = 8192) -> torch.Tensor:
-    """The log-probability of every predicted token (after ``<bos>``, ``<eos>`` included), in an order
-    that depends only on ``seqs`` (so that members line up)."""
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for batch in common.token_batches([len(s) for s in seqs], batch_tokens, random.Random(0)):
-            ids = pad([seqs[i] for i in batch]).to(device)
-            logits, _ = model(ids[:, :-1])
-            log_probs = F.log_softmax(logits.float(), dim=-1)
-            targets = ids[:, 1:]
-            picked = log_probs.gather(2, targets.unsqueeze(2)).squeeze(2)
-            out.append(picked[targets != PAD_ID].double().cpu())
-    return torch.cat(out)
 
 
 def mixture_bits(per_member: list[torch.Tensor]) -> float:
@@ -108,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     scores: dict[str, dict[str, torch.Tensor]] = {}
     for name, record in records.items():
         model = load_member(record, device)
-        scores[name] = {k: target_log_probs(model, seqs[k]) for k in seqs}
+        scores[name] = {k: token_log_probs(model, seqs[k]) for k in seqs}
         del model
     names = sorted(scores)
     subsets = []

@@ -437,18 +437,25 @@ def optimizer_for(model: LanguageModel, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def sentence_bits(model: LanguageModel, seqs: list[list[int]], batch_tokens: int = 8192) -> float:
-    """Total bits (-log2 p) of every predicted token (after ``<bos>``, ``<eos>`` included), in torch."""
+def token_log_probs(model: LanguageModel, seqs: list[list[int]], batch_tokens: int = 8192) -> torch.Tensor:
+    """The log-probability of every predicted token (after ``<bos>``, ``<eos>`` included), in torch, in
+    an order that depends only on ``seqs`` (so that the tokens of several models line up)."""
     model.eval()
     device = next(model.parameters()).device
-    nats = 0.0
+    out = []
     with torch.no_grad():
         for batch in common.token_batches([len(s) for s in seqs], batch_tokens, random.Random(0)):
             ids = pad([seqs[i] for i in batch]).to(device)
             logits, _ = model(ids[:, :-1])
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD_ID)
-            nats += float(nll) * int((ids[:, 1:] != PAD_ID).sum())
-    return nats / math.log(2)
+            targets = ids[:, 1:]
+            picked = F.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+            out.append(picked[targets != PAD_ID].double().cpu())
+    return torch.cat(out)
+
+
+def sentence_bits(model: LanguageModel, seqs: list[list[int]]) -> float:
+    """Total bits (-log2 p) of every predicted token, in torch."""
+    return float(-token_log_probs(model, seqs).sum()) / math.log(2)
 
 
 class Fitted(NamedTuple):
@@ -457,7 +464,7 @@ class Fitted(NamedTuple):
     steps: int
     seconds: float
     history: list[dict]
-    device: str = ""
+    device: str
 
 
 # What an export from a checkpoint takes from its own command line; every other field (the network,
@@ -489,17 +496,17 @@ def trained_config(cfg: Config, kept: dict) -> Config:
 
 
 def save_checkpoint(
-    folder: Path, fitted: Fitted, tokenizer: Tokenizer, cfg: Config, command: str, device: str, baseline: dict
+    folder: Path, fitted: Fitted, tokenizer: Tokenizer, cfg: Config, command: str, baseline: dict
 ) -> None:
     """The best weights and how they were trained (``checkpoint.pt``: with the config and the
     command), the tokenizer, and a summary (``summary.json``: the history and the n-gram baseline),
     for :func:`load_checkpoint`."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**fitted._asdict(), "device": device, "command": command, "config": plain_config(cfg)}
+    record = {**fitted._asdict(), "command": command, "config": plain_config(cfg)}
     torch.save(record, folder / "checkpoint.pt")
     tokenizer.save(str(folder / "tokenizer.json"))
     best = min(fitted.history, key=lambda h: h["validation_bits_per_character"])
-    summary = {"command": command, "device": device, "best": best, "ngram_baseline": baseline, **record}
+    summary = {"best": best, "ngram_baseline": baseline, **record}
     del summary["state"]
     common.write_json(folder / "summary.json", summary)
 
@@ -542,11 +549,12 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
         bar = tqdm(common.token_batches(lengths, cfg.batch_tokens, rng), desc=f"epoch {epoch}/{epochs}", unit="batch")
         nats, tokens = 0.0, 0
         for batch in bar:
-            ids = pad([train[i] for i in batch]).to(device)
-            if budget and progress() >= 1.0:
+            done = progress()
+            if budget and done >= 1.0:
                 break
+            ids = pad([train[i] for i in batch]).to(device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, progress(), cfg)
+                group["lr"] = lr_at(step, done, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits, _ = model(ids[:, :-1])
             logits = logits.float()
@@ -575,7 +583,7 @@ def fit(model: LanguageModel, cfg: Config, seqs: dict[str, list[list[int]]], cha
         if budget and time.perf_counter() - started >= budget:
             tqdm.write(f"the time budget of {cfg.time_budget_min} min is spent after epoch {epoch}")
             break
-    return Fitted(best_state, best_epoch, step, time.perf_counter() - started, history)
+    return Fitted(best_state, best_epoch, step, time.perf_counter() - started, history, str(device))
 
 
 # --- export, parity and scoring through the graphs -----------------------------------------------
@@ -808,7 +816,7 @@ def train(cfg: Config, command: str = "") -> dict:
     else:
         fitted = fit(model, cfg, seqs, chars["validation"], epochs)
     if cfg.checkpoint:
-        save_checkpoint(cfg.checkpoint, fitted, tokenizer, cfg, command, str(device), baseline)
+        save_checkpoint(cfg.checkpoint, fitted, tokenizer, cfg, command, baseline)
         return {"checkpoint": str(cfg.checkpoint), "best_epoch": fitted.best_epoch, "history": fitted.history}
     model = model.cpu()
     model.load_state_dict(fitted.state)
@@ -866,7 +874,7 @@ def train(cfg: Config, command: str = "") -> dict:
             "best_epoch": fitted.best_epoch,
             "steps": fitted.steps,
             "seconds": round(fitted.seconds, 1),
-            "device": fitted.device or str(device),
+            "device": fitted.device,
             "history": fitted.history,
         },
     )
