@@ -860,3 +860,97 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift() -> None:
     x = np.random.default_rng(0).standard_normal((2000, 8))
     assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(x, x + 1.0) == pytest.approx(8.0, rel=1e-3)  # |mean shift|^2, same covariance
+
+
+def test_language_models_of_different_shapes_mix_into_one_pair_of_graphs(tmp_path: Path) -> None:
+    # Members 1 x 24 and 2 x 16 wide: the mixture's state is [rows, 3, 24], the narrower member's
+    # layers padded; its graphs against the members' own mixed in numpy, at rows > 1, prompts of
+    # different lengths, and extreme log-probabilities (where a naive log-sum-exp loses everything).
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from training import lm_mixture, text_generation
+
+    rng = np.random.default_rng(0)
+    held = [[1, *rng.integers(4, 40, size=14).tolist(), 2] for _ in range(6)]
+    dirs = []
+    for k, (layers, hidden) in enumerate(((1, 24), (2, 16))):
+        torch.manual_seed(k)
+        cfg = text_generation.Config(vocab_size=40, embed_dim=16, hidden=hidden, layers=layers, seed=k)
+        model = text_generation.LanguageModel(40, cfg).eval()
+        with torch.no_grad():
+            model.bias[7] = (-1e4, -200.0)[k]  # token 7 next to impossible: exp() of either is 0 in float32
+        dirs.append(tmp_path / f"m{k}")
+        text_generation.export_graphs(model, cfg, held, dirs[-1])
+    weights = np.array([0.3, 0.7])
+    steps = [onnx.load(str(d / "model.onnx")) for d in dirs]
+    prefills = [onnx.load(str(d / "prefill.onnx")) for d in dirs]
+    shapes = [lm_mixture.state_shape(s) for s in steps]
+    assert shapes == [(1, 24), (2, 16)]
+    out = tmp_path / "mix"
+    out.mkdir()
+    onnx.save(
+        lm_mixture.merge(steps, weights, ["token"], ("log_probs", "h_next", "c_next"), shapes), str(out / "model.onnx")
+    )
+    onnx.save(
+        lm_mixture.merge(prefills, weights, ["ids", "lengths", "positions"], ("log_probs", "h", "c"), shapes),
+        str(out / "prefill.onnx"),
+    )
+    parity = lm_mixture.check(out, dirs, weights, held)
+    assert max(parity.values()) < 1e-4, parity
+    step = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    state = np.zeros((4, 3, 24), np.float32)
+    log_probs, h, c = step.run(None, {"token": np.array([1, 5, 9, 7]), "h": state, "c": state})
+    assert h.shape == c.shape == (4, 3, 24) and not h[:, 1:, 16:].any()  # the narrower member's padding
+    assert np.allclose(np.exp(log_probs).sum(axis=1), 1.0, atol=1e-5)
+    # token 7 keeps the second member's share (about -200), not log(0)
+    alone = ort.InferenceSession(str(dirs[1] / "model.onnx"), providers=["CPUExecutionProvider"])
+    other = alone.run(None, {"token": np.array([1]), "h": state[:1, 1:, :16], "c": state[:1, 1:, :16]})[0]
+    assert log_probs[0, 7] == pytest.approx(np.log(0.7) + other[0, 7], abs=1e-4)
+
+
+def test_a_mixture_of_trained_members_is_served_and_scores_no_worse_than_its_best_member(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from training import lm_mixture, text_generation
+
+    data = ["--data-dir", str(data_dir / "translation")]
+    out = tmp_path / "members"
+    for seed, layers in ((3, "1"), (4, "2")):
+        text_generation.main([*data, "--smoke", "--layers", layers, "--seed", str(seed), "--split-seed", "5",
+                              "--output-dir", str(out / str(seed)), "--version", "1"])  # fmt: skip
+    members = [str(out / s / "text-generator" / "1") for s in ("3", "4")]
+    repository = tmp_path / "repository"
+    meta = lm_mixture.main([*data, "--output-dir", str(repository), "--version", "2", *members])
+    metrics = meta["metrics"]
+    singles = [m["validation_bits_per_character"] for m in meta["training"]["mixture"]]
+    # EM's weights maximise the validation likelihood over mixtures, the members alone among them
+    assert metrics["validation_bits_per_character"] <= min(singles) + 1e-4
+    assert metrics["validation_bits_per_character"] == pytest.approx(
+        metrics["numpy_mixture_bits_per_character"]["validation"], abs=2e-4
+    )
+    assert sum(m["weight"] for m in meta["training"]["mixture"]) == pytest.approx(1.0, abs=1e-3)
+    assert max(metrics["mixture_vs_members_max_abs_diff"].values()) < 1e-4
+    spec = json.loads((repository / "text-generator" / "model.json").read_text())
+    assert spec["inputs"][1]["shape"] == [-1, 3, 48]
+    with make_client(repository=repository) as c:
+        wait_ready(c)
+        body = {
+            "model": "text-generator",
+            "prompt": ["Tom is", "Can you tell"],
+            "max_tokens": 5,
+            "temperature": 0.8,
+            "seed": 3,
+            "n": 2,
+        }
+        first = c.post("/v1/completions", json=body)
+        assert first.status_code == 200, first.text
+        assert len(first.json()["choices"]) == 4
+        assert c.post("/v1/completions", json=body).json()["choices"] == first.json()["choices"]
+    # members of different splits are not mixed
+    text_generation.main([*data, "--smoke", "--seed", "6", "--output-dir", str(out / "6"), "--version", "1"])
+    with pytest.raises(SystemExit, match="different splits"):
+        lm_mixture.main([*data, "--output-dir", str(repository), "--version", "3", *members,
+                         str(out / "6" / "text-generator" / "1")])  # fmt: skip

@@ -687,20 +687,26 @@ def run_prefill(prefill: ort.InferenceSession, ids: np.ndarray, *, every: bool =
     return prefill.run(None, {"ids": ids.astype(np.int64), "lengths": lengths, "positions": positions})
 
 
-def onnx_bits(prefill_path: Path, seqs: list[list[int]], rows: int = 256) -> float:
-    """Total bits of every predicted token of ``seqs`` (``<bos> tokens <eos>``) through the prefill
-    graph: sentences of one length share a call."""
+def onnx_token_log_probs(prefill_path: Path, seqs: list[list[int]], rows: int = 256) -> np.ndarray:
+    """The log-probability (nats) of every predicted token of ``seqs`` (``<bos> tokens <eos>``) through
+    the prefill graph, sentences of one length sharing a call: one flat array, in an order fixed by
+    ``seqs`` alone (so two graphs' arrays line up token by token)."""
     prefill = session(prefill_path)
     by_length: dict[int, list[list[int]]] = {}
     for s in seqs:
         by_length.setdefault(len(s), []).append(s)
-    nats = 0.0
+    out = []
     for group in by_length.values():
         for i in range(0, len(group), rows):
             ids = np.array(group[i : i + rows], dtype=np.int64)
             log_probs = run_prefill(prefill, ids[:, :-1])[0]
-            nats -= float(np.take_along_axis(log_probs, ids[:, 1:, None], axis=2).sum())
-    return nats / math.log(2)
+            out.append(np.take_along_axis(log_probs, ids[:, 1:, None], axis=2).ravel())
+    return np.concatenate(out).astype(np.float64)
+
+
+def onnx_bits(prefill_path: Path, seqs: list[list[int]]) -> float:
+    """Total bits of every predicted token of ``seqs`` through the prefill graph."""
+    return -float(onnx_token_log_probs(prefill_path, seqs).sum()) / math.log(2)
 
 
 def lm_metrics(prefill_path: Path, seqs: list[list[int]], texts: list[str]) -> dict:
