@@ -1,10 +1,15 @@
 """Accuracy of a running server on the MNIST test set, sent the way clients send it.
 
-    python -m bench.accuracy [--url http://127.0.0.1:8000] [--style png|photo] [--limit 10000]
+    python -m bench.accuracy [--url http://127.0.0.1:8000] [--style png|photo|paper] [--limit 10000]
 
 ``png``: each test digit as a PNG file (MNIST's own light-on-dark 28x28). ``photo``: black ink on
 white, scaled up to 200-360 px, off centre on a larger canvas, JPEG-compressed (what a phone app
-sends). Files go in multipart requests of 64, the most one request may carry by default.
+sends). ``paper``: test digits written on a photographed page (``training/paper_scenes.py``: white,
+cream or recycled paper, plain, ruled or squared, pen or marker, uneven light, shadows, sometimes an
+underline, the page on a table or a photo; one digit per scene, at least 40 px tall) and framed as a
+phone would (the digit 30-75 % of the picture's height, anywhere in it, never cut), JPEG at quality
+85; ``--limit`` scenes (default 2,000) of ``--seed``. Files go in multipart requests of 64, the most
+one request may carry by default.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from PIL import Image
 
 from bench.harness import DATA, multipart
 from training.idx import load_mnist
+from training.paper_scenes import PaperSceneConfig, makers
 
 
 def as_png(digit: np.ndarray, _: np.random.Generator) -> tuple[bytes, str]:
@@ -38,6 +45,31 @@ def as_photo(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
     return buffer.getvalue(), "image/jpeg"
 
 
+def paper_photos(n: int, seed: int, data_dir: Path = DATA) -> tuple[list[tuple[bytes, str]], list[int]]:
+    """``n`` phone pictures of one MNIST test digit written on a page, and their labels."""
+    maker = makers(data_dir, seed, PaperSceneConfig(min_digit=40, max_rows=1, max_row_digits=1))["test"]
+    files, labels = [], []
+    scene = -1
+    while len(files) < n:
+        scene += 1
+        image, boxes, classes = maker.scene(scene)
+        rng = np.random.default_rng([seed, scene])
+        (x1, y1, x2, y2), (height, width) = boxes[0], image.shape[:2]
+        crop_h = min(max((y2 - y1) / rng.uniform(0.3, 0.75), y2 - y1 + 4), height)
+        crop_w = min(max(crop_h * rng.uniform(0.75, 1.0), x2 - x1 + 4), width)
+        left = (max(0.0, x2 + 2 - crop_w), min(x1 - 2, width - crop_w))
+        top = (max(0.0, y2 + 2 - crop_h), min(y1 - 2, height - crop_h))
+        if left[0] > left[1] or top[0] > top[1]:
+            continue  # the digit is too near the frame's edge to be framed whole
+        x, y = rng.uniform(*left), rng.uniform(*top)
+        crop = Image.fromarray(image).crop((int(x), int(y), int(x + crop_w), int(y + crop_h)))
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=85)
+        files.append((buffer.getvalue(), "image/jpeg"))
+        labels.append(int(classes[0]))
+    return files, labels
+
+
 def post_files(url: str, files: list[tuple[bytes, str]]) -> list[str]:
     # One style, so one type, per run.
     body, content_type = multipart([(f"d{i}", blob) for i, (blob, _) in enumerate(files)], mime=files[0][1])
@@ -51,19 +83,29 @@ def post_files(url: str, files: list[tuple[bytes, str]]) -> list[str]:
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--style", choices=["png", "photo"], default="png")
-    p.add_argument("--limit", type=int, default=10_000)
+    p.add_argument("--style", choices=["png", "photo", "paper"], default="png")
+    p.add_argument("--limit", type=int, default=None, help="digits (default: 10,000; paper: 2,000 scenes)")
+    p.add_argument("--seed", type=int, default=1, help="paper: the scenes' seed")
     p.add_argument("--data-dir", type=Path, default=DATA)
     args = p.parse_args(argv)
-    images, labels = load_mnist(args.data_dir / "image_classification" / "mnist", "test")
-    images, labels = images[: args.limit], labels[: args.limit]
-    encode = as_png if args.style == "png" else as_photo
-    rng = np.random.default_rng(0)
+    if args.style == "paper":
+        files, labels = paper_photos(args.limit or 2_000, args.seed, args.data_dir)
+    else:
+        images, labels = load_mnist(args.data_dir / "image_classification" / "mnist", "test")
+        images, labels = images[: args.limit or 10_000], labels[: args.limit or 10_000]
+        encode = as_png if args.style == "png" else as_photo
+        rng = np.random.default_rng(0)
+        files = [encode(d, rng) for d in images]
     predicted: list[str] = []
-    for start in range(0, len(images), 64):
-        predicted += post_files(args.url, [encode(d, rng) for d in images[start : start + 64]])
+    started = time.perf_counter()
+    for start in range(0, len(files), 64):
+        predicted += post_files(args.url, files[start : start + 64])
+    seconds = time.perf_counter() - started
     accuracy = float(np.mean([p == str(y) for p, y in zip(predicted, labels, strict=True)]))
-    print(f"{args.style}: {accuracy:.2%} of {len(labels)} MNIST test digits classified correctly through {args.url}")
+    print(
+        f"{args.style}: {accuracy:.2%} of {len(labels)} MNIST test digits classified correctly through {args.url} "
+        f"({seconds / len(labels) * 1000:.1f} ms per image, requests of 64 one after another)"
+    )
     return accuracy
 
 

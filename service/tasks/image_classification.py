@@ -4,11 +4,10 @@ The task feeds what the graph declares (one FP32 input ``[batch, C, H, W]``, C =
 H and W fixed; one output ``[batch, classes]``) and is told how in ``model.json`` ``parameters``
 (:class:`ImageClassificationParameters`):
 
-* ``preprocessing: "mnist"`` (grey 28x28 only) reproduces how MNIST itself was made, so that a
-  phone photo or a scan of a digit looks to the model like a test digit: grey levels, polarity
-  detected from the image border (dark ink on light paper is inverted to MNIST's light on dark),
-  contrast stretched, the digit cropped to its ink, fitted in a 20x20 box keeping its aspect ratio,
-  and placed in 28x28 with its centre of mass at the centre.
+* ``preprocessing: "mnist"`` (grey 28x28 only) finds the digit in a photo and reproduces how MNIST
+  itself was made, so that a phone photo or a scan of a digit looks to the model like a test digit
+  (:mod:`service.digit_image`: the page's light, ruled lines, underlines and the table removed, then
+  the digit cropped to its ink, fitted in a 20x20 box and centred by its centre of mass in 28x28).
 * ``preprocessing: "resize"`` (the default) resizes the whole image to H x W (bilinear), grey or
   RGB as the graph takes, scales to [0, 1], optionally inverts (``invert``: light-on-dark models
   fed dark-on-light photos), then normalises per channel with ``mean`` and ``std``.
@@ -25,58 +24,12 @@ from PIL import Image
 from pydantic import Field
 
 from service import imaging
+from service.digit_image import mnist_like
 from service.repository import ModelSpec
 from service.tasks.base import Parameters, Task, require
 
 # Past this size the photo is shrunk before analysis; the digit ends up 20 px tall anyway.
 _ANALYSIS_MAX_SIDE = 512
-# Relative ink level that counts as part of the digit when finding its bounding box.
-_INK_THRESHOLD = 0.2
-# Below this (relative to the ink's peak) a pixel is background noise: JPEG ringing, paper texture.
-_NOISE_FLOOR = 0.1
-
-
-def _border(gray: np.ndarray) -> np.ndarray:
-    h, w = gray.shape
-    k = max(1, min(h, w) // 20)
-    return np.concatenate([gray[:k].ravel(), gray[-k:].ravel(), gray[:, :k].ravel(), gray[:, -k:].ravel()])
-
-
-def mnist_like(gray: np.ndarray) -> np.ndarray:
-    """A grey image in [0, 1] (any size, any polarity) to a 28x28 MNIST-style digit in [0, 1]."""
-    background = float(np.median(_border(gray)))
-    if background > 0.5:  # dark ink on light paper: make it MNIST's light ink on dark
-        gray = 1.0 - gray
-        background = 1.0 - background
-    peak = float(gray.max())
-    out = np.zeros((28, 28), dtype=np.float32)
-    if peak - background < 0.05:
-        return out  # blank: nothing to classify, the model sees an empty field
-    ink = np.clip((gray - background) / (peak - background), 0.0, 1.0)
-    ink[ink < _NOISE_FLOOR] = 0.0
-    rows = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    digit = ink[top:bottom, left:right]
-
-    # Fit in 20x20 keeping the aspect ratio (Pillow's resize antialiases when shrinking).
-    h, w = digit.shape
-    scale = 20.0 / max(h, w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    patch = np.asarray(
-        Image.fromarray(digit, mode="F").resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32
-    )
-    patch = np.clip(patch, 0.0, None)
-    patch /= max(float(patch.max()), 1e-6)
-
-    # Centre of mass to the field's centre (MNIST's convention: pixel index 14 on both axes).
-    total = float(patch.sum())
-    ys, xs = np.indices(patch.shape)
-    cy, cx = float((ys * patch).sum() / total), float((xs * patch).sum() / total)
-    y0 = int(np.clip(round(14 - cy), 0, 28 - new_h))
-    x0 = int(np.clip(round(14 - cx), 0, 28 - new_w))
-    out[y0 : y0 + new_h, x0 : x0 + new_w] = patch
-    return out
 
 
 def resized(image: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
