@@ -26,7 +26,7 @@ from PIL import Image
 
 from bench.harness import DATA, multipart
 from training.idx import load_mnist
-from training.paper_scenes import PaperSceneConfig, makers
+from training.paper_scenes import ONE_DIGIT, framed_digits, makers
 
 
 def as_png(digit: np.ndarray, _: np.random.Generator) -> tuple[bytes, str]:
@@ -46,27 +46,13 @@ def as_photo(digit: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
 
 
 def paper_photos(n: int, seed: int, data_dir: Path = DATA) -> tuple[list[tuple[bytes, str]], list[int]]:
-    """``n`` phone pictures of one MNIST test digit written on a page, and their labels."""
-    maker = makers(data_dir, seed, PaperSceneConfig(min_digit=40, max_rows=1, max_row_digits=1))["test"]
+    """``n`` phone pictures of one MNIST test digit written on a page (JPEG), and their labels."""
     files, labels = [], []
-    scene = -1
-    while len(files) < n:
-        scene += 1
-        image, boxes, classes = maker.scene(scene)
-        rng = np.random.default_rng([seed, scene])
-        (x1, y1, x2, y2), (height, width) = boxes[0], image.shape[:2]
-        crop_h = min(max((y2 - y1) / rng.uniform(0.3, 0.75), y2 - y1 + 4), height)
-        crop_w = min(max(crop_h * rng.uniform(0.75, 1.0), x2 - x1 + 4), width)
-        left = (max(0.0, x2 + 2 - crop_w), min(x1 - 2, width - crop_w))
-        top = (max(0.0, y2 + 2 - crop_h), min(y1 - 2, height - crop_h))
-        if left[0] > left[1] or top[0] > top[1]:
-            continue  # the digit is too near the frame's edge to be framed whole
-        x, y = rng.uniform(*left), rng.uniform(*top)
-        crop = Image.fromarray(image).crop((int(x), int(y), int(x + crop_w), int(y + crop_h)))
+    for picture, label in framed_digits(makers(data_dir, seed, ONE_DIGIT)["test"], n, seed):
         buffer = io.BytesIO()
-        crop.save(buffer, "JPEG", quality=85)
+        picture.save(buffer, "JPEG", quality=85)
         files.append((buffer.getvalue(), "image/jpeg"))
-        labels.append(int(classes[0]))
+        labels.append(label)
     return files, labels
 
 

@@ -821,6 +821,7 @@ def test_digit_ood_smoke_training_exports_a_scorer_with_its_threshold(data_dir: 
     for key in ("auroc_digits_vs_non_digits", "auroc_test_digits_vs_non_digits", "test_digits_flagged"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert 0.0 <= metrics["test_digit_photos_flagged"] <= 1.0 and 0.0 <= metrics["non_digits_flagged"] <= 1.0
+    assert 0.0 <= metrics["test_digit_pages_flagged"] <= 1.0 and "photographed pages" in meta["dataset"]["split"]["fit"]
     assert set(metrics["non_digits_flagged_per_kind"]) == set(digit_ood.NON_DIGIT_KINDS)
     assert set(metrics["letters_flagged_per_letter"]) == set(digit_ood.LETTERS)
     assert not set(digit_ood.LETTERS) & set(digit_ood.DIGIT_LOOKALIKES)

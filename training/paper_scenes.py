@@ -393,3 +393,29 @@ def makers(data_dir: Path, seed: int, cfg: PaperSceneConfig | None = None) -> di
         backgrounds = sorted((coco / photos).glob("*.jpg"))
         out[split] = PaperSceneMaker(digits, labels, backgrounds, 1000 + seed * 2 + offset, cfg)
     return out
+
+
+# One digit per page, large enough to be what a phone user frames (for the classifier's checks).
+ONE_DIGIT = PaperSceneConfig(min_digit=40, max_rows=1, max_row_digits=1)
+
+
+def framed_digits(maker: PaperSceneMaker, n: int, seed: int) -> list[tuple[Image.Image, int]]:
+    """``n`` pictures of one digit on a page, framed as a phone user frames a digit: the digit 30-75 %
+    of the picture's height, anywhere in it, never cut (scenes whose digit lies too near the edge to
+    be framed whole are skipped), from scenes 0, 1, ... of ``maker`` (built with :data:`ONE_DIGIT`)."""
+    out: list[tuple[Image.Image, int]] = []
+    scene = -1
+    while len(out) < n:
+        scene += 1
+        image, boxes, classes = maker.scene(scene)
+        rng = np.random.default_rng([seed, scene])
+        (x1, y1, x2, y2), (height, width) = boxes[0], image.shape[:2]
+        crop_h = min(max((y2 - y1) / rng.uniform(0.3, 0.75), y2 - y1 + 4), height)
+        crop_w = min(max(crop_h * rng.uniform(0.75, 1.0), x2 - x1 + 4), width)
+        left = (max(0.0, x2 + 2 - crop_w), min(x1 - 2, width - crop_w))
+        top = (max(0.0, y2 + 2 - crop_h), min(y1 - 2, height - crop_h))
+        if left[0] > left[1] or top[0] > top[1]:
+            continue
+        x, y = rng.uniform(*left), rng.uniform(*top)
+        out.append((Image.fromarray(image).crop((int(x), int(y), int(x + crop_w), int(y + crop_h))), int(classes[0])))
+    return out
