@@ -25,6 +25,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import struct
 import termios
 from collections import deque
@@ -82,6 +83,14 @@ class _Held:
     refusal: Any  # service.api.middleware.Refusal
     since: float
 
+
+# An ``Upgrade`` header line (with ``Connection: upgrade``, llhttp then stops at the end of the headers,
+# skips the body and hands the rest to the new protocol). No route here speaks another protocol, so
+# the offer is ignored, as HTTP allows (RFC 9110 7.8): the header's name is changed, same length,
+# before the parser sees it. ``curl --http2`` (h2c) and Java's HttpClient send it; their bodies were
+# lost (400 "request body is empty") and requests pipelined behind never answered.
+_UPGRADE_LINE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
+_UPGRADE_HOLD = len(b"\r\nupgrade:") - 1  # bytes of a partial head held back: a split header name
 
 DRAIN_BYTES = 256 * 1024  # body bytes dropped after an early answer before the connection is closed
 
@@ -249,6 +258,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadlines = deadlines
         self._running = None  # the request the application is answering (self.cycle: the newest read)
         self._in_headers = False  # reading a request's line and headers (no cycle of its own yet)
+        self._reading_head = True  # no request's headers complete since the last one ended
+        self._held = b""  # the end of a partial head, fed with the next data (see _UPGRADE_LINE)
         self._stalled: float | None = None  # when a full send buffer that has not drained times out
         self._stall_size = 0  # its size when last seen shrinking
         self._lost = False
@@ -280,6 +291,10 @@ class GuardedProtocol(HttpToolsProtocol):
             # lines without beginning a request, and each piece of data stops the idle timer, so a
             # client sending "\r\n" every half second held its connection for ever.
             self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
+        if self._reading_head:
+            data = self._without_upgrade(data)
+            if not data:
+                return
         # uvicorn's data_received, keeping the parser's reason for the 400 (uvicorn drops it).
         self._unset_keepalive_if_required()
         try:
@@ -291,6 +306,18 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+
+    def _without_upgrade(self, data: bytes) -> bytes:
+        """``data`` with any ``Upgrade`` header line of the head it carries renamed; the last bytes of
+        a head not yet complete are held back for the next data, in case a header name is split."""
+        data, self._held = self._held + data, b""
+        end = data.find(b"\r\n\r\n")
+        head = data if end < 0 else data[: end + 2]
+        if _UPGRADE_LINE.search(head):
+            data = _UPGRADE_LINE.sub(b"\r\nupgradx:", head) + (b"" if end < 0 else data[end + 2 :])
+        if end < 0:
+            data, self._held = data[:-_UPGRADE_HOLD], data[-_UPGRADE_HOLD:]
+        return data
 
     # -- a client that stops reading --------------------------------------------------------
 
@@ -459,7 +486,7 @@ class GuardedProtocol(HttpToolsProtocol):
         # After uvicorn's: it can still fail here (a request target the parser took but cannot
         # split, "GET http://a:b/"), and that refusal is this request's, behind the earlier ones.
         super().on_headers_complete()
-        self._in_headers = False
+        self._in_headers = self._reading_head = False
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
 
     def _start_asgi_task(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
@@ -564,6 +591,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._reading_head = True
         self._cancel_phase()
         super().on_message_complete()
         claim = self.cycle.scope.get(CLAIM) if self.cycle is not None else None

@@ -3,6 +3,7 @@ request. Raw sockets to a real server on 127.0.0.1, every limit set to about a s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -386,3 +387,28 @@ def test_a_client_that_reads_nothing_is_dropped_even_once_its_connection_is_clos
         data = read_until_dropped(sock)
     body, length = _body_and_length(data)
     assert len(body) < length  # dropped: the rest never came
+
+
+def test_an_http2_upgrade_offer_is_ignored_and_the_body_and_the_next_request_are_served(server) -> None:
+    """curl --http2 and Java's HttpClient offer h2c on plain http; llhttp then skipped the body (400
+    "request body is empty") and nothing after it on the connection was answered. The offer is
+    ignored, as HTTP allows, even with the header's name split between two sends."""
+    body = json.dumps(
+        {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    ).encode()
+    first = (
+        b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    second = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    split = first.index(b"Upgrade: h2c") + 3  # "\r\nUpg" | "rade: h2c"
+    with connect(server) as sock:
+        sock.sendall(first[:split])
+        time.sleep(0.2)
+        sock.sendall(first[split:] + second)
+        data, _ = answer(sock)
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2, data[:600]
+    assert answers[0].startswith(b"200") and b'"outputs"' in answers[0], answers[0][:400]
+    assert answers[1].startswith(b"200") and answers[1].endswith(b'{"live":true}')
