@@ -465,3 +465,56 @@ def test_a_stop_sequence_at_a_token_boundary_leaves_that_token_out_of_the_log_pr
     assert choice["logprobs"]["text_offset"] == [offsets[k] for k in kept]
     streamed = stream_of(lm, **cut_body)[0]
     assert streamed["text"] == choice["text"] and streamed["tokens"] == [tokens[k] for k in kept]
+
+
+def test_refused_completions_are_refused_before_their_prompts_are_tokenised(lm: TestClient, monkeypatch) -> None:
+    """Tokenising holds the interpreter lock: 64 prompts of 20,000 characters sent with ``suffix`` (always
+    refused) took 0.9 s of the event loop each, and every other client waited (health 1 ms -> 406 ms)."""
+    served = lm.app.state.registry.for_task("text-generation", MODEL)
+    calls: list[str] = []
+    real = served.engine.encode
+    monkeypatch.setattr(served.engine, "encode", lambda text: calls.append(text) or real(text))
+    long = ["the cat sat on the mat " * 800] * 64  # 18,400 characters each
+    for extra, status in (({"suffix": "x"}, 400), ({"n": 2}, 400), ({"best_of": 3}, 400), ({"max_tokens": 10**6}, 400)):
+        r = lm.post("/v1/completions", json={"model": MODEL, "prompt": long, **extra})
+        assert r.status_code == status, r.text
+    # longer than the context can hold whatever the tokens: refused from its length alone
+    r = lm.post("/v1/completions", json={"model": MODEL, "prompt": long[:1], "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    r = lm.post("/v1/text-generation", json={"model": MODEL, "prompts": long[:1]})
+    assert r.status_code == 400 and r.json()["error_type"] == "context_length_exceeded", r.text
+    assert calls == []
+    # a prompt that may fit is tokenised and measured as before
+    assert complete(lm, prompt="the cat sat", max_tokens=2)["usage"]["prompt_tokens"] >= 1
+    assert len(calls) == 1
+
+
+def test_long_prompts_are_tokenised_a_few_at_a_turn_of_the_event_loop(lm: TestClient, monkeypatch) -> None:
+    import asyncio
+
+    from service.api.routes import text_generation as routes
+
+    monkeypatch.setattr(routes, "_CHARS_PER_TURN", 200)  # this model's context is short: 64 tokens
+    served = lm.app.state.registry.for_task("text-generation", MODEL)
+    texts = ["the cat sat on the mat. " * 2] * 32  # 48 characters each: 1,536 in all
+    turns = 0
+
+    async def run() -> list[list[int]]:
+        nonlocal turns
+        done = asyncio.Event()
+
+        async def count() -> None:
+            nonlocal turns
+            while not done.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        ids = await routes._prompts(texts, served.engine, served.assets.max_context_tokens, MODEL)
+        done.set()
+        await counter
+        return ids
+
+    ids = asyncio.run(run())
+    assert ids == [served.engine.encode(t) for t in texts]
+    assert turns >= 1_536 // 248 - 1  # the loop ran between the pieces of work

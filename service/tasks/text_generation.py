@@ -108,6 +108,10 @@ class GenerationAssets:
     max_context_tokens: int
     max_new_tokens: int
     decoding: GenerationDecoding
+    # The most characters one token can stand for (its piece's length: a byte-level piece has a
+    # symbol per byte, never fewer than the characters): a prompt longer than this times the tokens
+    # it may have cannot fit, and is refused without being tokenised.
+    longest_token: int = 1
 
 
 def _names(infos: Sequence[Any]) -> list[str]:
@@ -163,6 +167,7 @@ class TextGeneration(Task[TextGenerationParameters]):
             max_context_tokens=parameters.max_context_tokens,
             max_new_tokens=parameters.max_new_tokens,
             decoding=parameters.decoding.with_overrides(settings),
+            longest_token=max(len(piece) for piece in tokenizer.get_vocab()),
         )
 
     def make_engine(self, served: Any, settings: Settings) -> TextGenerationEngine:
