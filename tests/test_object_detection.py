@@ -128,6 +128,30 @@ def test_render_returns_the_image_with_its_boxes(client: TestClient) -> None:
         assert not np.array_equal(drawn, np.asarray(image))  # boxes were drawn
 
 
+def test_render_of_an_image_wider_than_jpeg_allows_is_scaled_to_fit(client: TestClient) -> None:
+    # JPEG's sides stop at 65,535 pixels: a 100,000 x 2 image rendered as JPEG was a 500.
+    wide = Image.new("RGB", (100_000, 2), "white")
+    response = client.post(URL, files=[("files", ("w.png", png(wide), "image/png"))], data={"render": "jpeg"})
+    assert response.status_code == 200, response.text
+    assert max(Image.open(io.BytesIO(response.content)).size) <= 65_500
+    response = client.post(URL, files=[("files", ("w.png", png(wide), "image/png"))], data={"render": "png"})
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (100_000, 2)
+
+
+def test_render_labels_grow_with_the_picture() -> None:
+    # A label's band above its box is about a fortieth of the picture's longer side: readable when a
+    # phone photo is shown at screen size (it was 10 px whatever the size).
+    bands = []
+    for side in (400, 2400):
+        image = Image.fromarray(np.full((side * 3 // 4, side, 3), 30, np.uint8))
+        top = side // 4
+        box = {"x1": side / 4, "y1": top, "x2": side / 2, "y2": side / 2}
+        drawn = task.render(image, [{"box": box, "class_id": 0, "label": "7", "score": 0.9}], "png")
+        changed = (np.abs(np.asarray(Image.open(io.BytesIO(drawn))).astype(int) - 30).sum(axis=2) > 0)[:top]
+        bands.append(len(np.flatnonzero(changed.any(axis=1))))
+    assert bands[1] >= 2400 / 40 * 0.6 and bands[1] >= 4 * bands[0], bands  # digits are 0.7 of the font's size
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "error_type"),
     [

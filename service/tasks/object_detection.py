@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
 from service.repository import ModelSpec
@@ -181,19 +181,28 @@ def detections(
 _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
+JPEG_MAX_SIDE = 65_500  # libjpeg's largest side
+
+
 def render(image: Image.Image, found: list[dict], fmt: str) -> bytes:
     """The (upright) image with its boxes and labels drawn, as PNG or JPEG bytes."""
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
+    # Labels in proportion to the picture (a fixed 10 px font was unreadable on a phone photo shown
+    # at screen size): about a fortieth of its longer side, at least 12 px.
+    font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 40)))
     for d in reversed(found):  # the weakest first, so that the strongest label is drawn on top
         b = d["box"]
         colour = _COLOURS[d["class_id"] % len(_COLOURS)]
         draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=colour, width=width)
         text = f"{d['label']} {d['score']:.2f}"
-        left, top = b["x1"], max(0.0, b["y1"] - 12)
-        draw.rectangle(draw.textbbox((left, top), text), fill=colour)
-        draw.text((left, top), text, fill=(255, 255, 255))
+        left, top = b["x1"], max(0.0, b["y1"] - font.size * 1.2)
+        draw.rectangle(draw.textbbox((left, top), text, font=font), fill=colour)
+        draw.text((left, top), text, fill=(255, 255, 255), font=font)
+    if fmt != "png" and max(canvas.size) > JPEG_MAX_SIDE:
+        # JPEG cannot hold a side over 65,535 pixels (a 100,000 x 1 image was a 500): scaled to fit.
+        canvas.thumbnail((JPEG_MAX_SIDE, JPEG_MAX_SIDE))
     buffer = io.BytesIO()
     canvas.save(buffer, "PNG" if fmt == "png" else "JPEG", quality=90)
     return buffer.getvalue()
