@@ -129,6 +129,27 @@ def test_streaming_sends_tokens_then_the_whole_answer(client: TestClient) -> Non
     assert final[0]["text"] == translate(client, ["I'm hungry."])[0]["text"]  # same as without streaming
 
 
+def test_a_streamed_translation_is_admitted_once_before_its_200(client: TestClient, monkeypatch) -> None:
+    # Admitted before the 200 and then again inside the stream: when the line filled in between (30
+    # concurrent streams of 32 texts), 5 of them answered "200" and then an "overloaded" error event.
+    from service.errors import Overloaded
+
+    served = client.app.state.registry.for_task("translation", None)
+    real, calls = served.engine.scheduler.admit, []
+
+    def admit(rows: int) -> None:
+        calls.append(rows)
+        if len(calls) > 1:  # the line is full for any check after the first
+            raise Overloaded("full")
+        real(rows)
+
+    monkeypatch.setattr(served.engine.scheduler, "admit", admit)
+    response = client.post(URL, json={"texts": ["I'm hungry.", "Good morning!"], "stream": True})
+    assert response.status_code == 200
+    assert "event: error" not in response.text and "event: done" in response.text
+    assert calls == [2]
+
+
 def test_concurrent_requests_share_decoder_steps(client: TestClient) -> None:
     texts = [
         "Hi.",

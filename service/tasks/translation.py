@@ -540,10 +540,14 @@ class TranslationEngine:
         beam_size: int,
         max_new_tokens: int,
         on_token: Callable[[int], Callable[[int], None]] | None = None,
+        admitted: bool = False,
     ) -> list[tuple[TranslationJob, DecodeStats]]:
         """A request's texts, admitted (or refused, 429) as one before any decodes, then decoded as
-        one group that shares the batch's rows fairly with other requests; if one fails, all do."""
-        self.scheduler.admit(len(sources) * beam_size)
+        one group that shares the batch's rows fairly with other requests; if one fails, all do.
+        ``admitted``: the caller admitted them already (a stream, before its 200: checked again
+        here, after the 200, a full line answered "200" and then an ``error`` event)."""
+        if not admitted:
+            self.scheduler.admit(len(sources) * beam_size)
         group = object()
         return await gather_all(
             [

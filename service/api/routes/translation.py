@@ -162,7 +162,9 @@ async def _stream(
         # Called in the decode thread after each step.
         return lambda token: loop.call_soon_threadsafe(queue.put_nowait, (index, token))
 
-    work = asyncio.ensure_future(engine.translate_all(sources, beam_size=1, max_new_tokens=max_new, on_token=listener))
+    work = asyncio.ensure_future(
+        engine.translate_all(sources, beam_size=1, max_new_tokens=max_new, on_token=listener, admitted=True)
+    )
     getter: asyncio.Future | None = None
     try:
         while True:
