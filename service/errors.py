@@ -119,7 +119,10 @@ class MethodNotAllowed(ServiceError):
 class ModelNotReady(ServiceError):
     status_code = 503
     error_type = "model_not_ready"
-    summary = "Not ready (still loading, failed to load, or shutting down): Retry-After given"
+    summary = (
+        "Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): "
+        "Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded"
+    )
 
 
 class NotReady(ModelNotReady):

@@ -62,8 +62,10 @@ def _reply(transport: asyncio.BaseTransport, error: ServiceError, path: str | No
     in OpenAI's error shape, which its client libraries parse)."""
     body = orjson.dumps(error_body(error, path))
     status = error_status(error, path)
+    extra = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in (error.headers or {}).items())
     transport.write(  # type: ignore[attr-defined]
         STATUS_LINE[status]
+        + extra
         # Every answer carries an id (README), these too; nothing of the request was read to log it by.
         + b"x-request-id: "
         + os.urandom(16).hex().encode()
@@ -265,7 +267,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._lost = False
         self._pending: tuple[ServiceError, str | None] | None = None  # a refusal owed after earlier answers
         if len(self.connections) > self.limits.max_connections:
-            self._reject(TooManyConnections("the server has too many open connections; retry later"))
+            self._reject(
+                TooManyConnections(
+                    "the server has too many open connections; retry later", headers={"Retry-After": "1"}
+                )
+            )
             return
         # No request yet: the same idle limit as between two requests.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)

@@ -172,6 +172,7 @@ def test_connections_beyond_the_cap_are_refused_and_the_server_still_serves(serv
         with connect(server) as extra:
             data, _ = answer(extra)
         assert data.startswith(b"HTTP/1.1 503") and b"too many open connections" in data
+        assert b"\r\nretry-after: 1\r\n" in data.lower()  # it will pass by itself
     finally:
         for sock in held:
             sock.close()
