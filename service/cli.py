@@ -36,6 +36,7 @@ def serve(settings: Settings) -> None:
         keep_alive_s=settings.keep_alive_s,
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
+        body_min_rate=settings.body_min_rate,
         send_timeout_s=settings.send_timeout_s,
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(30.0, gt=0, description="Idle time a connection may stay open without a request.")
     header_timeout_s: float = Field(10.0, gt=0, description="Time for a request's line and headers, once begun (408).")
     body_timeout_s: float = Field(15.0, gt=0, description="Longest silence between two pieces of a request body (408).")
+    body_min_rate: float = Field(
+        500.0,
+        ge=0,
+        description="Bytes per second a request body must average once begun, after a first body_timeout_s of grace "
+        "(408): a byte every few seconds held a connection for ever. 0: no floor.",
+    )
     send_timeout_s: float = Field(
         30.0,
         gt=0,

@@ -49,6 +49,7 @@ class ConnectionLimits:
     keep_alive_s: float = 30.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 15.0
+    body_min_rate: float = 500.0  # bytes/s a body must average after body_timeout_s of grace (0: none)
     send_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
@@ -493,6 +494,7 @@ class GuardedProtocol(HttpToolsProtocol):
         # split, "GET http://a:b/"), and that refusal is this request's, behind the earlier ones.
         super().on_headers_complete()
         self._in_headers = self._reading_head = False
+        self._body_began, self._body_bytes = self.loop.time(), 0
         self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
 
     def _start_asgi_task(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
@@ -582,7 +584,21 @@ class GuardedProtocol(HttpToolsProtocol):
         return b"".join(head) + b"\r\n" + body, close
 
     def on_body(self, body: bytes) -> None:
-        self._arm(self.limits.body_timeout_s, "the request's body stopped arriving")
+        self._body_bytes += len(body)
+        # Each piece buys the next body_timeout_s, but never past the time the bytes so far earn at
+        # body_min_rate (after one body_timeout_s of grace), as Apache's mod_reqtimeout does: 3
+        # connections sending a byte every 2 s held the server's every connection for good.
+        seconds, why = self.limits.body_timeout_s, "the request's body stopped arriving"
+        if self.limits.body_min_rate > 0:
+            now = self.loop.time()
+            earned = self._body_began + self.limits.body_timeout_s + self._body_bytes / self.limits.body_min_rate
+            if earned - now < seconds:
+                seconds = earned - now
+                why = f"the request's body arrived slower than {self.limits.body_min_rate:g} bytes a second"
+        if seconds <= 0:
+            self._reject(RequestTimeout(why))
+            raise _Refused
+        self._arm(seconds, why)
         cycle = self.cycle
         if cycle is not None and cycle.response_complete:
             # Answered before its body was read (a refusal, a 401, a 404): the rest is dropped as it

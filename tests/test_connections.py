@@ -109,6 +109,28 @@ def test_a_declared_body_that_never_comes_gets_408(server) -> None:
     assert data.startswith(b"HTTP/1.1 408") and seconds < 5
 
 
+def test_a_body_dripped_a_byte_at_a_time_gets_408(server) -> None:
+    """Each byte came well within the silence allowed between pieces (1 s here), so a body sent a
+    byte every 0.4 s held its connection for ever; now it must average 500 bytes a second after a
+    first second of grace."""
+    with connect(server) as sock:
+        head = b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        sock.sendall(head + b"Content-Length: 100000\r\n\r\n")
+        started, data = time.monotonic(), b""
+        sock.settimeout(0.4)
+        while time.monotonic() - started < 8 and not data:
+            try:
+                sock.sendall(b" ")
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        seconds = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408") and b"bytes a second" in data, data[:300]
+    assert seconds < 4
+
+
 def stream_chunks(server, head: bytes, most: int = 512 << 20) -> tuple[int, bytes]:
     """``head`` (a chunked request's), then 1 MiB chunks until the server closes or ``most`` are
     sent: how many bytes went, and the answer (empty when the reset lost it)."""
