@@ -183,3 +183,15 @@ def test_a_server_with_the_otlp_exporter_sends_its_spans_to_the_collector(tmp_pa
     assert {"queue", "batch", "POST /v2/models/{model}/infer"} <= names
     resource = received[0].resource_spans[0].resource
     assert {(a.key, a.value.string_value) for a in resource.attributes} >= {("service.name", "neuroserve-test")}
+
+
+def test_the_access_line_carries_a_well_formed_traceparent_and_no_other(repo: Path, caplog) -> None:
+    # A 60,000-byte "traceparent" went into the access line whole (60,237 bytes), on every request.
+    with serve(repo, "none") as client, caplog.at_level(logging.INFO, logger="neuroserve.access"):
+        wait_ready(client)
+        caplog.clear()
+        assert client.get("/v2", headers={"traceparent": TRACEPARENT}).status_code == 200
+        assert client.get("/v2", headers={"traceparent": "00-" + "a" * 60_000}).status_code == 200
+    lines = [r for r in caplog.records if r.name == "neuroserve.access" and r.getMessage().startswith("GET /v2 ")]
+    assert [r.traceparent for r in lines] == [TRACEPARENT, None]
+    assert all(len(str(r.__dict__)) < 5_000 for r in lines)
