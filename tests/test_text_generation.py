@@ -261,6 +261,7 @@ def test_bad_requests_get_a_4xx_in_openais_error_shape(lm: TestClient, body: dic
 def test_openai_paths_this_server_lacks_answer_in_openais_shape(lm: TestClient) -> None:
     r = lm.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "/v1/completions" in r.json()["error"]["message"]  # where to go instead, not a bare "Not Found"
 
 
 def test_a_tiny_temperature_is_greedy_not_garbage(lm: TestClient) -> None:

@@ -71,7 +71,14 @@ def install_handlers(app: FastAPI) -> None:
             # Starlette names the methods of the first route on the path; /v1/faces has three.
             # (None found: a mounted app such as /static, whose own Allow stands.)
             headers = {**(headers or {}), "Allow": allowed}
-        return error_response(error_for_status(exc.status_code, str(exc.detail), headers), request.url.path)
+        detail = str(exc.detail)
+        if exc.status_code == 404 and request.url.path.startswith(("/v1/chat/", "/v1/embeddings")):
+            # What an OpenAI client tries first; a bare "Not Found" left its users guessing.
+            detail = (
+                f"{request.url.path} is not served: this server's language models continue text (no chat "
+                "template, no embeddings); use POST /v1/completions with a prompt (GET /v1/models lists them)"
+            )
+        return error_response(error_for_status(exc.status_code, detail, headers), request.url.path)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
