@@ -150,6 +150,18 @@ def test_the_docs_render_with_no_internet(browser, server, shots: Path) -> None:
     page.close()
 
 
+def test_redoc_renders_with_no_request_off_this_machine(browser, server, shots: Path) -> None:
+    # Its footer asked Redocly's CDN for a logo: a failed request on a machine with no internet.
+    page, problems = open_page(browser, server, 1280, 900)
+    page.goto(server.url("/redoc"))
+    page.wait_for_selector("h1", timeout=20_000)
+    page.wait_for_timeout(1_000)  # the footer's logo is asked for after the first render
+    assert "neuroserve" in page.inner_text("h1")
+    page.screenshot(path=str(shots / "redoc.png"))
+    assert problems == [], problems
+    page.close()
+
+
 def serve_page(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
