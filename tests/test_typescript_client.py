@@ -53,6 +53,31 @@ def test_the_types_compile_for_a_node_esm_project(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+def test_answers_of_routes_that_also_send_images_or_events_are_typed_as_their_json(tmp_path: Path) -> None:
+    """/v1/image-generation and /v1/object-detection can answer image/png and /v1/completions
+    text/event-stream beside JSON: openapi-fetch typed their data as the union ({} or string), so
+    `data.images` did not compile (TS2339). The client takes the JSON answers' types."""
+    usage = tmp_path / "usage.ts"
+    usage.write_text(
+        f'import {{ createNeuroserve }} from "{CLIENT / "src" / "index.js"}";\n'
+        'const api = createNeuroserve("http://127.0.0.1:8000");\n'
+        "export async function use(): Promise<number> {\n"
+        '  const gen = await api.POST("/v1/image-generation", { body: { digits: "42" } });\n'
+        '  const det = await api.POST("/v1/object-detection", { body: { images: ["iVBORw0KGgo="] } });\n'
+        '  const comp = await api.POST("/v1/completions", { body: { model: "text-generator", prompt: "Hi" } });\n'
+        "  return (gen.data?.images.length ?? 0) + (det.data?.images.length ?? 0) + (comp.data?.choices.length ?? 0);\n"
+        "}\n"
+    )
+    config = {
+        "compilerOptions": {"module": "nodenext", "moduleResolution": "nodenext", "strict": True, "noEmit": True},
+        "files": [str(usage)],
+    }
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    tsc = CLIENT / "node_modules" / "typescript" / "bin" / "tsc"
+    result = subprocess.run(["node", str(tsc), "-p", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
 def test_the_client_passes_its_tests_against_a_live_server() -> None:
     with neuroserve(ROOT / "models") as server:
         result = subprocess.run(

@@ -10,10 +10,12 @@ export interface TokenEvent {
   end: boolean;
 }
 
+// Typed as the JSON answers: routes that can also answer image/png (render) or text/event-stream
+// (stream) had their data typed as the union of the two, so `data.images` did not compile.
 export function createNeuroserve(
   baseUrl: string,
   options?: { apiKey?: string; fetch?: typeof fetch },
-): Client<paths>;
+): Client<paths, "application/json">;
 
 export function translateStream(
   baseUrl: string,

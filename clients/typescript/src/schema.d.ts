@@ -1562,7 +1562,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1854,7 +1854,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2000,7 +2000,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2157,7 +2157,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2317,7 +2317,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2465,7 +2465,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2614,7 +2614,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2764,7 +2764,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2913,7 +2913,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3062,7 +3062,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3212,7 +3212,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4478,7 +4478,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5446,7 +5446,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5627,7 +5627,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5856,7 +5856,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6023,7 +6023,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6186,7 +6186,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6353,7 +6353,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6532,7 +6532,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6725,7 +6725,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6871,7 +6871,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7019,7 +7019,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7284,7 +7284,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIError"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7485,7 +7485,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7676,7 +7676,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7865,7 +7865,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8016,7 +8016,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8205,7 +8205,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8354,7 +8354,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8502,7 +8502,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8703,7 +8703,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8847,7 +8847,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description Not ready (still loading, failed to load, or shutting down): Retry-After given. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
+            /** @description Not ready (still loading, failed to load, unloaded, or shutting down; the server's connection cap): Retry-After given when it will pass by itself (loading, the cap), not for a model failed or unloaded. error_type: `model_not_ready`, `not_ready`, `gallery_busy`, `too_many_connections`, `shutting_down` */
             503: {
                 headers: {
                     [name: string]: unknown;
