@@ -150,6 +150,14 @@ def test_a_streamed_translation_is_admitted_once_before_its_200(client: TestClie
     assert calls == [2]
 
 
+def test_text_in_capitals_is_translated_as_the_same_sentence_in_sentence_case(client: TestClient) -> None:
+    # "WHERE IS THE BATHROOM?" came back as "TrEEESA, j'ai le Terre « O OVNI ?" (19 rare pieces).
+    shouted = translate(client, ["WHERE IS THE BATHROOM?", "I LOVE YOU.", "I'M HUNGRY."])
+    plain = translate(client, ["Where is the bathroom?", "I love you.", "I'm hungry."])
+    assert [t["text"] for t in shouted] == [t["text"] for t in plain]
+    assert [t["source_tokens"] for t in shouted] == [t["source_tokens"] for t in plain]
+
+
 def test_concurrent_requests_share_decoder_steps(client: TestClient) -> None:
     texts = [
         "Hi.",

@@ -23,6 +23,7 @@ setting for operators.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -224,8 +225,24 @@ class Source:
     readable: bool  # at least one token is a known piece of text (not unknown, not a bare space)
 
 
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+_PRONOUN_I = re.compile(r"\bi\b")
+
+
+def sentence_case(text: str) -> str:
+    """A text written all in capitals ("WHERE IS THE BATHROOM?"), as in sentence case: the model
+    learnt from ordinary sentences, and capitals split into rare pieces (19 tokens against 6) and
+    came back as nonsense ("TrEEESA, j'ai le Terre ..."). Text with any small letter is unchanged."""
+    cased = [c for c in text if c.isupper() or c.islower()]
+    if len(cased) < 4 or any(c.islower() for c in cased):
+        return text
+    out = _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text.lower())
+    return _PRONOUN_I.sub("I", out)
+
+
 def encode_sources(assets: TranslationAssets, texts: Sequence[str]) -> list[Source]:
     out = []
+    texts = [sentence_case(text) for text in texts]
     for text, enc in zip(texts, encode_each(assets.tokenizer, texts), strict=True):
         unknown = [text[a:b] for tok, (a, b) in zip(enc.ids, enc.offsets, strict=True) if tok == assets.unk]
         readable = any(tok != assets.unk and piece.strip("▁") for tok, piece in zip(enc.ids, enc.tokens, strict=True))
