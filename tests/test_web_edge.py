@@ -107,6 +107,27 @@ def test_every_answer_carries_a_request_id(edge) -> None:
     assert made.status_code == 401 and len(made.headers["x-request-id"]) == 32
     odd = classify(client, **{"x-api-key": keys["infer"], "x-request-id": "bad id\twith tab"})
     assert odd.headers["x-request-id"] != "bad id\twith tab"
+    # preflights too, allowed or refused (they never reach the request guard)
+    for origin in (ORIGIN, "https://evil.example"):
+        preflight = client.options(
+            "/v1/image-classification",
+            headers={"origin": origin, "access-control-request-method": "POST", "x-request-id": "pre-1"},
+        )
+        assert preflight.headers["x-request-id"] == "pre-1", (origin, preflight.status_code)
+
+
+def test_a_refused_preflight_says_which_part_was_refused_and_speaks_openai_on_its_routes(edge) -> None:
+    client, _ = edge
+    method = client.options(
+        "/v1/image-classification", headers={"origin": ORIGIN, "access-control-request-method": "PUT"}
+    )
+    assert method.status_code == 403 and "NEUROSERVE_CORS_ALLOW_ORIGINS" not in method.json()["error"]
+    assert "answers only" in method.json()["error"] and "POST" in method.json()["error"]
+    openai = client.options(
+        "/v1/completions", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
+    )
+    assert openai.status_code == 403 and openai.json()["error"]["code"] == "cross_origin_refused"
+    assert "NEUROSERVE_CORS_ALLOW_ORIGINS" in openai.json()["error"]["message"]
 
 
 def test_large_json_answers_are_compressed_for_clients_that_accept_it(edge) -> None:

@@ -22,6 +22,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
+from service.api.handlers import error_body
 from service.errors import CrossOriginRefused, InvalidHost
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -103,16 +104,35 @@ def _host_and_port(host: str) -> tuple[str, str]:
 
 
 class CorsMiddleware(CORSMiddleware):
-    """Starlette's CORS, with a refused preflight answered in the service's one wire shape (403
-    ``cross_origin_refused``) instead of a text/plain 400 "Disallowed CORS origin"."""
+    """Starlette's CORS, with a refused preflight answered in the service's wire shape (403
+    ``cross_origin_refused``; OpenAI's on the OpenAI routes) instead of a text/plain 400 "Disallowed
+    CORS origin", and every preflight answer carrying ``X-Request-ID`` as every other answer does
+    (a preflight never reaches the request guard that sets it)."""
 
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            if headers.get("origin") is not None and "access-control-request-method" in headers:
+                from service.api.middleware import _request_id  # it imports this module
+
+                response = self._preflight(headers, scope["path"])
+                response.headers["x-request-id"] = _request_id(scope)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    def _preflight(self, request_headers: Headers, path: str) -> Response:
+        response = self.preflight_response(request_headers)
         if response.status_code < 400:
             return response
-        refused = bytes(response.body).decode("latin-1").removeprefix("Disallowed CORS ")
-        error = CrossOriginRefused(
-            f"CORS preflight refused ({refused} not allowed; origins: NEUROSERVE_CORS_ALLOW_ORIGINS)"
-        )
+        refused = bytes(response.body).decode("latin-1").removeprefix("Disallowed CORS ").split(", ")
+        reasons = []
+        if "origin" in refused:
+            reasons.append("its origin is not in NEUROSERVE_CORS_ALLOW_ORIGINS")
+        if "method" in refused:
+            reasons.append(f"this API answers only {', '.join(sorted(self.allow_methods))}")
+        if "headers" in refused:
+            reasons.append(f"its headers are not among {', '.join(sorted(self.allow_headers))}")
+        error = CrossOriginRefused(f"CORS preflight refused: {'; '.join(reasons) or ', '.join(refused)}")
         headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
-        return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
+        return JSONResponse(error_body(error, path), status_code=error.status_code, headers=headers)
