@@ -7,6 +7,7 @@ batcher and the runtime raise these too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -286,11 +287,23 @@ def error_for_status(status: int, message: str, headers: Mapping[str, str] | Non
     return cls(message, headers=dict(headers or {}))
 
 
+# Location parts that name a branch of a union (``temperature.constrained-float``), not a field.
+_UNION_BRANCH = re.compile(r"(constrained-)?(float|int|str|bool|list\[.*\]|dict\[.*\]|function-.*|is-instance\[.*\])")
+
+
 def describe_validation(errors: Iterable[Mapping[str, Any]], *, skip: tuple[str, ...] = ()) -> str:
     """Pydantic-style validation errors as one sentence a client can act on: ``where: what; ...``
-    (the first five). ``skip`` drops location parts that say nothing (FastAPI's ``body``)."""
-    parts = []
-    for err in list(errors)[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in skip) or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    (the first five places). ``skip`` drops location parts that say nothing (FastAPI's ``body``);
+    a union's branches are one place ("temperature: Input should be less than or equal to 2", not
+    that twice, once for ``constrained-float`` and once for ``constrained-int``)."""
+    places: dict[str, list[str]] = {}
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in skip]
+        while loc and _UNION_BRANCH.fullmatch(loc[-1]):
+            loc.pop()
+        message = str(err.get("msg", "invalid"))
+        found = places.setdefault(".".join(loc) or "body", [])
+        if message not in found:
+            found.append(message)
+    parts = [f"{where}: {' or '.join(messages)}" for where, messages in list(places.items())[:5]]
     return "; ".join(parts) or "does not match the schema"

@@ -12,7 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.api.app import create_app
 from service.api.schemas import SEVEN_PNG_BASE64
+from service.config import Settings
 from service.errors import wire_errors
 from tests.conftest import ROOT
 
@@ -160,3 +162,26 @@ def test_timings_resolve_below_a_millisecond(client: TestClient) -> None:
         response = client.post("/v1/image-classification", json={"images": [SEVEN_PNG_BASE64]})
         values += [float(response.headers["x-inference-time-ms"]), float(response.headers["x-queue-time-ms"])]
     assert any(v != round(v) for v in values), values
+
+
+def test_the_openapi_document_states_bounds_as_json_schema_does() -> None:
+    # Bounds on a float-or-int union came out as "ge"/"le" keys, which JSON Schema and every client
+    # generator ignore: a client read temperature as unbounded and got a 400 for 3.
+    document = create_app(Settings(repository=ROOT / "models")).openapi()
+    found: list[str] = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("ge", "le", "gt", "lt") and isinstance(value, int | float):
+                    found.append(f"{where}.{key}")
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(document, "")
+    assert found == []
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    temperature = body["properties"]["temperature"]
+    assert {"type": "number", "minimum": 0, "maximum": 2} in temperature["anyOf"]

@@ -7076,13 +7076,13 @@ export interface operations {
                      * @description 0: always the most probable token.
                      * @default 1
                      */
-                    temperature?: (number) | null;
+                    temperature?: number | null;
                     /**
                      * Top P
                      * @description 0: only the most probable token.
                      * @default 1
                      */
-                    top_p?: (number) | null;
+                    top_p?: number | null;
                     /**
                      * N
                      * @description Choices per prompt.
@@ -7132,12 +7132,12 @@ export interface operations {
                      * Presence Penalty
                      * @default 0
                      */
-                    presence_penalty?: (number) | null;
+                    presence_penalty?: number | null;
                     /**
                      * Frequency Penalty
                      * @default 0
                      */
-                    frequency_penalty?: (number) | null;
+                    frequency_penalty?: number | null;
                     /**
                      * Logit Bias
                      * @description Token id (as a string) -> bias in [-100, 100].
@@ -7161,7 +7161,7 @@ export interface operations {
                      * Repetition Penalty
                      * @description Extension: > 1 discourages tokens already in the prompt or output.
                      */
-                    repetition_penalty?: (number) | null;
+                    repetition_penalty?: number | null;
                 };
             };
         };

@@ -53,6 +53,13 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries (each costs every s
 Number = StrictFloat | StrictInt
 
 
+def number(**bounds: float) -> Any:
+    """A JSON number (not a string or a boolean) within ``bounds``, each branch of the union bounded,
+    so the schema says JSON Schema's ``minimum``/``maximum``: bounds on the union itself came out as
+    ``ge``/``le`` keys that JSON Schema (and every client generator) ignores."""
+    return Annotated[StrictFloat, Field(**bounds)] | Annotated[StrictInt, Field(**bounds)]
+
+
 # -- OpenAI's wire shapes --------------------------------------------------------------------------
 
 
@@ -100,8 +107,8 @@ class CompletionRequest(BaseModel):
     )
     suffix: StrictStr | None = Field(None, description="Not supported (insertion); must be absent or null.")
     max_tokens: StrictInt | None = Field(16, ge=0, description="Most tokens to generate per choice (OpenAI: 16).")
-    temperature: Number | None = Field(1.0, ge=0, le=2, description="0: always the most probable token.")
-    top_p: Number | None = Field(1.0, ge=0, le=1, description="0: only the most probable token.")
+    temperature: number(ge=0, le=2) | None = Field(1.0, description="0: always the most probable token.")
+    top_p: number(ge=0, le=1) | None = Field(1.0, description="0: only the most probable token.")
     n: StrictInt | None = Field(1, ge=1, description="Choices per prompt.")
     best_of: StrictInt | None = Field(None, ge=1, description="Accepted only when equal to n (no re-ranking).")
     stream: StrictBool | None = False
@@ -111,16 +118,16 @@ class CompletionRequest(BaseModel):
     )
     echo: StrictBool | None = Field(False, description="Prompt + completion; with max_tokens 0, scores a prompt.")
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"Up to {MAX_STOP} stop sequences.")
-    presence_penalty: Number | None = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Number | None = Field(0.0, ge=-2, le=2)
+    presence_penalty: number(ge=-2, le=2) | None = Field(0.0)
+    frequency_penalty: number(ge=-2, le=2) | None = Field(0.0)
     logit_bias: dict[str, Number] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias in [-100, 100]."
     )
     seed: StrictInt | None = Field(None, description="The same seed and prompt give the same text.")
     user: StrictStr | None = None
     top_k: StrictInt | None = Field(None, ge=0, description="Extension: sample among the k most probable (0: off).")
-    repetition_penalty: Number | None = Field(
-        None, gt=0, le=10, description="Extension: > 1 discourages tokens already in the prompt or output."
+    repetition_penalty: number(gt=0, le=10) | None = Field(
+        None, description="Extension: > 1 discourages tokens already in the prompt or output."
     )
 
 
@@ -183,10 +190,10 @@ class TextGenerationRequest(BaseModel):
         description="One generation per prompt; an empty prompt generates from nothing.",
     )
     max_new_tokens: int = Field(32, ge=1, description="Most tokens per generation (ceiling: the model's).")
-    temperature: Number = Field(0.8, ge=0, le=2, description="0: always the most probable token (greedy).")
+    temperature: number(ge=0, le=2) = Field(0.8, description="0: always the most probable token (greedy).")
     top_k: int = Field(0, ge=0, description="Sample among the k most probable tokens (0: off).")
-    top_p: Number = Field(0.95, gt=0, le=1, description="Sample among the most probable tokens of this mass.")
-    repetition_penalty: Number = Field(1.0, gt=0, le=10)
+    top_p: number(gt=0, le=1) = Field(0.95, description="Sample among the most probable tokens of this mass.")
+    repetition_penalty: number(gt=0, le=10) = Field(1.0)
     stop: list[StrictStr] = Field([], max_length=MAX_STOP, description="Stop before any of these texts.")
     seed: int | None = Field(None, description="The same seed and prompt give the same text.")
     model: str | None = Field(None, description="A text-generation model by name; default: the task's default.")
