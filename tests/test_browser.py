@@ -87,6 +87,11 @@ def two_photos_of_one_person(data_dir: Path, folder: Path) -> list[str]:
 
 def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, server, shots: Path, data_dir) -> None:
     faces = two_photos_of_one_person(data_dir, shots)
+    from PIL import Image, ImageDraw
+
+    page_of_digits = Image.new("RGB", (480, 320), "white")
+    ImageDraw.Draw(page_of_digits).text((60, 100), "4 1 7", fill="black", font_size=90)
+    page_of_digits.save(shots / "digits.png")
     for name, width, height in (("desktop", 1280, 900), ("phone", 375, 812)):
         page, problems = open_page(browser, server, width, height)
         draw_a_one(page)
@@ -95,14 +100,18 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
         assert page.locator("#digit-result li").first.inner_text().startswith("1"), page.inner_text("#digit-result")
         assert "inference" in page.inner_text("#digit-meta")
 
-        page.fill("#translate-text", "Where is the train station?")
+        page.fill("#translate-text", "Where is the train station?\nI'm hungry.")  # a text per line
         page.click("#translate-run")
         page.wait_for_function("document.getElementById('translate-meta').textContent.includes('tokens')")
-        assert "gare" in page.inner_text("#translate-result")
+        translated = page.inner_text("#translate-result").split("\n")
+        assert len(translated) == 2 and "gare" in translated[0] and "faim" in translated[1], translated
         assert "first token" in page.inner_text("#translate-meta") and "request" in page.inner_text("#translate-meta")
 
+        page.fill("#sentiment-text", "What a wonderful film!\nThe app crashes all the time.")
         page.click("#sentiment-run")
         page.wait_for_function("document.getElementById('sentiment-result').textContent.includes('positive')")
+        judged = page.inner_text("#sentiment-result").split("\n")  # each line with its own text
+        assert len(judged) == 2 and judged[0].endswith("What a wonderful film!"), judged
 
         page.fill("#write-text", "I think that")
         page.fill("#write-seed", "3")
@@ -128,6 +137,10 @@ def test_the_playground_works_in_a_browser_at_desktop_and_phone_width(browser, s
         assert "seeds 7-10" in page.inner_text("#generate-meta")
         loaded = page.evaluate("[...document.querySelectorAll('#generate-result img')].map(i => i.naturalWidth)")
         assert all(w > 0 for w in loaded), loaded  # the PNGs decoded in the browser
+
+        page.set_input_files("#detect-file", str(shots / "digits.png"))
+        page.wait_for_function("document.getElementById('detect-meta').textContent.includes('inference')")
+        assert "found" in page.inner_text("#detect-meta")  # what was found, or that nothing was, in words
 
         assert problems == [], problems  # before the deliberate mistake below (its 415 is logged too)
         page.set_input_files("#detect-file", str(ROOT / "models" / "mnist" / "1" / "metadata.json"))

@@ -176,12 +176,22 @@ document.getElementById("detect-file").addEventListener("change", async (event) 
   meta.textContent = "…";
   const form = new FormData();
   form.append("files", file, file.name);
-  form.append("render", "jpeg");
+  const drawn = new FormData();
+  drawn.append("files", file, file.name);
+  drawn.append("render", "jpeg");
   try {
-    const response = await call("/v1/object-detection", { method: "POST", body: form, headers: headers() });
+    // The boxes as JSON (what was found, in words) and the picture with them drawn, side by side.
+    const [listed, response] = await Promise.all([
+      call("/v1/object-detection", { method: "POST", body: form, headers: headers() }),
+      call("/v1/object-detection", { method: "POST", body: drawn, headers: headers() }),
+    ]);
+    const found = (await listed.json()).images[0].detections;
     image.src = URL.createObjectURL(await response.blob());
     image.hidden = false;
-    meta.textContent = timing(response);
+    const words = found.length
+      ? `found ${found.length}: ${[...found].sort((a, b) => a.box.x1 - b.box.x1).map((d) => d.label).join(" ")} (left to right)`
+      : "no digits found at the model's threshold (a photo of one large digit: use Digit classification)";
+    meta.textContent = `${words} · ${timing(response)}`;
   } catch (err) {
     image.hidden = true;
     showError(meta, null, err);
@@ -230,9 +240,12 @@ document.getElementById("sentiment-run").addEventListener("click", async () => {
       headers: headers({ "Content-Type": "application/json" }),
     });
     const body = await response.json();
-    result.textContent = body.predictions
-      .map((p) => `${p.label} (${(p.score * 100).toFixed(1)} %, ${p.model})`)
-      .join(" · ");
+    result.innerHTML = "";
+    body.predictions.forEach((p, i) => {
+      const line = document.createElement("div");
+      line.textContent = `${p.label} (${(p.score * 100).toFixed(1)} %, ${p.model}): ${texts[i]}`;
+      result.appendChild(line);
+    });
     meta.textContent = timing(response);
   } catch (err) {
     showError(result, meta, err);
@@ -246,17 +259,20 @@ document.getElementById("translate-run").addEventListener("click", async () => {
   clearError(result);
   result.textContent = "";
   meta.textContent = "…";
-  const text = document.getElementById("translate-text").value;
-  if (!text.trim()) {
+  // One text per line, as the sentiment panel does (two lines sent as one text lost the second).
+  const texts = document.getElementById("translate-text").value.split("\n").filter((t) => t.trim());
+  if (!texts.length) {
     showError(result, meta, new Error("type an English sentence first"));
     return;
   }
+  const lines = texts.map(() => "");
+  const show = () => { result.textContent = lines.join("\n"); };
   const started = performance.now();
   let first = null;
   try {
     const response = await call("/v1/translation", {
       method: "POST",
-      body: JSON.stringify({ texts: [text], stream: true }),
+      body: JSON.stringify({ texts, stream: true }),
       headers: headers({ "Content-Type": "application/json" }),
     });
     const reader = response.body.getReader();
@@ -274,11 +290,15 @@ document.getElementById("translate-run").addEventListener("click", async () => {
         const data = JSON.parse((event.match(/^data: (.*)$/m) || [null, "{}"])[1]);
         if (name === "token") {
           if (first === null) first = performance.now();
-          result.textContent = data.text;
+          lines[data.index] = data.text;
+          show();
         }
         if (name === "done") {
-          result.textContent = data.translations[0].text;
-          meta.textContent = `${data.model} v${data.version} · ${data.translations[0].generated_tokens} tokens · ${streamTiming(response, started, first)}`;
+          data.translations.forEach((t, i) => { lines[i] = t.text + (t.truncated ? ` [too long: only the start of its ${t.source_tokens} tokens was read]` : ""); });
+          show();
+          const tokens = data.translations.reduce((n, t) => n + t.generated_tokens, 0);
+          const unknown = data.translations.flatMap((t) => t.unknown_characters);
+          meta.textContent = `${data.model} v${data.version} · ${tokens} tokens · ${streamTiming(response, started, first)}${unknown.length ? ` · not in its vocabulary: ${unknown.join(" ")}` : ""}`;
         }
         if (name === "error") throw new Error(`${data.error} (${data.error_type})`);
       }
@@ -355,7 +375,7 @@ document.getElementById("recommend-run").addEventListener("click", async () => {
     result.innerHTML = "";
     for (const item of body.items) {
       const li = document.createElement("li");
-      li.textContent = `${item.title || item.item_id} (predicted ${item.rating.toFixed(1)})`;
+      li.textContent = `${item.title || item.item_id} (score ${item.score.toFixed(2)}; predicted rating ${item.rating.toFixed(1)})`;
       result.appendChild(li);
     }
     meta.textContent = `${body.cold_start ? "popular movies (unknown user) · " : ""}${timing(response)}`;
