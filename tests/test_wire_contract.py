@@ -185,3 +185,14 @@ def test_the_openapi_document_states_bounds_as_json_schema_does() -> None:
     body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     temperature = body["properties"]["temperature"]
     assert {"type": "number", "minimum": 0, "maximum": 2} in temperature["anyOf"]
+
+
+def test_the_binary_tensor_extension_is_in_the_openapi_document() -> None:
+    # Served (octet-stream bodies in and out, the header's length in Inference-Header-Content-Length)
+    # but documented as JSON only: schema-driven clients and fuzzers never saw it.
+    document = create_app(Settings(repository=ROOT / "models")).openapi()
+    for path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+        operation = document["paths"][path]["post"]
+        assert "application/octet-stream" in operation["requestBody"]["content"]
+        assert "application/octet-stream" in operation["responses"]["200"]["content"]
+        assert "Inference-Header-Content-Length" in [p["name"] for p in operation["parameters"]]

@@ -3534,7 +3534,10 @@ export interface operations {
     infer_v2_models__model__versions__version__infer_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Binary tensor extension: bytes of the JSON header at the start of the body; the raw bytes of the inputs marked binary_data_size follow it. */
+                "Inference-Header-Content-Length"?: number;
+            };
             path: {
                 model: string;
                 version: string | null;
@@ -4358,16 +4361,18 @@ export interface operations {
                         name?: unknown;
                     }[];
                 };
+                "application/octet-stream": string;
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description JSON, or with binary_data_output (or an output's binary_data) the JSON header followed by those outputs' raw bytes, its length in Inference-Header-Content-Length. */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["InferResponse"];
+                    "application/octet-stream": string;
                 };
             };
             /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
@@ -4503,7 +4508,10 @@ export interface operations {
             query?: {
                 version?: string | null;
             };
-            header?: never;
+            header?: {
+                /** @description Binary tensor extension: bytes of the JSON header at the start of the body; the raw bytes of the inputs marked binary_data_size follow it. */
+                "Inference-Header-Content-Length"?: number;
+            };
             path: {
                 model: string;
             };
@@ -5326,16 +5334,18 @@ export interface operations {
                         name?: unknown;
                     }[];
                 };
+                "application/octet-stream": string;
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description JSON, or with binary_data_output (or an output's binary_data) the JSON header followed by those outputs' raw bytes, its length in Inference-Header-Content-Length. */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["InferResponse"];
+                    "application/octet-stream": string;
                 };
             };
             /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */

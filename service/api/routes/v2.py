@@ -95,9 +95,29 @@ _INFER_DOC = {
                     },
                 },
                 "example": _INFER_EXAMPLE,
-            }
+            },
+            # Triton's binary tensor extension (README): the JSON header, then each binary input's
+            # raw bytes; the header's length in Inference-Header-Content-Length.
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "Binary tensor extension: bytes of the JSON header at the start of the body; the "
+            "raw bytes of the inputs marked binary_data_size follow it.",
+        }
+    ],
+    "responses": {
+        "200": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "JSON, or with binary_data_output (or an output's binary_data) the JSON header "
+            "followed by those outputs' raw bytes, its length in Inference-Header-Content-Length.",
+        }
+    },
 }
 
 
