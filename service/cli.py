@@ -43,6 +43,7 @@ def serve(settings: Settings) -> None:
         max_connections=settings.max_connections,
         shed_per_s=settings.shed_per_s,
         shed_max_wait_s=settings.shed_max_wait_s,
+        shed_rest_s=settings.shed_rest_s,
     )
     run(
         create_app(settings),

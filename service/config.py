@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     shed_max_wait_s: float = Field(
         2.0, gt=0, description="Longest a request held back that way waits for its answer (429 once it is over)."
     )
+    shed_rest_s: float = Field(
+        1.0,
+        ge=0,
+        description="After a 429 for load, the connection is not read for this long (its Retry-After): a client "
+        "that retries sooner waits for its answer instead of being refused again (0: read at once).",
+    )
 
     # Model control (Triton's modes): none, the repository as found at start; explicit, also
     # POST /v2/repository/models/{name}/load and /unload; poll, the repository watched for changes.

@@ -56,6 +56,7 @@ class ConnectionLimits:
     max_connections: int = 2048
     shed_per_s: float = 500.0  # refusals for load answered per second at most (0: no limit); see Door
     shed_max_wait_s: float = 2.0
+    shed_rest_s: float = 1.0  # a connection refused for load is not read for this long (0: read at once)
 
 
 def _reply(transport: asyncio.BaseTransport, error: ServiceError, path: str | None = None) -> None:
@@ -263,6 +264,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = False  # reading a request's line and headers (no cycle of its own yet)
         self._reading_head = True  # no request's headers complete since the last one ended
         self._held = b""  # the end of a partial head, fed with the next data (see _UPGRADE_LINE)
+        self._resting: asyncio.TimerHandle | None = None  # reading paused after a 429 for load (see _rest)
         self._stalled: float | None = None  # when a full send buffer that has not drained times out
         self._stall_size = 0  # its size when last seen shrinking
         self._lost = False
@@ -279,6 +281,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._resting is not None:
+            self._resting.cancel()
+            self._resting = None
         self._stalled = None
         self._cancel_phase()
         # uvicorn tells only self.cycle, the newest request read, that the client is gone; with
@@ -549,6 +554,26 @@ class GuardedProtocol(HttpToolsProtocol):
         if close:
             self.transport.close()
         self.on_response_complete()
+        if refusal.shed and not close and self.limits.shed_rest_s > 0:
+            self._rest(self.limits.shed_rest_s)
+
+    def _rest(self, seconds: float) -> None:
+        """The connection is not read for ``seconds`` after a 429 for load: the Retry-After it was
+        given, kept for it. A client that retries 0.1 s after each 429 came back as fast as it was
+        refused, and every refusal cost the event loop (parsing, the answer, its write: about 56 us
+        a write on loopback, py-spy), the decode threads' share of the interpreter lock with it;
+        its next request now waits in the socket, unread and free, and is answered after."""
+        if self.transport.is_closing():
+            return
+        if self._resting is not None:
+            self._resting.cancel()
+        self.flow.pause_reading()
+        self._resting = self.loop.call_later(seconds, self._wake)
+
+    def _wake(self) -> None:
+        self._resting = None
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         """uvicorn's, iterative: an early answer completes its request at once and calls this,

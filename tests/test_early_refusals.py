@@ -332,3 +332,36 @@ def test_a_body_still_arriving_holds_no_place_in_the_queue(paced) -> None:
     finally:
         for sock in stalled:
             sock.close()
+
+
+@pytest.fixture(scope="module")
+def sluggish(tmp_path_factory: pytest.TempPathFactory):
+    """A model of 0.1 s a request, one waiting at most; refusals answered at once."""
+    repo = tmp_path_factory.mktemp("sluggish") / "repo"
+    write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=400)
+    with neuroserve(repo, NEUROSERVE_MAX_QUEUE_SIZE="1") as running:
+        yield running
+
+
+def test_a_connection_refused_for_load_is_not_read_until_its_retry_after_has_passed(sluggish) -> None:
+    """Clients that retried 0.1 s after each 429 came back as fast as they were refused, each refusal
+    costing the event loop; now its next request waits unread (NEUROSERVE_SHED_REST_S, 1 s) and is
+    then answered."""
+    slow = request("/v2/models/slow/infer", slow_body())
+    busy = [socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) for _ in range(6)]
+    try:
+        for sock in busy:  # as many running as it runs at once, one waiting: its line is full
+            sock.sendall(slow)
+        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+            answers = answers_of(sock)
+            sock.sendall(slow)
+            status, _, _ = next(answers)
+            assert status == 429, status
+            refused_at = time.monotonic()
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")  # at once, not after 1 s
+            status, _, _ = next(answers)
+            waited = time.monotonic() - refused_at
+        assert status == 200 and 0.8 <= waited < 3, (status, waited)
+    finally:
+        for sock in busy:
+            sock.close()
