@@ -41,6 +41,7 @@ from training.text_generation import (
     PROMPTS,
     encode,
     greedy_continuations,
+    held_out_metrics,
     lm_metrics,
     model_config,
     onnx_token_log_probs,
@@ -303,16 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         for d, m, w, s in zip(args.members, metas, weights, shapes, strict=True)
     ]
     metrics = {
-        "measured_on": metas[0]["metrics"]["measured_on"],
-        "validation_perplexity": scores["validation"]["perplexity"],
-        "validation_bits_per_character": scores["validation"]["bits_per_character"],
-        "test_perplexity": scores["test"]["perplexity"],
-        "test_bits_per_character": scores["test"]["bits_per_character"],
-        "validation": scores["validation"],
-        "test": scores["test"],
+        **held_out_metrics(scores, baseline),
         "numpy_mixture_bits_per_character": {k: round(v, 4) for k, v in numpy_bpc.items()},
-        "ngram_baseline": baseline,
-        "test_bits_per_character_ratio_to_ngram": round(ratio, 4),
         "mixture_vs_members_max_abs_diff": parity,
         "greedy_examples": greedy_continuations(version_dir, tokenizer, PROMPTS),
     }

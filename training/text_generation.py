@@ -720,6 +720,27 @@ def lm_metrics(prefill_path: Path, seqs: list[list[int]], texts: list[str]) -> d
     }
 
 
+MEASURED_ON = (
+    "exported prefill graph in onnxruntime (CPU); bits per character = bits of every predicted token (<eos> "
+    "included, the first after <bos>) / (characters + 1 per sentence)"
+)
+
+
+def held_out_metrics(scores: dict[str, dict], baseline: dict) -> dict:
+    """The metadata's figures of a version: :func:`lm_metrics` of validation and test, and the test
+    figure's ratio to the n-gram baseline's."""
+    return {
+        "measured_on": MEASURED_ON,
+        **{f"{k}_{m}": scores[k][m] for k in ("validation", "test") for m in ("perplexity", "bits_per_character")},
+        "validation": scores["validation"],
+        "test": scores["test"],
+        "ngram_baseline": baseline,
+        "test_bits_per_character_ratio_to_ngram": round(
+            scores["test"]["bits_per_character"] / baseline["test_bits_per_character"], 4
+        ),
+    }
+
+
 def greedy_continuations(version_dir: Path, tokenizer: Tokenizer, prompts: list[str], max_new: int = 24) -> list:
     """Each prompt continued greedily through the graphs: prefill, then one step per new token."""
     pre, one = session(version_dir / "prefill.onnx"), session(version_dir / "model.onnx")
@@ -834,18 +855,8 @@ def train(cfg: Config, command: str = "") -> dict:
     tokenizer.save(str(version_dir / "tokenizer.json"))
     common.write_json(cfg.output_dir / cfg.name / "model.json", model_config(cfg, vocab))
     scores = {k: lm_metrics(version_dir / "prefill.onnx", seqs[k], splits[k]) for k in ("validation", "test")}
-    ratio = scores["test"]["bits_per_character"] / baseline["test_bits_per_character"]
     metrics = {
-        "measured_on": "exported prefill graph in onnxruntime (CPU); bits per character = bits of every "
-        "predicted token (<eos> included, the first after <bos>) / (characters + 1 per sentence)",
-        "validation_perplexity": scores["validation"]["perplexity"],
-        "validation_bits_per_character": scores["validation"]["bits_per_character"],
-        "test_perplexity": scores["test"]["perplexity"],
-        "test_bits_per_character": scores["test"]["bits_per_character"],
-        "validation": scores["validation"],
-        "test": scores["test"],
-        "ngram_baseline": baseline,
-        "test_bits_per_character_ratio_to_ngram": round(ratio, 4),
+        **held_out_metrics(scores, baseline),
         "onnx_vs_torch_max_abs_diff": parity,
         "greedy_examples": greedy_continuations(version_dir, tokenizer, PROMPTS),
     }
@@ -887,7 +898,8 @@ def train(cfg: Config, command: str = "") -> dict:
     print(
         f"wrote {version_dir}: test {scores['test']['bits_per_character']:.4f} bits per character "
         f"(perplexity {scores['test']['perplexity']:.2f}), {baseline['chosen_order']}-gram "
-        f"{baseline['test_bits_per_character']:.4f}: ratio {ratio:.3f}; parity {parity}"
+        f"{baseline['test_bits_per_character']:.4f}: ratio {metrics['test_bits_per_character_ratio_to_ngram']:.3f}; "
+        f"parity {parity}"
     )
     return meta
 
