@@ -96,6 +96,13 @@ class _Held:
 _UPGRADE_LINE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
 _UPGRADE_HOLD = len(b"\r\nupgrade:") - 1  # bytes of a partial head held back: a split header name
 
+
+def _through_proxy(scope: dict) -> bool:
+    """A request a proxy forwarded: its connection carries other clients' requests too (nginx keeps
+    a pool of them), which must not wait out this client's rest."""
+    return any(name in (b"x-forwarded-for", b"forwarded", b"via") for name, _ in scope["headers"])
+
+
 DRAIN_BYTES = 256 * 1024  # body bytes dropped after an early answer before the connection is closed
 
 
@@ -265,6 +272,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._reading_head = True  # no request's headers complete since the last one ended
         self._held = b""  # the end of a partial head, fed with the next data (see _UPGRADE_LINE)
         self._resting: asyncio.TimerHandle | None = None  # reading paused after a 429 for load (see _rest)
+        self._close_after = False  # shutting down: close once the request read now is answered
         self._stalled: float | None = None  # when a full send buffer that has not drained times out
         self._stall_size = 0  # its size when last seen shrinking
         self._lost = False
@@ -303,27 +311,30 @@ class GuardedProtocol(HttpToolsProtocol):
             # lines without beginning a request, and each piece of data stops the idle timer, so a
             # client sending "\r\n" every half second held its connection for ever.
             self._arm(self.limits.header_timeout_s, "the request's headers did not arrive in time")
+        # uvicorn's data_received, keeping the parser's reason for the 400 (uvicorn drops it).
+        self._unset_keepalive_if_required()
         if self._reading_head:
             data = self._without_upgrade(data)
             if not data:
                 return
-        # uvicorn's data_received, keeping the parser's reason for the 400 (uvicorn drops it).
-        self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.send_400_response(str(exc) or "Invalid HTTP request received.")
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+        except httptools.HttpParserUpgrade as upgrade:
+            # An Upgrade header that reached the parser (in a head pipelined behind another in the
+            # same read): its request was taken as plain HTTP, and what follows it is read as the
+            # next requests (dropped, they were never answered).
+            rest = data[upgrade.args[0] :] if upgrade.args else b""
+            if rest and not self._rejected:
+                self.data_received(rest)
 
     def _without_upgrade(self, data: bytes) -> bytes:
         """``data`` with any ``Upgrade`` header line of the head it carries renamed; the last bytes of
         a head not yet complete are held back for the next data, in case a header name is split."""
         data, self._held = self._held + data, b""
-        end = data.find(b"\r\n\r\n")
+        start = len(data) - len(data.lstrip(b"\r\n"))  # empty lines before a request are skipped
+        end = data.find(b"\r\n\r\n", start)
         head = data if end < 0 else data[: end + 2]
         if _UPGRADE_LINE.search(head):
             data = _UPGRADE_LINE.sub(b"\r\nupgradx:", head) + (b"" if end < 0 else data[end + 2 :])
@@ -347,6 +358,14 @@ class GuardedProtocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         self._stalled = None
         super().resume_writing()
+
+    def _unread(self) -> int:
+        """Bytes the client sent that nobody has read yet (the kernel's receive queue)."""
+        sock = self.transport.get_extra_info("socket")
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError, ValueError):
+            return 0
 
     def _unsent(self) -> int:
         """Bytes of answers not yet taken by the client: the transport's buffer and the kernel's
@@ -433,6 +452,14 @@ class GuardedProtocol(HttpToolsProtocol):
         """uvicorn closes a connection whose newest request is answered: with a refusal held
         behind a running request, that newest one is the refused one, and the running answer was
         lost. Then the running request ends the connection (the refusal follows it)."""
+        if self._resting is not None:
+            # A request may wait unread in the socket: closing now would reset it. Read it, answer
+            # it, then close (see on_response_complete); with nothing there, close as usual.
+            self._resting.cancel()
+            self._wake()
+            if self._unread():
+                self._close_after = True
+                return
         if self._pending is not None:
             running = self._running
             if running is not None and not running.response_complete:
@@ -554,7 +581,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if close:
             self.transport.close()
         self.on_response_complete()
-        if refusal.shed and not close and self.limits.shed_rest_s > 0:
+        if refusal.shed and not close and self.limits.shed_rest_s > 0 and not _through_proxy(cycle.scope):
             self._rest(self.limits.shed_rest_s)
 
     def _rest(self, seconds: float) -> None:
@@ -594,6 +621,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self._completing = False
         if self._pending is not None:
             self._flush_pending()
+        if self._close_after and not self.transport.is_closing():
+            self.transport.close()  # shutting down: the request that waited out its rest is answered
 
     def _early_answer(self, cycle, refusal) -> tuple[bytes, bool]:  # type: ignore[no-untyped-def]
         """The whole answer's bytes for a refusal, and whether to close."""

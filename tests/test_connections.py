@@ -435,3 +435,19 @@ def test_an_http2_upgrade_offer_is_ignored_and_the_body_and_the_next_request_are
     assert len(answers) == 2, data[:600]
     assert answers[0].startswith(b"200") and b'"outputs"' in answers[0], answers[0][:400]
     assert answers[1].startswith(b"200") and answers[1].endswith(b'{"live":true}')
+
+
+@pytest.mark.parametrize("before", [b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n", b"\r\n\r\n"])
+def test_an_upgrade_offer_behind_another_request_or_blank_lines_leaves_the_next_request_answered(
+    server, before: bytes
+) -> None:
+    """A head pipelined behind another in one read (or after empty lines) reached the parser with
+    its Upgrade header: what followed it was dropped, and the connection hung until its idle timeout."""
+    upgrade = b"GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    last = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(before + upgrade + last)
+        data, seconds = answer(sock)
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == (3 if before.startswith(b"GET") else 2) and seconds < 5, (data[:500], seconds)
+    assert answers[-1].startswith(b"200") and answers[-1].endswith(b'{"live":true}')

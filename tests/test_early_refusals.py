@@ -365,3 +365,50 @@ def test_a_connection_refused_for_load_is_not_read_until_its_retry_after_has_pas
     finally:
         for sock in busy:
             sock.close()
+
+
+def test_a_proxy_s_connection_is_not_rested(sluggish) -> None:
+    """nginx keeps a pool of connections to the server, each carrying many clients' requests: one
+    client's 429 must not make the next client's request on that connection wait."""
+    slow = request("/v2/models/slow/infer", slow_body(), "X-Forwarded-For: 203.0.113.7")
+    busy = [socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) for _ in range(6)]
+    try:
+        for sock in busy:
+            sock.sendall(slow)
+        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+            answers = answers_of(sock)
+            sock.sendall(slow)
+            status, _, _ = next(answers)
+            assert status == 429, status
+            refused_at = time.monotonic()
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n")
+            status, _, _ = next(answers)
+            assert status == 200 and time.monotonic() - refused_at < 0.5
+    finally:
+        for sock in busy:
+            sock.close()
+
+
+def test_a_request_waiting_out_a_rest_is_answered_when_the_server_shuts_down(tmp_path) -> None:
+    """A request sent during a connection's rest waits unread in its socket; a graceful shutdown
+    closed the connection with it there, and the client got a reset instead of an answer."""
+    import signal
+
+    repo = tmp_path / "repo"
+    write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=400)
+    with neuroserve(repo, NEUROSERVE_MAX_QUEUE_SIZE="1") as running:
+        slow = request("/v2/models/slow/infer", slow_body())
+        busy = [socket.create_connection(("127.0.0.1", running.port), timeout=30) for _ in range(6)]
+        for sock in busy:
+            sock.sendall(slow * 20)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as sock:
+            answers = answers_of(sock)
+            sock.sendall(slow)
+            assert next(answers)[0] == 429
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            time.sleep(0.1)
+            running.proc.send_signal(signal.SIGTERM)
+            status, _, _ = next(answers)
+        assert status in (200, 503), status  # answered, not reset
+        for sock in busy:
+            sock.close()
