@@ -519,3 +519,27 @@ def test_long_prompts_are_tokenised_a_few_at_a_turn_of_the_event_loop(lm: TestCl
     ids = asyncio.run(run())
     assert ids == [served.engine.encode(t) for t in texts]
     assert turns >= 1_536 // 248 - 1  # the loop ran between the pieces of work
+
+
+def test_a_bound_is_said_without_the_other_branch_and_a_full_context_blames_max_tokens(lm: TestClient) -> None:
+    # "temperature: Input should be less than or equal to 2 or Input should be a valid integer" for 2.5
+    r = lm.post("/v1/completions", json={"model": MODEL, "prompt": "Tom", "temperature": 2.5})
+    assert r.json()["error"]["message"] == "temperature: Input should be less than or equal to 2", r.text
+    r = lm.post("/v1/completions", json={"model": MODEL, "prompt": "Tom", "max_tokens": 64})  # the whole context
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    # the house route names its own fields
+    r = lm.post("/v1/text-generation", json={"model": MODEL, "prompts": ["the cat " * 500]})
+    assert r.status_code == 400 and r.json()["error"].startswith("prompts[0] has"), r.text
+
+
+def test_a_million_validation_errors_are_described_from_the_first_few() -> None:
+    import time
+
+    from service.errors import describe_validation
+
+    errors = [
+        {"loc": ("body", "prompt", 0, 0), "msg": "Input should be a valid integer", "type": "int_type"}
+    ] * 1_000_000
+    started = time.perf_counter()
+    message = describe_validation(errors, skip=("body",))
+    assert time.perf_counter() - started < 0.1 and message.startswith("prompt.0.0: ")

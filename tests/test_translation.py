@@ -156,6 +156,9 @@ def test_text_in_capitals_is_translated_as_the_same_sentence_in_sentence_case(cl
     plain = translate(client, ["Where is the bathroom?", "I love you.", "I'm hungry."])
     assert [t["text"] for t in shouted] == [t["text"] for t in plain]
     assert [t["source_tokens"] for t in shouted] == [t["source_tokens"] for t in plain]
+    # characters it cannot read are named as they were sent, not lower-cased
+    (odd,) = translate(client, ["HELLO ΚΑΛΗΜΕΡΑ"])
+    assert all(c.isupper() for c in "".join(odd["unknown_characters"])), odd["unknown_characters"]
 
 
 def test_concurrent_requests_share_decoder_steps(client: TestClient) -> None:

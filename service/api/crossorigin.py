@@ -130,9 +130,9 @@ class CorsMiddleware(CORSMiddleware):
         if "origin" in refused:
             reasons.append("its origin is not in NEUROSERVE_CORS_ALLOW_ORIGINS")
         if "method" in refused:
-            reasons.append(f"this API answers only {', '.join(sorted(self.allow_methods))}")
+            reasons.append(f"this API answers only {', '.join(sorted(set(self.allow_methods)))}")
         if "headers" in refused:
-            reasons.append(f"its headers are not among {', '.join(sorted(self.allow_headers))}")
+            reasons.append(f"its headers are not among {', '.join(sorted(set(self.allow_headers)))}")
         error = CrossOriginRefused(f"CORS preflight refused: {'; '.join(reasons) or ', '.join(refused)}")
         headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
         return JSONResponse(error_body(error, path), status_code=error.status_code, headers=headers)

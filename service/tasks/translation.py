@@ -225,7 +225,7 @@ class Source:
     readable: bool  # at least one token is a known piece of text (not unknown, not a bare space)
 
 
-_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([\"'«“¿¡(]*)([^\W\d_])")
 _PRONOUN_I = re.compile(r"\bi\b")
 
 
@@ -234,16 +234,17 @@ def sentence_case(text: str) -> str:
     learnt from ordinary sentences, and capitals split into rare pieces (19 tokens against 6) and
     came back as nonsense ("TrEEESA, j'ai le Terre ..."). Text with any small letter is unchanged."""
     cased = [c for c in text if c.isupper() or c.islower()]
-    if len(cased) < 4 or any(c.islower() for c in cased):
-        return text
-    out = _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text.lower())
+    if len(cased) < 4 or any(c.islower() for c in cased) or len(text.lower()) != len(text):
+        return text  # (a lower case of another length would shift the offsets unknown characters come from)
+    out = _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2) + m.group(3).upper(), text.lower())
     return _PRONOUN_I.sub("I", out)
 
 
 def encode_sources(assets: TranslationAssets, texts: Sequence[str]) -> list[Source]:
     out = []
-    texts = [sentence_case(text) for text in texts]
-    for text, enc in zip(texts, encode_each(assets.tokenizer, texts), strict=True):
+    cased = [sentence_case(text) for text in texts]
+    for text, enc in zip(texts, encode_each(assets.tokenizer, cased), strict=True):
+        # from the text as sent (a sentence-cased one has the same offsets)
         unknown = [text[a:b] for tok, (a, b) in zip(enc.ids, enc.offsets, strict=True) if tok == assets.unk]
         readable = any(tok != assets.unk and piece.strip("▁") for tok, piece in zip(enc.ids, enc.tokens, strict=True))
         ids = enc.ids[: assets.max_source_tokens]

@@ -352,7 +352,9 @@ async def text_generation(request: Request, registry: RegistryDep, settings: Set
         raise SchemaError(
             f"max_new_tokens: at most {assets.max_new_tokens} for model {served.name}, got {body.max_new_tokens}"
         )
-    prompts = await _prompts(body.prompts, engine, assets.max_context_tokens, served.name)
+    prompts = await _prompts(
+        body.prompts, engine, assets.max_context_tokens, served.name, field="prompts", budget="max_new_tokens"
+    )
     for i, ids in enumerate(prompts):
         room = assets.max_context_tokens - len(ids)
         if room < 1:
@@ -444,18 +446,32 @@ def _prompt_list(prompt: Any, settings: Settings) -> list[str] | list[list[int]]
 _CHARS_PER_TURN = 4096
 
 
-async def _prompts(prompts: list[str] | list[list[int]], engine: task.TextGenerationEngine, room: int, model: str):
+async def _prompts(
+    prompts: list[str] | list[list[int]],
+    engine: task.TextGenerationEngine,
+    room: int,
+    model: str,
+    *,
+    field: str = "prompt",
+    budget: str = "max_tokens",
+):
     """Token-id lists, begin-of-text first. A text longer than ``room`` tokens of the longest piece
     cannot fit in the context and is refused untokenised; the others are tokenised a few thousand
-    characters per turn of the event loop, so one request of long prompts does not stall the rest."""
+    characters per turn of the event loop, so one request of long prompts does not stall the rest.
+    ``field`` and ``budget``: the route's names for the prompts and for the tokens to generate."""
     assets = engine.assets
+    if room <= 0:
+        raise ContextTooLong(
+            f"{budget} leaves no room for a prompt in model {model}'s context of {assets.max_context_tokens} tokens",
+            param=budget,
+        )
     if prompts and isinstance(prompts[0], str):
         for i, text in enumerate(prompts):
-            if len(text) > max(room, 0) * assets.longest_token:
+            if len(text) > room * assets.longest_token:
                 raise ContextTooLong(
-                    f"model {model}'s maximum context length is {assets.max_context_tokens} tokens; prompt {i} has "
-                    f"{len(text)} characters, more than {max(room, 0)} tokens' worth, with max_tokens",
-                    param="prompt",
+                    f"{field}[{i}] has {len(text)} characters, more than the {room} tokens that model {model}'s "
+                    f"context of {assets.max_context_tokens} leaves it (with {budget}) can hold",
+                    param=field,
                 )
         out, since_turn = [], 0
         for text in prompts:
