@@ -56,14 +56,17 @@ def paper_photos(n: int, seed: int, data_dir: Path = DATA) -> tuple[list[tuple[b
     return files, labels
 
 
-def post_files(url: str, files: list[tuple[bytes, str]]) -> list[str]:
+def post_files(url: str, files: list[tuple[bytes, str]]) -> list[tuple[str, bool | None]]:
+    """Each file's top label, and whether the "not a digit" companion flagged it (None: none serves)."""
     # One style, so one type, per run.
     body, content_type = multipart([(f"d{i}", blob) for i, (blob, _) in enumerate(files)], mime=files[0][1])
     request = urllib.request.Request(
         f"{url}/v1/image-classification", data=body, headers={"content-type": content_type}
     )
     with urllib.request.urlopen(request, timeout=60) as response:
-        return [ranked[0]["label"] for ranked in json.loads(response.read())["predictions"]]
+        answer = json.loads(response.read())
+    flags = [o["flagged"] if o else None for o in answer.get("ood") or [None] * len(answer["predictions"])]
+    return [(ranked[0]["label"], flag) for ranked, flag in zip(answer["predictions"], flags, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -82,15 +85,17 @@ def main(argv: list[str] | None = None) -> float:
         encode = as_png if args.style == "png" else as_photo
         rng = np.random.default_rng(0)
         files = [encode(d, rng) for d in images]
-    predicted: list[str] = []
+    predicted: list[tuple[str, bool | None]] = []
     started = time.perf_counter()
     for start in range(0, len(files), 64):
         predicted += post_files(args.url, files[start : start + 64])
     seconds = time.perf_counter() - started
-    accuracy = float(np.mean([p == str(y) for p, y in zip(predicted, labels, strict=True)]))
+    accuracy = float(np.mean([p == str(y) for (p, _), y in zip(predicted, labels, strict=True)]))
+    flags = [f for _, f in predicted if f is not None]
+    flagged = f"; {np.mean(flags):.2%} flagged as not a digit" if flags else ""
     print(
         f"{args.style}: {accuracy:.2%} of {len(labels)} MNIST test digits classified correctly through {args.url} "
-        f"({seconds / len(labels) * 1000:.1f} ms per image, requests of 64 one after another)"
+        f"({seconds / len(labels) * 1000:.1f} ms per image, requests of 64 one after another){flagged}"
     )
     return accuracy
 
