@@ -343,50 +343,42 @@ def sluggish(tmp_path_factory: pytest.TempPathFactory):
         yield running
 
 
-def test_a_connection_refused_for_load_is_not_read_until_its_retry_after_has_passed(sluggish) -> None:
-    """Clients that retried 0.1 s after each 429 came back as fast as they were refused, each refusal
-    costing the event loop; now its next request waits unread (NEUROSERVE_SHED_REST_S, 1 s) and is
-    then answered."""
-    slow = request("/v2/models/slow/infer", slow_body())
-    busy = [socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) for _ in range(6)]
+def refused_then(port: int, then: bytes, *headers: str) -> tuple[int, float]:
+    """Fill the slow model's line from 6 other connections, have one more request refused for load
+    (429), send ``then`` at once on that connection: its status, and how long it took after the 429."""
+    slow = request("/v2/models/slow/infer", slow_body(), *headers)
+    busy = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(6)]
     try:
         for sock in busy:  # as many running as it runs at once, one waiting: its line is full
             sock.sendall(slow)
-        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             answers = answers_of(sock)
             sock.sendall(slow)
             status, _, _ = next(answers)
             assert status == 429, status
             refused_at = time.monotonic()
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")  # at once, not after 1 s
+            sock.sendall(then)
             status, _, _ = next(answers)
-            waited = time.monotonic() - refused_at
-        assert status == 200 and 0.8 <= waited < 3, (status, waited)
+            return status, time.monotonic() - refused_at
     finally:
         for sock in busy:
             sock.close()
+
+
+def test_a_connection_refused_for_load_is_not_read_until_its_retry_after_has_passed(sluggish) -> None:
+    """Clients that retried 0.1 s after each 429 came back as fast as they were refused, each refusal
+    costing the event loop; now its next request waits unread (NEUROSERVE_SHED_REST_S, 1 s) and is
+    then answered."""
+    status, waited = refused_then(sluggish.port, b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status == 200 and 0.8 <= waited < 3, (status, waited)
 
 
 def test_a_proxy_s_connection_is_not_rested(sluggish) -> None:
     """nginx keeps a pool of connections to the server, each carrying many clients' requests: one
     client's 429 must not make the next client's request on that connection wait."""
-    slow = request("/v2/models/slow/infer", slow_body(), "X-Forwarded-For: 203.0.113.7")
-    busy = [socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) for _ in range(6)]
-    try:
-        for sock in busy:
-            sock.sendall(slow)
-        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
-            answers = answers_of(sock)
-            sock.sendall(slow)
-            status, _, _ = next(answers)
-            assert status == 429, status
-            refused_at = time.monotonic()
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n")
-            status, _, _ = next(answers)
-            assert status == 200 and time.monotonic() - refused_at < 0.5
-    finally:
-        for sock in busy:
-            sock.close()
+    then = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n"
+    status, waited = refused_then(sluggish.port, then, "X-Forwarded-For: 203.0.113.7")
+    assert status == 200 and waited < 0.5
 
 
 def test_a_request_waiting_out_a_rest_is_answered_when_the_server_shuts_down(tmp_path) -> None:
