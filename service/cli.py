@@ -44,6 +44,7 @@ def serve(settings: Settings) -> None:
         shed_per_s=settings.shed_per_s,
         shed_max_wait_s=settings.shed_max_wait_s,
         shed_rest_s=settings.shed_rest_s,
+        shed_rest_max_s=settings.shed_rest_max_s,
     )
     run(
         create_app(settings),

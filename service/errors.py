@@ -201,6 +201,25 @@ class Overloaded(ServiceError):
         # request held back may still be let in; see service.server.Door).
         self.on_answer = on_answer
 
+    def later(self, seconds: int) -> Overloaded:
+        """The same refusal telling the client to come back after ``seconds`` (header and message),
+        when it is longer than what this one says."""
+        said = self.headers.get("Retry-After", "")
+        if said.isdigit() and int(said) >= seconds:
+            return self
+        message = self.message.removesuffix(retry_phrase(int(said))) if said.isdigit() else self.message
+        return type(self)(
+            message + retry_phrase(seconds),
+            headers={**self.headers, "Retry-After": str(seconds)},
+            param=self.param,
+            on_answer=self.on_answer,
+        )
+
+
+def retry_phrase(seconds: int) -> str:
+    """How a refusal's message ends when it says when to come back (see :meth:`Overloaded.later`)."""
+    return f"; retry after {seconds} s"
+
 
 class RateLimited(Overloaded):
     error_type = "rate_limited"  # this API key is over its requests per minute (RateLimit headers say)

@@ -37,6 +37,7 @@ from service.errors import (
     Overloaded,
     ServiceError,
     describe_validation,
+    retry_phrase,
 )
 from service.memory import release_memory
 from service.metrics import Metrics, ModelObserver
@@ -729,7 +730,7 @@ class ModelRegistry:
         if not room:
             chosen = next((s for s in serving if s.default), serving[0])
             return Overloaded(
-                f"every model of task {task!r} has a full queue; retry after {self.settings.retry_after_s} s",
+                f"every model of task {task!r} has a full queue" + retry_phrase(self.settings.retry_after_s),
                 headers={"Retry-After": str(self.settings.retry_after_s)},
                 on_answer=chosen.observer.shed,
             )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import os
 import re
 import struct
@@ -57,6 +58,14 @@ class ConnectionLimits:
     shed_per_s: float = 500.0  # refusals for load answered per second at most (0: no limit); see Door
     shed_max_wait_s: float = 2.0
     shed_rest_s: float = 1.0  # a connection refused for load is not read for this long (0: read at once)
+    shed_rest_max_s: float = 4.0  # refused again before any request was let in: twice the last rest, up to this
+
+    def rest_after(self, refusals: int) -> float:
+        """How long a connection rests after its ``refusals``-th refusal for load in a row (no
+        request let in between): ``shed_rest_s``, doubling with each further one up to
+        ``shed_rest_max_s``."""
+        longest = max(self.shed_rest_s, self.shed_rest_max_s)
+        return min(self.shed_rest_s * 2.0 ** min(refusals - 1, 30), longest)
 
 
 def _reply(transport: asyncio.BaseTransport, error: ServiceError, path: str | None = None) -> None:
@@ -272,6 +281,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._reading_head = True  # no request's headers complete since the last one ended
         self._held = b""  # the end of a partial head, fed with the next data (see _UPGRADE_LINE)
         self._resting: asyncio.TimerHandle | None = None  # reading paused after a 429 for load (see _rest)
+        self._refused_in_row = 0  # refusals for load since a request on this connection was last let in
         self._close_after = False  # shutting down: close once the request read now is answered
         self._stalled: float | None = None  # when a full send buffer that has not drained times out
         self._stall_size = 0  # its size when last seen shrinking
@@ -548,11 +558,13 @@ class GuardedProtocol(HttpToolsProtocol):
                     self.refuse(cycle, refusal)
                 return
             self._claim_if_complete(cycle)
+        self._refused_in_row = 0
         self._running = cycle
         super()._start_asgi_task(cycle, app)
 
     def let_in(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
         """A request held at the door goes to the application after all."""
+        self._refused_in_row = 0
         self._claim_if_complete(cycle)
         self._running = cycle
         super()._start_asgi_task(cycle, app)
@@ -567,6 +579,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def refuse(self, cycle, refusal) -> None:  # type: ignore[no-untyped-def]
         """Write the refusal's answer; the request is complete, the connection serves its next one."""
+        rest = 0.0
+        if refusal.shed and self.limits.shed_rest_s > 0 and not _through_proxy(cycle.scope):
+            self._refused_in_row += 1
+            rest = self.limits.rest_after(self._refused_in_row)
+            refusal.retry_after_s = math.ceil(rest)  # the answer says how long the connection rests
         try:
             data, close = self._early_answer(cycle, refusal)
         except Exception:  # a bug here must not cost the request: the whole stack answers it
@@ -581,15 +598,18 @@ class GuardedProtocol(HttpToolsProtocol):
         if close:
             self.transport.close()
         self.on_response_complete()
-        if refusal.shed and not close and self.limits.shed_rest_s > 0 and not _through_proxy(cycle.scope):
-            self._rest(self.limits.shed_rest_s)
+        if rest and not close:
+            self._rest(rest)
 
     def _rest(self, seconds: float) -> None:
         """The connection is not read for ``seconds`` after a 429 for load: the Retry-After it was
         given, kept for it. A client that retries 0.1 s after each 429 came back as fast as it was
         refused, and every refusal cost the event loop (parsing, the answer, its write: about 56 us
         a write on loopback, py-spy), the decode threads' share of the interpreter lock with it;
-        its next request now waits in the socket, unread and free, and is answered after."""
+        its next request now waits in the socket, unread and free, and is answered after. Refused
+        again before any request was let in, it rests twice as long, up to ``shed_rest_max_s``
+        (:meth:`ConnectionLimits.rest_after`): at 1,024 connections a rest of 1 s still left 500
+        refusals a second (the door's rate), one of 3 s 263 (``bench/results/overload-20261205-001448.json``)."""
         if self.transport.is_closing():
             return
         if self._resting is not None:

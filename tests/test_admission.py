@@ -109,3 +109,22 @@ def test_a_dropped_claim_gives_its_places_up() -> None:
     Claim([places]).take()  # never released by anyone
     gc.collect()
     assert places.held == 0
+
+
+def test_a_connection_refused_again_and_again_rests_1_2_4_seconds_and_is_told_so() -> None:
+    from service.server import ConnectionLimits
+
+    limits = ConnectionLimits(shed_rest_s=1.0, shed_rest_max_s=4.0)
+    assert [limits.rest_after(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+    assert ConnectionLimits(shed_rest_s=1.0, shed_rest_max_s=0.0).rest_after(3) == 1.0  # no growth
+    assert ConnectionLimits(shed_rest_s=0.5, shed_rest_max_s=4.0).rest_after(10**6) == 4.0
+    counted = []
+    refused = Overloaded("every model of task 'x' has a full queue; retry after 1 s", headers={"Retry-After": "1"})
+    refused.on_answer = lambda: counted.append(1)
+    later = refused.later(4)
+    assert later.message == "every model of task 'x' has a full queue; retry after 4 s"
+    assert later.headers["Retry-After"] == "4" and refused.headers["Retry-After"] == "1"
+    later.on_answer()
+    assert counted == [1]  # still counted as its model's refusal
+    assert refused.later(1) is refused  # never shorter than it says
+    assert Overloaded("model m has a full queue").later(2).message == "model m has a full queue; retry after 2 s"

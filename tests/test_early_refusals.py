@@ -248,10 +248,12 @@ def test_refusals_for_load_beyond_the_rate_wait_unread_and_every_request_is_answ
             sock.sendall(one + one)  # a second request pipelined behind the first
             asked = time.monotonic()  # the second is read once the first is answered
             answers_here = answers_of(sock)
+            in_row = 0  # refusals in a row on this connection: the second says 2 s (it rests longer)
             for _ in range(2):
                 status, headers, _ = next(answers_here)
                 now = time.monotonic()
-                assert status == 200 or (status == 429 and headers["retry-after"] == "1"), status
+                in_row = in_row + 1 if status == 429 else 0
+                assert status == 200 or (status == 429 and headers["retry-after"] == str(in_row)), (status, headers)
                 if status == 429:  # nobody waits (much) past the longest wait
                     assert now - asked < 1.5 + 0.5, now - asked
                 with lock:
@@ -371,6 +373,51 @@ def test_a_connection_refused_for_load_is_not_read_until_its_retry_after_has_pas
     then answered."""
     status, waited = refused_then(sluggish.port, b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 200 and 0.8 <= waited < 3, (status, waited)
+
+
+def test_a_connection_refused_again_rests_twice_as_long_and_says_so_until_a_request_is_let_in(sluggish) -> None:
+    """At 1,024 connections that retried 0.1 s after each 429, a rest of 1 s still left the door
+    500 refusals a second to answer; a connection refused again before any of its requests was let
+    in now rests twice as long (NEUROSERVE_SHED_REST_MAX_S), and its Retry-After and message say
+    so. A request let in starts it over."""
+    slow = request("/v2/models/slow/infer", slow_body())
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    done = threading.Event()
+
+    def pressing() -> None:  # a request at a time, each on a new connection (no rest): the line stays full
+        while not done.is_set():
+            with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+                sock.sendall(slow)
+                next(answers_of(sock))
+
+    busy = [threading.Thread(target=pressing) for _ in range(12)]
+    for thread in busy:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+            answers = answers_of(sock)
+            sock.sendall(slow)
+            status, headers, body = next(answers)
+            assert (status, headers.get("retry-after")) == (429, "1"), (status, headers, body)
+            refused_at = time.monotonic()
+            sock.sendall(slow)
+            status, headers, body = next(answers)
+            waited = time.monotonic() - refused_at
+            assert (status, headers.get("retry-after")) == (429, "2") and 0.8 <= waited < 2, (status, headers, waited)
+            assert json.loads(body)["error"].endswith("retry after 2 s"), body
+            refused_at = time.monotonic()
+            sock.sendall(live)
+            status, _, _ = next(answers)
+            waited = time.monotonic() - refused_at
+            assert status == 200 and 1.8 <= waited < 3, (status, waited)
+            sock.sendall(slow)  # after a request let in: one second again
+            status, headers, body = next(answers)
+            assert (status, headers.get("retry-after")) == (429, "1"), (status, headers, body)
+    finally:
+        done.set()
+        for thread in busy:
+            thread.join(30)
 
 
 def test_a_proxy_s_connection_is_not_rested(sluggish) -> None:

@@ -43,6 +43,9 @@ class Refusal:
     started: float
     request_id: str
     extra_headers: list[tuple[bytes, bytes]]
+    # Set by the protocol for a refusal for load: how long this connection rests, when that is longer
+    # than the Retry-After the error carries (see service.server.GuardedProtocol._rest).
+    retry_after_s: int | None = None
 
     @property
     def shed(self) -> bool:
@@ -235,6 +238,8 @@ class RequestGuard:
     def render(self, scope: Scope, refusal: Refusal) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         error = refusal.error
         assert error is not None, "a refusal whose shedding was deferred is decided before it is answered"
+        if refusal.retry_after_s is not None and type(error) is Overloaded:
+            error = error.later(refusal.retry_after_s)
         body = orjson.dumps(error_body(error, scope["path"]))
         headers = [
             (b"content-type", b"application/json"),
