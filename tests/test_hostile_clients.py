@@ -113,7 +113,11 @@ def mnist_tensor(**extra) -> dict:
 
 
 def test_no_slash_redirect_reflects_the_host_header(client: TestClient) -> None:
+    # The published spec's path for server metadata is /v2/: answered there, not redirected.
     response = client.get("/v2/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 200 and "location" not in response.headers
+    assert response.json() == client.get("/v2").json()
+    response = client.get("/v2/models/mnist/", headers={"host": "evil.example"}, follow_redirects=False)
     assert response.status_code == 404 and "location" not in response.headers
 
 
@@ -128,7 +132,7 @@ def test_request_id_is_a_string_and_is_echoed(client: TestClient) -> None:
     assert client.post("/v2/models/mnist/infer", json=mnist_tensor(id="abc")).json()["id"] == "abc"
     for bad in (7, ["x"], {"a": 1}, True):
         response = client.post("/v2/models/mnist/infer", json=mnist_tensor(id=bad))
-        assert response.status_code == 422 and response.json()["error_type"] == "schema_error", bad
+        assert response.status_code == 400 and response.json()["error_type"] == "schema_error", bad
 
 
 def test_a_protocol_datatype_the_model_does_not_take_is_a_400(client: TestClient) -> None:

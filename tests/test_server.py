@@ -259,3 +259,36 @@ def test_overload_is_refused_before_the_body_is_read(slow_repo: Path) -> None:
         refused = [r for r in replies if r is not None and r.startswith(b"HTTP/1.1 429")]
         assert refused, replies
         server.stop_cleanly()
+
+
+def test_an_upload_the_client_abandons_is_counted_499_not_logged_as_an_unhandled_500(tmp_path: Path) -> None:
+    """Issue 13, finding 8: an aborted upload was logged as an unhandled error with a traceback and
+    counted as HTTP 500."""
+    from bench.harness import metrics_text
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / "mnist").symlink_to(Path(__file__).resolve().parents[1] / "models" / "mnist")
+    with neuroserve(repo) as server:
+        head = (
+            "POST /v1/image-classification HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 200000\r\n\r\n"
+        )
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    head.encode() + b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+                )
+                sock.sendall(b"Content-Type: image/png\r\n\r\n" + b"\x89PNG" + b"\0" * 70_000)
+                time.sleep(0.3)  # the route is reading the body when the client goes
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = metrics_text(server.port)
+            counted = [line for line in text.splitlines() if line.startswith("neuroserve_http_requests_total{")]
+            if sum('status="499"' in line for line in counted):
+                break
+            time.sleep(0.2)
+        assert any('route="/v1/image-classification"' in line and 'status="499"' in line for line in counted), counted
+        assert not any('status="500"' in line for line in counted), counted
+        log = server.output()
+        assert "unhandled error" not in log and "Traceback" not in log, log[-2000:]

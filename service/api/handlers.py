@@ -36,8 +36,12 @@ def speaks_openai(path: str) -> bool:
 
 def error_status(exc: ServiceError, path: str | None = None) -> int:
     """On the OpenAI routes a request OpenAI would call invalid is a 400, as there (its clients map
-    400 to BadRequestError): a schema error (422 here) or too many or too long prompts (413)."""
+    400 to BadRequestError): a schema error (422 here) or too many or too long prompts (413). On the
+    Open Inference Protocol's routes (``/v2/...``) a schema error is a 400 too: the published spec
+    documents 400 for a bad request and no 422 (as Triton answers)."""
     if path is not None and isinstance(exc, SchemaError | TooManyItems | TextTooLong) and speaks_openai(path):
+        return 400
+    if path is not None and isinstance(exc, SchemaError) and path.startswith("/v2/"):
         return 400
     return exc.status_code
 

@@ -72,6 +72,9 @@ async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
     return ModelResponse(body, status_code=err.status_code, headers=err.headers)
 
 
+# The protocol's published OpenAPI document names it /v2/, its prose /v2: both answer, and neither
+# redirects (a redirect put the request's Host header into Location).
+@router.get("/v2/", include_in_schema=False)
 @router.get("/v2", summary="Server metadata", response_model=ServerMetadata, responses=ERROR_RESPONSES)
 async def server_metadata(settings: SettingsDep) -> ModelResponse:
     extensions = [*EXTENSIONS, "model_repository"] if settings.model_control != "none" else EXTENSIONS
