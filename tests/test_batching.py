@@ -308,6 +308,25 @@ async def test_batcher_close_drains_queue_then_refuses_new_requests() -> None:
     assert sum(len(b) for b in fn.batches) == 7
 
 
+async def test_a_request_that_times_out_in_the_queue_says_truthfully_how_long_it_waited() -> None:
+    # Issue 13, finding 6: the message said "waited 0.032 s ... without starting" for a chunk whose
+    # deadline had been the whole request's; each wait is now measured against its own deadline.
+    import re
+
+    gate = threading.Event()
+    runner = Recorder(gate=gate)
+    batcher = DynamicBatcher(runner, max_batch_size=1, max_queue_delay_ms=0)
+    holding = asyncio.ensure_future(batcher.submit([np.ones(3)]))
+    await wait_until(lambda: bool(runner.threads))  # the runner is busy with it
+    with pytest.raises(DeadlineExceeded) as refused:
+        await batcher.submit([np.ones(3) * 2], timeout_s=0.05)
+    waited = re.search(r"waited (\d+\.\d+) s in model", refused.value.message)
+    assert waited is not None and 0.05 <= float(waited.group(1)) < 0.5, refused.value.message
+    gate.set()
+    await holding
+    await batcher.close()
+
+
 async def test_batcher_chunks_of_a_large_request_each_get_the_deadline_from_when_they_queue() -> None:
     # Three chunks of 60 ms each under an 80 ms queue deadline: the last chunk starts 120 ms after the
     # request arrived, but it never waited more than the deadline itself.
