@@ -158,10 +158,12 @@ def test_sentiment_english_negations_go_both_ways(client: TestClient, data_dir: 
     from training.text_generation import read_sentences
 
     config = metadata("sentiment", ENGLISH_VERSION)["training"]["config"]
-    talk = float(config.get("everyday_talk", 0))
-    check_sets = [config["everyday"], *((config["independent"], config["fresh"]) if talk else ())]
+    talk, events = float(config.get("everyday_talk", 0)), float(config.get("everyday_events", 0))
+    later = [config["independent"], config["fresh"], *([config["fresh2"]] if "fresh2" in config else [])]
+    check_sets = [config["everyday"], *(later if talk or events else ())]
     exclude = [t for path in check_sets for t in read_everyday(ROOT / path)[0]]
-    composed, _ = generate(int(config["everyday_synthetic"]), int(config["seed"]), exclude=exclude, talk=talk)
+    seed = int(config["seed"])
+    composed, _ = generate(int(config["everyday_synthetic"]), seed, exclude=exclude, talk=talk, events=events)
     texts = [t for t, _ in NEGATIONS]
     # Neither composed for training nor among the Tatoeba sentences its teacher labelled.
     assert not {_key(t) for t in texts} & {_key(t) for t in composed}

@@ -331,6 +331,26 @@ def test_the_second_composer_writes_reviews_as_people_do_and_keeps_the_first_ver
         assert sum(any(n in t.lower() for n in ("n't", "not ", "never", "nothing")) for t in side) > 100
 
 
+def test_the_third_composer_tells_what_happened_on_both_sides_of_the_same_words() -> None:
+    from training.everyday_sentences import generate
+
+    drawn = generate(3000, seed=1, talk=0.5)
+    assert generate(3000, seed=1, talk=0.5, events=0.0) == drawn  # events 0 draws exactly v3's sentences
+    texts, labels = generate(4000, seed=2, events=1.0)
+    assert len(set(texts)) == 4000 and sum(labels) == 2000
+    assert generate(4000, seed=2, events=1.0) == (texts, labels)
+    positive = [t.lower() for t, y in zip(texts, labels, strict=True) if y]
+    negative = [t.lower() for t, y in zip(texts, labels, strict=True) if not y]
+    # A problem's name, a time, "still", "every", praise words and stars occur on both sides, so that
+    # no word decides alone: what happened does.
+    for words in (["leak", "pain", "crash"], ["minutes", "hours", "days"], ["still "], ["every "]):
+        for side in (positive, negative):
+            assert sum(any(w in t for w in words) for t in side) >= 20, (words, len(side))
+    assert sum("stars" in t for t in positive) >= 3 and sum("stars" in t for t in negative) >= 3
+    for praise in ("great", "wonderful", "brilliant", "love"):
+        assert sum(praise in t for t in negative) >= 10 and sum(praise in t for t in positive) >= 10, praise
+
+
 def test_rating_smoke_training_exports_a_servable_model(data_dir: Path, tmp_path: Path) -> None:
     from training import rating
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 import re
 
+from training import everyday_events
+
 # Domains: subjects that belong together (what a review of one thing talks about).
 DOMAINS: dict[str, list[str]] = {
     "phone": ["phone", "battery", "screen", "camera", "charger", "speaker", "case", "touchscreen", "microphone"],
@@ -780,8 +782,12 @@ def _clause(rng: random.Random, domain: list[str], positive: bool) -> str:
     return f"{subject} never {verb}"
 
 
-def _sentence(rng: random.Random, positive: bool, talk: float = 0.0) -> str:
-    """A labelled sentence: with probability ``talk`` one of :func:`_talk`, else the first version's."""
+def _sentence(rng: random.Random, positive: bool, talk: float = 0.0, events: float = 0.0) -> str:
+    """A labelled sentence: with probability ``events`` one of the third version's accounts of what
+    happened (``training.everyday_events``), else with probability ``talk`` one of :func:`_talk`, else
+    the first version's."""
+    if events and rng.random() < events:
+        return everyday_events.happening(rng, positive)
     if talk and rng.random() < talk:
         text = _talk(rng, positive)
         return text.lower() if rng.random() < 0.08 else text
@@ -833,10 +839,13 @@ def _key(text: str) -> str:
     return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
 
 
-def generate(n: int, seed: int, exclude: list[str] = (), talk: float = 0.0) -> tuple[list[str], list[int]]:
+def generate(
+    n: int, seed: int, exclude: list[str] = (), talk: float = 0.0, events: float = 0.0
+) -> tuple[list[str], list[int]]:
     """``n`` distinct labelled sentences (half positive, label 1), none equal to an ``exclude`` sentence;
-    a share ``talk`` of them from the second version's reviews as people write them (0: the first
-    version's sentences only, as v2 of the English model was trained)."""
+    a share ``events`` of them drawn from the third version (accounts of what happened), of the rest a
+    share ``talk`` from the second version's reviews as people write them (both 0: the first version's
+    sentences only, as v2 of the English model was trained; ``events`` 0 draws exactly v3's)."""
     rng = random.Random(seed)
     excluded = {_key(t) for t in exclude}
     seen: set[str] = set()
@@ -848,7 +857,7 @@ def generate(n: int, seed: int, exclude: list[str] = (), talk: float = 0.0) -> t
         if attempts > 50 * n:
             raise RuntimeError(f"only {len(texts)} distinct sentences after {attempts} attempts")
         positive = len(texts) % 2 == 0
-        text = _sentence(rng, positive, talk)
+        text = _sentence(rng, positive, talk, events)
         key = _key(text)
         if key in seen or key in excluded:
             continue

@@ -135,6 +135,14 @@ class Config:
             "more and are drawn again, so 0.5 gave 41.6 %% of 12,000); 0 draws the sentences v2 trained on"
         },
     )
+    everyday_events: float = field(
+        default=0.0,
+        metadata={
+            "help": "en: the probability that a composed sentence is drawn from the composer's third version "
+            "(training.everyday_events: what happened, told without an opinion word; sarcasm), before "
+            "--everyday-talk is drawn for the rest; 0: none (v3)"
+        },
+    )
     test_sentences: int = field(default=1000, metadata={"help": "en: held-out sentences to report"})
     everyday: Path = field(
         default=Path("tests/data/everyday_sentiment.tsv"), metadata={"help": "en: everyday-English check set"}
@@ -148,6 +156,21 @@ class Config:
         metadata={
             "help": "en: everyday English written by a session that read no code and no other set, after the "
             "composer's second version was written; never trained or chosen on"
+        },
+    )
+    fresh2: Path = field(
+        default=Path("tests/data/everyday_sentiment_fresh2.tsv"),
+        metadata={
+            "help": "en: 160 everyday English sentences written and labelled by another session that read no "
+            "code and no other set, 2026-12-05, before the composer's third version; never trained or chosen on"
+        },
+    )
+    blind: Path = field(
+        default=Path("tests/data/everyday_sentiment_blind.tsv"),
+        metadata={
+            "help": "en: 200 everyday English sentences written and labelled by a session that read no code and "
+            "no other set, 2026-12-05, after the composer's third version; only accuracies are ever printed, "
+            "never its sentences or errors, so that it stays a blind check"
         },
     )
     evaluate: str = field(default="", metadata={"help": "en: only score this saved version folder"})
@@ -556,17 +579,25 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
         n_val, n_test = (50, 50) if cfg.smoke else (cfg.validation_sentences, cfg.test_sentences)
         split = honest_split(texts, labels, cfg.seed, n_val, n_test, shared=cfg.shared_phrases)
         everyday, independent = read_everyday(cfg.everyday), read_everyday(cfg.independent)
-        fresh = read_everyday(cfg.fresh)
+        fresh, fresh2, blind = read_everyday(cfg.fresh), read_everyday(cfg.fresh2), read_everyday(cfg.blind)
         if cfg.everyday_synthetic:
             # Never a check set's own sentences; see training.everyday_sentences. With the first version
             # alone (v2) only the first set is excluded, so that this draws the sentences v2 trained on (one
             # of the independent set's 80, "never again", is among them); with the second, all three are.
-            exclude = everyday[0] + (independent[0] + fresh[0] if cfg.everyday_talk else [])
+            later = cfg.everyday_talk or cfg.everyday_events
+            exclude = everyday[0] + (independent[0] + fresh[0] + fresh2[0] + blind[0] if later else [])
             extra = everyday_sentences.generate(
-                cfg.everyday_synthetic, cfg.seed, exclude=exclude, talk=cfg.everyday_talk
+                cfg.everyday_synthetic, cfg.seed, exclude=exclude, talk=cfg.everyday_talk, events=cfg.everyday_events
             )
             split["train"] = (split["train"][0] + extra[0], split["train"][1] + extra[1])
-        return {**split, "everyday": everyday, "independent": independent, "fresh": fresh}
+        return {
+            **split,
+            "everyday": everyday,
+            "independent": independent,
+            "fresh": fresh,
+            "fresh2": fresh2,
+            "blind": blind,
+        }
     texts, labels = read_chnsenticorp(cfg.data_dir / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
     train_idx, dev_idx, test_idx = stratified_split(labels, cfg.seed)
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
@@ -661,7 +692,11 @@ def encoded_data(cfg: Config) -> tuple[Tokenizer, dict[str, list[list[int]]], di
     if cfg.smoke:
         data = {k: (v[0][:600], v[1][:600]) for k, v in data.items()}
     if (cfg.distil or cfg.pretrain_epochs) and cfg.unlabelled:
-        held = [t for k in ("dev", "test", "everyday", "independent", "fresh") for t in data.get(k, ([], []))[0]]
+        held = [
+            t
+            for k in ("dev", "test", "everyday", "independent", "fresh", "fresh2", "blind")
+            for t in data.get(k, ([], []))[0]
+        ]
         data["unlabelled"] = unlabelled_texts(cfg, exclude=data["train"][0], held=held)
     if cfg.pretrain_epochs:
         whole = full_sentences(data["train"][0])
@@ -823,6 +858,14 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
                 onnx_accuracy(onnx_path, seqs.get("fresh", []), labels.get("fresh", [])), 4
             ),
             "fresh_everyday_examples": len(seqs.get("fresh", [])),
+            "fresh2_everyday_accuracy": round(
+                onnx_accuracy(onnx_path, seqs.get("fresh2", []), labels.get("fresh2", [])), 4
+            ),
+            "fresh2_everyday_examples": len(seqs.get("fresh2", [])),
+            "blind_everyday_accuracy": round(
+                onnx_accuracy(onnx_path, seqs.get("blind", []), labels.get("blind", [])), 4
+            ),
+            "blind_everyday_examples": len(seqs.get("blind", [])),
         }
         dataset = {
             "name": "SST-2 (GLUE SST-2 train: train.tsv + dev.tsv, 67,349 treebank phrases), honest split",
@@ -855,7 +898,15 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "its errors had been read, so with it this figure flatters)",
             "fresh_everyday_check_set": f"{cfg.fresh} ({len(seqs.get('fresh', []))} everyday English sentences, 60 "
             "of each label, written and labelled by a session that read no code and no other set, after the "
-            "composer's second version was written; never trained or chosen on: the honest everyday figure)",
+            "composer's second version was written; never trained or chosen on; its errors were read to write the "
+            "composer's third version, training.everyday_events, so with --everyday-events it flatters)",
+            "fresh2_everyday_check_set": f"{cfg.fresh2} ({len(seqs.get('fresh2', []))} everyday English sentences, "
+            "80 of each label, written and labelled by another session that read no code and no other set, before "
+            "the composer's third version; never trained or chosen on; its errors under v3 were read once, after "
+            "the third version's categories had been taken from the first fresh set)",
+            "blind_everyday_check_set": f"{cfg.blind} ({len(seqs.get('blind', []))} everyday English sentences, 100 "
+            "of each label, written and labelled by a session that read no code and no other set, after the "
+            "composer's third version; only accuracies of it have been read: the honest everyday figure)",
         }
         return (
             metrics,
@@ -864,7 +915,9 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
                 f"held-out sentence test accuracy {metrics['test_accuracy']:.2%}, validation "
                 f"{metrics['validation_accuracy']:.2%}, everyday set {metrics['everyday_accuracy']:.2%}, "
                 f"independent everyday set {metrics['independent_everyday_accuracy']:.2%}, "
-                f"fresh everyday set {metrics['fresh_everyday_accuracy']:.2%}"
+                f"fresh everyday set {metrics['fresh_everyday_accuracy']:.2%}, "
+                f"second fresh everyday set {metrics['fresh2_everyday_accuracy']:.2%}, "
+                f"blind everyday set {metrics['blind_everyday_accuracy']:.2%}"
             ),
         )
     metrics = {
