@@ -282,6 +282,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._held = b""  # the end of a partial head, fed with the next data (see _UPGRADE_LINE)
         self._resting: asyncio.TimerHandle | None = None  # reading paused after a 429 for load (see _rest)
         self._refused_in_row = 0  # refusals for load since a request on this connection was last let in
+        self._rest_until = 0.0  # when the rest in progress ends (loop time)
         self._close_after = False  # shutting down: close once the request read now is answered
         self._stalled: float | None = None  # when a full send buffer that has not drained times out
         self._stall_size = 0  # its size when last seen shrinking
@@ -612,10 +613,14 @@ class GuardedProtocol(HttpToolsProtocol):
         refusals a second (the door's rate), one of 3 s 263 (``bench/results/overload-20261205-001448.json``)."""
         if self.transport.is_closing():
             return
-        if self._resting is not None:
-            self._resting.cancel()
+        until = self.loop.time() + seconds
         self.flow.pause_reading()
-        self._resting = self.loop.call_later(seconds, self._wake)
+        if self._resting is not None:
+            if self._rest_until >= until:  # a longer rest already runs (a later refusal's): it stands
+                return
+            self._resting.cancel()
+        self._rest_until = until
+        self._resting = self.loop.call_at(until, self._wake)
 
     def _wake(self) -> None:
         self._resting = None
@@ -639,6 +644,10 @@ class GuardedProtocol(HttpToolsProtocol):
                     break
         finally:
             self._completing = False
+        if self._resting is not None and not self.transport.is_closing():
+            # uvicorn's on_response_complete resumes reading: a refusal answered inside the loop
+            # above (a pipelined request behind one let in) set its rest, which that undid.
+            self.flow.pause_reading()
         if self._pending is not None:
             self._flush_pending()
         if self._close_after and not self.transport.is_closing():
