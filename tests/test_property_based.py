@@ -121,3 +121,10 @@ def test_the_service_answers_the_published_protocol(server) -> None:  # type: ig
     # The cases reached served models: metadata and readiness answered 200, inference answered.
     assert any(r.startswith("GET /v2/models/mnist/versions/1 ") and r.endswith(" 200") for r in reached), reached
     assert any(r.startswith("POST /v2/models/rating/versions/1/infer ") for r in reached), reached
+    # Generated bodies are rarely a tensor a model takes: one that is, checked against the spec's
+    # inference_response schema too.
+    infer = next(result.ok() for result in schema.get_all_operations() if result.ok().path.endswith("/infer"))
+    tensor = {"name": "image", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": [0.5] * (2 * 784)}
+    case = infer.Case(path_parameters={"MODEL_NAME": "mnist", "MODEL_VERSION": "1"}, body={"inputs": [tensor]})
+    response = case.call_and_validate(base_url=server.url(""), checks=checks, excluded_checks=[])
+    assert response.status_code == 200 and response.json()["outputs"][0]["shape"][0] == 2, response.text

@@ -22,7 +22,7 @@ from service.api.middleware import EarlyRefusals, RequestGuard
 from service.api.pages import mount_pages
 from service.api.routes import health, v2
 from service.api.routes import metrics as metrics_routes
-from service.api.schemas import apply_limits
+from service.api.schemas import apply_limits, protocol_statuses
 from service.config import Settings
 from service.errors import Overloaded
 from service.memory import settle_heap
@@ -97,7 +97,7 @@ def _state_limits(app: FastAPI, settings: Settings) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = apply_limits(generate(), settings)
+            app.openapi_schema = protocol_statuses(apply_limits(generate(), settings))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

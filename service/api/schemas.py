@@ -8,12 +8,14 @@ import re
 import unicodedata
 from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 
 from service.errors import (
     InvalidInput,
     SchemaError,
+    ServiceError,
     TextTooLong,
     TooManyItems,
     UnsupportedMediaType,
@@ -40,8 +42,8 @@ class ErrorResponse(BaseModel):
     error_type: ErrorType = Field(description="Stable machine-readable kind (one class in service/errors.py).")
 
 
-def _error_doc(status: int) -> dict:
-    classes = _WIRE_ERRORS[status]
+def _error_doc(status: int, table: dict[int, list[type[ServiceError]]] = _WIRE_ERRORS) -> dict:
+    classes = table[status]
     types = ", ".join(f"`{cls.error_type}`" for cls in classes)
     examples = {cls.error_type: {"value": {"error": cls.summary, "error_type": cls.error_type}} for cls in classes}
     return {
@@ -53,6 +55,15 @@ def _error_doc(status: int) -> dict:
 
 # Every error a client can receive, by status, from the classes in service/errors.py.
 ERROR_RESPONSES = {status: _error_doc(status) for status in _WIRE_ERRORS}
+
+# On the Open Inference Protocol's routes a schema error is a 400, as its spec documents
+# (service.api.handlers.error_status); what else is a 422 (no face) is not theirs.
+_V2_WIRE_ERRORS = {
+    status: [cls for cls in classes if not issubclass(cls, SchemaError)] + ([SchemaError] if status == 400 else [])
+    for status, classes in _WIRE_ERRORS.items()
+    if status != 422
+}
+V2_ERROR_RESPONSES = {status: _error_doc(status, _V2_WIRE_ERRORS) for status in _V2_WIRE_ERRORS}
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -189,4 +200,22 @@ def apply_limits(document: Any, settings: Any) -> Any:
     elif isinstance(document, list):
         for value in document:
             apply_limits(value, settings)
+    return document
+
+
+def protocol_statuses(document: dict) -> dict:
+    """The Open Inference Protocol's routes answer no 422 (a schema error there is a 400); FastAPI
+    adds its own 422 "Validation Error" to every route with parameters whose responses lack one, so
+    it is taken out of those routes, and its schemas with it once nothing refers to them."""
+    for path, item in document.get("paths", {}).items():
+        if path == "/v2" or path.startswith("/v2/"):
+            for operation in item.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        text = orjson.dumps({k: v for k, v in document.items() if k != "components"}).decode()
+        others = orjson.dumps({k: v for k, v in schemas.items() if k != name}).decode()
+        if name in schemas and f"#/components/schemas/{name}" not in text + others:
+            del schemas[name]
     return document

@@ -1526,15 +1526,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
             /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
             429: {
                 headers: {
@@ -1672,15 +1663,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
             /** @description Overloaded: the model's queue is full; retry after Retry-After seconds. error_type: `overloaded`, `rate_limited` */
             429: {
                 headers: {
@@ -1746,7 +1728,7 @@ export interface operations {
                     "application/json": components["schemas"]["ServerMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1811,15 +1793,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1892,7 +1865,7 @@ export interface operations {
                     "application/json": components["schemas"]["IndexRow"][];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1957,15 +1930,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2049,7 +2013,7 @@ export interface operations {
                     "application/json": components["schemas"]["IndexRow"][];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2114,15 +2078,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2209,7 +2164,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelControlAnswer"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2274,15 +2229,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2357,7 +2303,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelControlAnswer"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2422,15 +2368,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2506,7 +2443,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2571,15 +2508,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2656,7 +2584,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2721,15 +2649,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2805,7 +2724,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelStatsResponse"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2870,15 +2789,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2954,7 +2864,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3019,15 +2929,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3104,7 +3005,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelVersionMetadata"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3169,15 +3070,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3253,7 +3145,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3318,15 +3210,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3403,7 +3286,7 @@ export interface operations {
                     "application/json": components["schemas"]["ModelReady"];
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3468,15 +3351,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4375,7 +4249,7 @@ export interface operations {
                     "application/octet-stream": string;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -4440,15 +4314,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5348,7 +5213,7 @@ export interface operations {
                     "application/octet-stream": string;
                 };
             };
-            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id` */
+            /** @description Invalid input (corrupt image, bad base64, invalid JSON, unusable text). error_type: `invalid_input`, `invalid_json`, `invalid_host`, `invalid_tensor`, `invalid_image`, `unsupported_text`, `model_load_failed`, `context_length_exceeded`, `invalid_id`, `schema_error` */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -5413,15 +5278,6 @@ export interface operations {
             };
             /** @description Unsupported media type or image format. error_type: `unsupported_media_type`, `unsupported_image_format` */
             415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description The request does not match the schema (a field missing, of the wrong type or out of range). error_type: `schema_error`, `no_face` */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };

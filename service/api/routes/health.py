@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from service import __version__
 from service.api.deps import RegistryDep, SettingsDep
-from service.api.schemas import ERROR_RESPONSES, ErrorType
+from service.api.schemas import ERROR_RESPONSES, V2_ERROR_RESPONSES, ErrorType
 from service.errors import NotReady
 from service.responses import ModelResponse
 
@@ -75,7 +75,7 @@ async def ready(registry: RegistryDep, settings: SettingsDep) -> ModelResponse:
 # The protocol's published OpenAPI document names it /v2/, its prose /v2: both answer, and neither
 # redirects (a redirect put the request's Host header into Location).
 @router.get("/v2/", include_in_schema=False)
-@router.get("/v2", summary="Server metadata", response_model=ServerMetadata, responses=ERROR_RESPONSES)
+@router.get("/v2", summary="Server metadata", response_model=ServerMetadata, responses=V2_ERROR_RESPONSES)
 async def server_metadata(settings: SettingsDep) -> ModelResponse:
     extensions = [*EXTENSIONS, "model_repository"] if settings.model_control != "none" else EXTENSIONS
     return ModelResponse(ServerMetadata(name="neuroserve", version=__version__, extensions=extensions))

@@ -19,7 +19,8 @@ from service import protocol
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.disconnect import unless_disconnected
 from service.api.routes.health import ModelStateName
-from service.api.schemas import ERROR_RESPONSES, ErrorType, is_json_media, json_body_doc, media_type, read_json
+from service.api.schemas import V2_ERROR_RESPONSES as ERROR_RESPONSES
+from service.api.schemas import ErrorType, is_json_media, json_body_doc, media_type, read_json
 from service.config import Settings
 from service.errors import InvalidInput, ModelControlDisabled, ModelNotReady, UnsupportedMediaType
 from service.registry import ModelRegistry, ModelState, ModelVersionMetadata
