@@ -164,8 +164,9 @@ def test_sentiment_english_negations_go_both_ways(client: TestClient, data_dir: 
     exclude = [t for path in check_sets for t in read_everyday(ROOT / path)[0]]
     seed = int(config["seed"])
     composed, _ = generate(int(config["everyday_synthetic"]), seed, exclude=exclude, talk=talk, events=events)
+    composed += [t for path in config.get("written") or () for t in read_everyday(ROOT / path)[0]]
     texts = [t for t, _ in NEGATIONS]
-    # Neither composed for training nor among the Tatoeba sentences its teacher labelled.
+    # Neither composed or written for training nor among the Tatoeba sentences its teacher labelled.
     assert not {_key(t) for t in texts} & {_key(t) for t in composed}
     assert not {_key(t) for t in texts} & {_key(t) for t in read_sentences(data_dir / "translation")}
     predictions = client.post(URL, json={"texts": texts}).json()["predictions"]

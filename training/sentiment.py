@@ -143,6 +143,15 @@ class Config:
             "--everyday-talk is drawn for the rest; 0: none (v3)"
         },
     )
+    written: tuple[Path, ...] = field(
+        default=(),
+        metadata={
+            "help": "en: files of everyday sentences written for this project (sentence<TAB>label, as the check "
+            "sets) added to training, each check set's sentences left out (training/everyday_written.tsv: "
+            "3,000 written by six sessions that read no file, one domain each)"
+        },
+    )
+    written_repeat: int = field(default=1, metadata={"help": "en: how many times the --written rows are trained on"})
     test_sentences: int = field(default=1000, metadata={"help": "en: held-out sentences to report"})
     everyday: Path = field(
         default=Path("tests/data/everyday_sentiment.tsv"), metadata={"help": "en: everyday-English check set"}
@@ -259,6 +268,22 @@ def full_sentences(texts: list[str]) -> list[int]:
         n = len(tokens[i])
         inside.update(tokens[i][a:b] for a in range(n) for b in range(a + 1, n + 1))
     return sentences
+
+
+def written_sentences(paths: tuple[Path, ...], exclude: list[str]) -> tuple[list[str], list[int]]:
+    """The labelled sentences of ``paths``, each once, none equal to an ``exclude`` sentence (compared
+    as training.everyday_sentences compares: lower case, punctuation dropped)."""
+    seen = {everyday_sentences._key(t) for t in exclude}
+    texts: list[str] = []
+    labels: list[int] = []
+    for path in paths:
+        for text, label in zip(*read_everyday(path), strict=True):
+            key = everyday_sentences._key(text)
+            if key not in seen:
+                seen.add(key)
+                texts.append(text)
+                labels.append(label)
+    return texts, labels
 
 
 def read_everyday(path: Path) -> tuple[list[str], list[int]]:
@@ -590,6 +615,13 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
                 cfg.everyday_synthetic, cfg.seed, exclude=exclude, talk=cfg.everyday_talk, events=cfg.everyday_events
             )
             split["train"] = (split["train"][0] + extra[0], split["train"][1] + extra[1])
+        if cfg.written:
+            checks = everyday[0] + independent[0] + fresh[0] + fresh2[0] + blind[0]
+            written = written_sentences(cfg.written, exclude=checks)
+            split["train"] = (
+                split["train"][0] + written[0] * cfg.written_repeat,
+                split["train"][1] + written[1] * cfg.written_repeat,
+            )
         return {
             **split,
             "everyday": everyday,
@@ -877,6 +909,12 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             + " (training.sentiment.honest_split)",
             "train_examples": len(seqs["train"]),
             "composed_everyday_training_sentences": cfg.everyday_synthetic,
+            "written_everyday_training_sentences": (
+                f"{', '.join(str(p) for p in cfg.written)}: everyday sentences written for this project by "
+                f"sessions that read no file, trained on {cfg.written_repeat} time(s), check sets' sentences left out"
+            )
+            if cfg.written
+            else None,
             "composed_by": "training.everyday_sentences (seeded templates written for this project; the check "
             + ("sets' sentences excluded" if cfg.everyday_talk else "set's sentences excluded")
             + (
