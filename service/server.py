@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import logging
 import math
 import os
@@ -106,9 +107,40 @@ _UPGRADE_LINE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
 _UPGRADE_HOLD = len(b"\r\nupgrade:") - 1  # bytes of a partial head held back: a split header name
 
 
-def _through_proxy(scope: dict) -> bool:
-    """A request a proxy forwarded: its connection carries other clients' requests too (nginx keeps
-    a pool of them), which must not wait out this client's rest."""
+class Proxies:
+    """The peers trusted as proxies (``NEUROSERVE_FORWARDED_ALLOW_IPS``: addresses, networks, '*')."""
+
+    def __init__(self, allowed: list[str] | str | None) -> None:
+        items = [allowed] if isinstance(allowed, str) else list(allowed or [])
+        items = [part.strip() for item in items for part in item.split(",") if part.strip()]
+        self.anyone = "*" in items
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.names: set[str] = set()
+        for item in items:
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.names.add(item)
+
+    def __contains__(self, host: object) -> bool:
+        if self.anyone:
+            return True
+        if not isinstance(host, str):
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host in self.names
+        return any(address in network for network in self.networks)
+
+
+def _through_proxy(scope: dict, proxies: Proxies) -> bool:
+    """A request a trusted proxy forwarded: its connection carries other clients' requests too (nginx
+    keeps a pool of them), which must not wait out this client's rest. Only from a peer trusted as a
+    proxy: any client can send X-Forwarded-For, and with it skipped every rest (a review's probe)."""
+    client = scope.get("client")
+    if client is None or client[0] not in proxies:
+        return False
     return any(name in (b"x-forwarded-for", b"forwarded", b"via") for name, _ in scope["headers"])
 
 
@@ -581,7 +613,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def refuse(self, cycle, refusal) -> None:  # type: ignore[no-untyped-def]
         """Write the refusal's answer; the request is complete, the connection serves its next one."""
         rest = 0.0
-        if refusal.shed and self.limits.shed_rest_s > 0 and not _through_proxy(cycle.scope):
+        if refusal.shed and self.limits.shed_rest_s > 0 and not _through_proxy(cycle.scope, self._proxies()):
             self._refused_in_row += 1
             rest = self.limits.rest_after(self._refused_in_row)
             refusal.retry_after_s = math.ceil(rest)  # the answer says how long the connection rests
@@ -601,6 +633,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self.on_response_complete()
         if rest and not close:
             self._rest(rest)
+
+    def _proxies(self) -> Proxies:
+        proxies = getattr(self.server_state, "proxies", None)
+        if proxies is None:
+            proxies = self.server_state.proxies = Proxies(getattr(self.config, "forwarded_allow_ips", None))
+        return proxies
 
     def _rest(self, seconds: float) -> None:
         """The connection is not read for ``seconds`` after a 429 for load: the Retry-After it was

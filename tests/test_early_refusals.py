@@ -479,6 +479,17 @@ def test_a_proxy_s_connection_is_not_rested(sluggish) -> None:
     assert status == 200 and waited < 0.5
 
 
+def test_a_client_claiming_to_be_a_proxy_is_rested_unless_its_address_is_a_trusted_proxy(tmp_path) -> None:
+    """Any client can send X-Forwarded-For: from a peer not in NEUROSERVE_FORWARDED_ALLOW_IPS it
+    skipped every rest (a review's probe: Retry-After 1 three times, no wait)."""
+    repo = tmp_path / "repo"
+    write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=400)
+    with neuroserve(repo, NEUROSERVE_MAX_QUEUE_SIZE="1", NEUROSERVE_FORWARDED_ALLOW_IPS="10.9.9.9") as running:
+        then = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n"
+        status, waited = refused_then(running.port, then, "X-Forwarded-For: 203.0.113.7")
+        assert status == 200 and waited >= 0.8, (status, waited)
+
+
 def test_a_request_waiting_out_a_rest_is_answered_when_the_server_shuts_down(tmp_path) -> None:
     """A request sent during a connection's rest waits unread in its socket; a graceful shutdown
     closed the connection with it there, and the client got a reset instead of an answer."""
