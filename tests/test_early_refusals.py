@@ -6,6 +6,7 @@ key's rate is counted once per request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -376,6 +377,32 @@ def test_a_connection_refused_for_load_is_not_read_until_its_retry_after_has_pas
     assert status == 200 and 0.8 <= waited < 3, (status, waited)
 
 
+@contextlib.contextmanager
+def line_kept_full(port: int, clients: int, pause_after_429: float = 0.0) -> Iterator[None]:
+    """``clients`` threads each sending the slow model one request at a time, each on a new
+    connection (so none rests), pausing ``pause_after_429`` after a refusal: its line stays full."""
+    slow = request("/v2/models/slow/infer", slow_body())
+    done = threading.Event()
+
+    def pressing() -> None:
+        while not done.is_set():
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(slow)
+                if next(answers_of(sock))[0] == 429 and pause_after_429:
+                    time.sleep(pause_after_429)
+
+    busy = [threading.Thread(target=pressing) for _ in range(clients)]
+    for thread in busy:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        yield
+    finally:
+        done.set()
+        for thread in busy:
+            thread.join(30)
+
+
 def test_a_connection_refused_again_rests_twice_as_long_and_says_so_until_a_request_is_let_in(sluggish) -> None:
     """At 1,024 connections that retried 0.1 s after each 429, a rest of 1 s still left the door
     500 refusals a second to answer; a connection refused again before any of its requests was let
@@ -383,53 +410,36 @@ def test_a_connection_refused_again_rests_twice_as_long_and_says_so_until_a_requ
     so. A request let in starts it over."""
     slow = request("/v2/models/slow/infer", slow_body())
     live = b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
-    done = threading.Event()
+    with line_kept_full(sluggish.port, 12), socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+        answers = answers_of(sock)
 
-    def pressing() -> None:  # a request at a time, each on a new connection (no rest): the line stays full
-        while not done.is_set():
-            with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
+        def first_refusal() -> dict[str, str]:
+            # The pressing clients leave a moment's room now and then: a request let in meanwhile
+            # starts the count over, so the first refusal after it says one second.
+            for _ in range(30):
                 sock.sendall(slow)
-                next(answers_of(sock))
-
-    busy = [threading.Thread(target=pressing) for _ in range(12)]
-    for thread in busy:
-        thread.start()
-    try:
-        time.sleep(0.3)
-        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
-            answers = answers_of(sock)
-
-            def first_refusal() -> dict[str, str]:
-                # The pressing clients leave a moment's room now and then: a request let in meanwhile
-                # starts the count over, so the first refusal after it says one second.
-                for _ in range(30):
-                    sock.sendall(slow)
-                    status, headers, _ = next(answers)
-                    if status == 429:
-                        return headers
-                raise AssertionError("the line never filled")
-
-            for _ in range(10):
-                assert first_refusal().get("retry-after") == "1"
-                refused_at = time.monotonic()
-                sock.sendall(slow)
-                status, headers, body = next(answers)
-                waited = time.monotonic() - refused_at
-                assert waited >= 0.8, waited  # rested for the second its answer said
+                status, headers, _ = next(answers)
                 if status == 429:
-                    break
-            assert (status, headers.get("retry-after")) == (429, "2") and waited < 2, (status, headers, waited)
-            assert json.loads(body)["error"].endswith("retry after 2 s"), body
+                    return headers
+            raise AssertionError("the line never filled")
+
+        for _ in range(10):
+            assert first_refusal().get("retry-after") == "1"
             refused_at = time.monotonic()
-            sock.sendall(live)
-            status, _, _ = next(answers)
+            sock.sendall(slow)
+            status, headers, body = next(answers)
             waited = time.monotonic() - refused_at
-            assert status == 200 and 1.8 <= waited < 3, (status, waited)
-            assert first_refusal().get("retry-after") == "1"  # after a request let in: one second again
-    finally:
-        done.set()
-        for thread in busy:
-            thread.join(30)
+            assert waited >= 0.8, waited  # rested for the second its answer said
+            if status == 429:
+                break
+        assert (status, headers.get("retry-after")) == (429, "2") and waited < 2, (status, headers, waited)
+        assert json.loads(body)["error"].endswith("retry after 2 s"), body
+        refused_at = time.monotonic()
+        sock.sendall(live)
+        status, _, _ = next(answers)
+        waited = time.monotonic() - refused_at
+        assert status == 200 and 1.8 <= waited < 3, (status, waited)
+        assert first_refusal().get("retry-after") == "1"  # after a request let in: one second again
 
 
 def test_a_refusal_pipelined_behind_a_request_let_in_rests_too(sluggish) -> None:
@@ -437,38 +447,24 @@ def test_a_refusal_pipelined_behind_a_request_let_in_rests_too(sluggish) -> None
     let in (both sent in one write) set its rest and had it undone, and the retry was read at once
     (a review's probe: "429 RA=1", then "429 RA=2 waited=0.00s")."""
     slow = request("/v2/models/slow/infer", slow_body())
-    done = threading.Event()
-
-    def pressing() -> None:  # few and patient: refusals are answered at once, not held at the door
-        while not done.is_set():
-            with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
-                sock.sendall(slow)
-                if next(answers_of(sock))[0] == 429:
-                    time.sleep(0.2)
-
-    busy = [threading.Thread(target=pressing) for _ in range(8)]
-    for thread in busy:
-        thread.start()
-    try:
-        time.sleep(0.3)
-        with socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock:
-            answers = answers_of(sock)
-            for _ in range(30):  # until the pipelined request is refused (the line has moments of room)
-                sock.sendall(request("/v2/models/quick/infer", infer_body()) + slow)
-                assert next(answers)[0] == 200
-                status, headers, _ = next(answers)
-                if status == 429:
-                    break
-            assert (status, headers.get("retry-after")) == (429, "1"), (status, headers)
-            refused_at = time.monotonic()
-            sock.sendall(slow)
-            next(answers)
-            waited = time.monotonic() - refused_at
-            assert waited >= 0.8, waited  # read after its rest, whatever its answer
-    finally:
-        done.set()
-        for thread in busy:
-            thread.join(30)
+    # Few and patient clients: refusals are answered at once, not held at the door.
+    with (
+        line_kept_full(sluggish.port, 8, 0.2),
+        socket.create_connection(("127.0.0.1", sluggish.port), timeout=30) as sock,
+    ):
+        answers = answers_of(sock)
+        for _ in range(30):  # until the pipelined request is refused (the line has moments of room)
+            sock.sendall(request("/v2/models/quick/infer", infer_body()) + slow)
+            assert next(answers)[0] == 200
+            status, headers, _ = next(answers)
+            if status == 429:
+                break
+        assert (status, headers.get("retry-after")) == (429, "1"), (status, headers)
+        refused_at = time.monotonic()
+        sock.sendall(slow)
+        next(answers)
+        waited = time.monotonic() - refused_at
+        assert waited >= 0.8, waited  # read after its rest, whatever its answer
 
 
 def test_a_proxy_s_connection_is_not_rested(sluggish) -> None:
