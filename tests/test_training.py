@@ -975,3 +975,12 @@ def test_a_mixture_of_trained_members_is_served_and_scores_no_worse_than_its_bes
     with pytest.raises(SystemExit, match="different splits"):
         lm_mixture.main([*data, "--output-dir", str(repository), "--version", "3", *members,
                          str(out / "6" / "text-generator" / "1")])  # fmt: skip
+
+
+def test_a_check_sentence_is_near_copied_when_its_words_overlap_a_training_sentence_by_half() -> None:
+    from training.near_copies import near_copied
+
+    training = ["works perfectly fine", "Great pizza, rude waiter."]
+    checks = ["Works perfectly!", "The hotel room was dirty.", "great pizza"]
+    assert near_copied(checks, training, 0.5) == [True, False, True]
+    assert near_copied(checks, training, 0.9) == [False, False, False]
