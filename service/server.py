@@ -653,6 +653,10 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         until = self.loop.time() + seconds
         self.flow.pause_reading()
+        # Not idle by the client's choice: its retry may wait unread in the socket. The keep-alive
+        # timer runs again from the rest's end (a keep-alive shorter than a rest closed the
+        # connection with the retry unread: a review's probe, NEUROSERVE_KEEP_ALIVE_S=3).
+        self._unset_keepalive_if_required()
         if self._resting is not None:
             if self._rest_until >= until:  # a longer rest already runs (a later refusal's): it stands
                 return
@@ -664,6 +668,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._resting = None
         if not self.transport.is_closing():
             self.flow.resume_reading()
+            idle = self.cycle is None or self.cycle.response_complete
+            if self.timeout_keep_alive_task is None and not self.pipeline and idle:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
 
     def on_response_complete(self) -> None:
         """uvicorn's, iterative: an early answer completes its request at once and calls this,
@@ -683,9 +692,11 @@ class GuardedProtocol(HttpToolsProtocol):
         finally:
             self._completing = False
         if self._resting is not None and not self.transport.is_closing():
-            # uvicorn's on_response_complete resumes reading: a refusal answered inside the loop
-            # above (a pipelined request behind one let in) set its rest, which that undid.
+            # uvicorn's on_response_complete resumes reading and arms the keep-alive timer: a
+            # refusal answered inside the loop above (a pipelined request behind one let in) set
+            # its rest, which that undid.
             self.flow.pause_reading()
+            self._unset_keepalive_if_required()
         if self._pending is not None:
             self._flush_pending()
         if self._close_after and not self.transport.is_closing():

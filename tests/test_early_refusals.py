@@ -486,6 +486,18 @@ def test_a_client_claiming_to_be_a_proxy_is_rested_unless_its_address_is_a_trust
         assert status == 200 and waited >= 0.8, (status, waited)
 
 
+def test_a_keep_alive_shorter_than_a_rest_does_not_close_the_resting_connection(tmp_path) -> None:
+    """The keep-alive timer ran while a connection rested after a 429 (the server, not the client,
+    leaving it unread): with NEUROSERVE_KEEP_ALIVE_S=1 against a rest of 2 s, the connection was
+    closed with the retry unread (a review's probe: a reset instead of an answer)."""
+    repo = tmp_path / "repo"
+    write_model(repo, "slow", spec=model_json("slow", WIDTH, max_batch_size=1), width=WIDTH, slow=True, layers=400)
+    env = {"NEUROSERVE_MAX_QUEUE_SIZE": "1", "NEUROSERVE_KEEP_ALIVE_S": "1", "NEUROSERVE_SHED_REST_S": "2"}
+    with neuroserve(repo, **env) as running:
+        status, waited = refused_then(running.port, b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert status == 200 and waited >= 1.8, (status, waited)
+
+
 def test_a_request_waiting_out_a_rest_is_answered_when_the_server_shuts_down(tmp_path) -> None:
     """A request sent during a connection's rest waits unread in its socket; a graceful shutdown
     closed the connection with it there, and the client got a reset instead of an answer."""
