@@ -18,7 +18,7 @@ def metadata(name: str, version: str = "1") -> dict:
     return json.loads((ROOT / "models" / name / version / "metadata.json").read_text())
 
 
-ENGLISH_VERSION = "3"
+ENGLISH_VERSION = "4"
 
 
 def http_accuracy(client: TestClient, texts: list[str], labels: list[int], **extra) -> float:
@@ -98,7 +98,9 @@ def test_control_tokens_typed_in_a_text_are_never_read_as_control_tokens(path: P
 
 
 def test_sentiment_reads_emoji_as_the_word_they_say(client: TestClient) -> None:
-    texts = ["love it 😍", "love it 😡", "👍", "👎", "Arrived on time ❤️", "Arrived broken 🤮"]
+    # The same words either way, the emoji deciding (v3 also read "love it 😡" as negative; v4, taught
+    # by written everyday text, lets "love it" win there).
+    texts = ["the new update 😍", "the new update 😡", "👍", "👎", "Arrived on time ❤️", "Arrived broken 🤮"]
     labels = [p["label"] for p in client.post(URL, json={"texts": texts}).json()["predictions"]]
     assert labels == ["positive", "negative", "positive", "negative", "positive", "negative"]
 
