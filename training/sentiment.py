@@ -882,23 +882,11 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "validation_examples": len(seqs["dev"]),
             "everyday_accuracy": round(onnx_accuracy(onnx_path, everyday, labels.get("everyday", [])), 4),
             "everyday_examples": len(everyday),
-            "independent_everyday_accuracy": round(
-                onnx_accuracy(onnx_path, seqs.get("independent", []), labels.get("independent", [])), 4
-            ),
-            "independent_everyday_examples": len(seqs.get("independent", [])),
-            "fresh_everyday_accuracy": round(
-                onnx_accuracy(onnx_path, seqs.get("fresh", []), labels.get("fresh", [])), 4
-            ),
-            "fresh_everyday_examples": len(seqs.get("fresh", [])),
-            "fresh2_everyday_accuracy": round(
-                onnx_accuracy(onnx_path, seqs.get("fresh2", []), labels.get("fresh2", [])), 4
-            ),
-            "fresh2_everyday_examples": len(seqs.get("fresh2", [])),
-            "blind_everyday_accuracy": round(
-                onnx_accuracy(onnx_path, seqs.get("blind", []), labels.get("blind", [])), 4
-            ),
-            "blind_everyday_examples": len(seqs.get("blind", [])),
         }
+        for check in ("independent", "fresh", "fresh2", "blind"):  # the everyday check sets written elsewhere
+            texts = seqs.get(check, [])
+            metrics[f"{check}_everyday_accuracy"] = round(onnx_accuracy(onnx_path, texts, labels.get(check, [])), 4)
+            metrics[f"{check}_everyday_examples"] = len(texts)
         dataset = {
             "name": "SST-2 (GLUE SST-2 train: train.tsv + dev.tsv, 67,349 treebank phrases), honest split",
             "source": "../shared/data/sentiment/sst2 (see its SOURCE.md)",
