@@ -4,6 +4,7 @@ offline figures, language routing, truncation, and every kind of bad input."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,12 +162,16 @@ def test_sentiment_english_negations_go_both_ways(client: TestClient, data_dir: 
 
     config = metadata("sentiment", ENGLISH_VERSION)["training"]["config"]
     talk, events = float(config.get("everyday_talk", 0)), float(config.get("everyday_events", 0))
-    later = [config["independent"], config["fresh"], *([config["fresh2"]] if "fresh2" in config else [])]
+    later = [config[name] for name in ("independent", "fresh", "fresh2", "blind", "blind2") if name in config]
     check_sets = [config["everyday"], *(later if talk or events else ())]
     exclude = [t for path in check_sets for t in read_everyday(ROOT / path)[0]]
     seed = int(config["seed"])
     composed, _ = generate(int(config["everyday_synthetic"]), seed, exclude=exclude, talk=talk, events=events)
-    composed += [t for path in config.get("written") or () for t in read_everyday(ROOT / path)[0]]
+    # The metadata records the written files as the tuple's text: "(PosixPath('training/...tsv'),)".
+    written = re.findall(r"Path\('([^']+)'\)", config.get("written", ""))
+    assert written or "Path" not in config.get("written", "")
+    composed += [t for path in written for t in read_everyday(ROOT / path)[0]]
+    assert len(composed) > int(config["everyday_synthetic"]) or not written
     texts = [t for t, _ in NEGATIONS]
     # Neither composed or written for training nor among the Tatoeba sentences its teacher labelled.
     assert not {_key(t) for t in texts} & {_key(t) for t in composed}

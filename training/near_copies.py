@@ -6,7 +6,7 @@ perfectly.", "wish I'd switched years ago"), so an exact-match filter is not eno
 counts as near-copied when its word set and some training sentence's overlap by ``--jaccard`` or more
 (intersection over union). Only counts and accuracies are printed, never a check set's sentences.
 
-    python -m training.near_copies [--written training/everyday_written.tsv] [--jaccard 0.5] [MODEL_DIR ...]
+    python -m training.near_copies [--written training/everyday_written.tsv ...] [--jaccard 0.5] [MODEL_DIR ...]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import numpy as np
 from training.sentiment import Config, read_everyday
 
 # The check sets the training script reads (its Config's defaults), blind first.
-CHECK_SETS = [str(getattr(Config(), name)) for name in ("blind", "fresh2", "fresh", "independent", "everyday")]
+CHECK_SETS = [
+    str(getattr(Config(), name)) for name in ("blind2", "blind", "fresh2", "fresh", "independent", "everyday")
+]
 
 
 def words(text: str) -> frozenset[str]:
@@ -57,10 +59,12 @@ def accuracy(model_dir: Path, texts: list[str], labels: list[int]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", type=Path, help="saved sentiment version folders to score")
-    p.add_argument("--written", type=Path, default=Path("training/everyday_written.tsv"))
+    p.add_argument(
+        "--written", type=Path, nargs="+", default=[Path("training/everyday_written.tsv")], help="training files"
+    )
     p.add_argument("--jaccard", type=float, default=0.5)
     args = p.parse_args(argv)
-    training = read_everyday(args.written)[0]
+    training = [text for path in args.written for text in read_everyday(path)[0]]
     report: dict = {}
     for check in CHECK_SETS:
         texts, labels = read_everyday(Path(check))

@@ -182,6 +182,14 @@ class Config:
             "never its sentences or errors, so that it stays a blind check"
         },
     )
+    blind2: Path = field(
+        default=Path("tests/data/everyday_sentiment_blind2.tsv"),
+        metadata={
+            "help": "en: 240 everyday English texts as apps send them (reviews, posts, messages, survey answers), "
+            "written and labelled by a session that read no file, 2026-12-05, after v4 was trained; only "
+            "accuracies are ever printed"
+        },
+    )
     evaluate: str = field(default="", metadata={"help": "en: only score this saved version folder"})
     combine: tuple[Path, ...] = field(
         default=(),
@@ -605,18 +613,19 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
         split = honest_split(texts, labels, cfg.seed, n_val, n_test, shared=cfg.shared_phrases)
         everyday, independent = read_everyday(cfg.everyday), read_everyday(cfg.independent)
         fresh, fresh2, blind = read_everyday(cfg.fresh), read_everyday(cfg.fresh2), read_everyday(cfg.blind)
+        blind2 = read_everyday(cfg.blind2)
         if cfg.everyday_synthetic:
             # Never a check set's own sentences; see training.everyday_sentences. With the first version
             # alone (v2) only the first set is excluded, so that this draws the sentences v2 trained on (one
             # of the independent set's 80, "never again", is among them); with the second, all three are.
             later = cfg.everyday_talk or cfg.everyday_events
-            exclude = everyday[0] + (independent[0] + fresh[0] + fresh2[0] + blind[0] if later else [])
+            exclude = everyday[0] + (independent[0] + fresh[0] + fresh2[0] + blind[0] + blind2[0] if later else [])
             extra = everyday_sentences.generate(
                 cfg.everyday_synthetic, cfg.seed, exclude=exclude, talk=cfg.everyday_talk, events=cfg.everyday_events
             )
             split["train"] = (split["train"][0] + extra[0], split["train"][1] + extra[1])
         if cfg.written:
-            checks = everyday[0] + independent[0] + fresh[0] + fresh2[0] + blind[0]
+            checks = everyday[0] + independent[0] + fresh[0] + fresh2[0] + blind[0] + blind2[0]
             written = written_sentences(cfg.written, exclude=checks)
             split["train"] = (
                 split["train"][0] + written[0] * cfg.written_repeat,
@@ -629,6 +638,7 @@ def load_data(cfg: Config) -> dict[str, tuple[list[str], list[int]]]:
             "fresh": fresh,
             "fresh2": fresh2,
             "blind": blind,
+            "blind2": blind2,
         }
     texts, labels = read_chnsenticorp(cfg.data_dir / "chnsenticorp" / "ChnSentiCorp_htl_all.csv")
     train_idx, dev_idx, test_idx = stratified_split(labels, cfg.seed)
@@ -883,7 +893,7 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "everyday_accuracy": round(onnx_accuracy(onnx_path, everyday, labels.get("everyday", [])), 4),
             "everyday_examples": len(everyday),
         }
-        for check in ("independent", "fresh", "fresh2", "blind"):  # the everyday check sets written elsewhere
+        for check in ("independent", "fresh", "fresh2", "blind", "blind2"):  # the everyday check sets written elsewhere
             texts = seqs.get(check, [])
             metrics[f"{check}_everyday_accuracy"] = round(onnx_accuracy(onnx_path, texts, labels.get(check, [])), 4)
             metrics[f"{check}_everyday_examples"] = len(texts)
@@ -933,6 +943,10 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
             "blind_everyday_check_set": f"{cfg.blind} ({len(seqs.get('blind', []))} everyday English sentences, 100 "
             "of each label, written and labelled by a session that read no code and no other set, after the "
             "composer's third version; only accuracies of it have been read: the honest everyday figure)",
+            "blind2_everyday_check_set": f"{cfg.blind2} ({len(seqs.get('blind2', []))} everyday English texts as "
+            "apps send them, 120 of each label, written and labelled by a session that read no file, after v4 and "
+            "before the second batch of written training sentences was trained on; only accuracies of it have been "
+            "read)",
         }
         return (
             metrics,
@@ -943,7 +957,8 @@ def evaluate(cfg: Config, onnx_path: Path, seqs, labels) -> tuple[dict, dict, st
                 f"independent everyday set {metrics['independent_everyday_accuracy']:.2%}, "
                 f"fresh everyday set {metrics['fresh_everyday_accuracy']:.2%}, "
                 f"second fresh everyday set {metrics['fresh2_everyday_accuracy']:.2%}, "
-                f"blind everyday set {metrics['blind_everyday_accuracy']:.2%}"
+                f"blind everyday set {metrics['blind_everyday_accuracy']:.2%}, "
+                f"second blind set {metrics['blind2_everyday_accuracy']:.2%}"
             ),
         )
     metrics = {
