@@ -6,7 +6,7 @@ perfectly.", "wish I'd switched years ago"), so an exact-match filter is not eno
 counts as near-copied when its word set and some training sentence's overlap by ``--jaccard`` or more
 (intersection over union). Only counts and accuracies are printed, never a check set's sentences.
 
-    python -m training.near_copies [--written training/everyday_written.tsv ...] [--jaccard 0.5] [MODEL_DIR ...]
+    python -m training.near_copies [--written FILE]... [--jaccard 0.5] [MODEL_DIR ...]
 """
 
 from __future__ import annotations
@@ -60,11 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", type=Path, help="saved sentiment version folders to score")
     p.add_argument(
-        "--written", type=Path, nargs="+", default=[Path("training/everyday_written.tsv")], help="training files"
+        "--written",
+        type=Path,
+        action="append",
+        help="a training file of written sentences; repeat for several (default: training/everyday_written.tsv)",
     )
     p.add_argument("--jaccard", type=float, default=0.5)
     args = p.parse_args(argv)
-    training = [text for path in args.written for text in read_everyday(path)[0]]
+    training = [
+        text for path in args.written or [Path("training/everyday_written.tsv")] for text in read_everyday(path)[0]
+    ]
     report: dict = {}
     for check in CHECK_SETS:
         texts, labels = read_everyday(Path(check))

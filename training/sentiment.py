@@ -21,7 +21,7 @@ phrases nest. It also reports accuracy on ``tests/data/everyday_sentiment.tsv``,
 products and services, never used for training or choice. Chinese makes a seeded, stratified 80/10/10
 split of ChnSentiCorp and reports the held-out 10 %.
 
-    python -m training.sentiment --lang en --evaluate models/sentiment/4   # a saved model on the same split
+    python -m training.sentiment --lang en --evaluate models/sentiment/5   # a saved model on the same split
 """
 
 from __future__ import annotations
