@@ -265,3 +265,22 @@ def test_sentiment_mixed_language_request_routes_each_text_to_its_model(client: 
     for text, prediction in zip(texts, body["predictions"], strict=True):
         alone = client.post(URL, json={"texts": [text]}).json()["predictions"][0]
         assert alone["scores"] == pytest.approx(prediction["scores"], abs=1e-5)
+
+
+def test_sentiment_reads_markup_as_the_text_it_shows(client: TestClient) -> None:
+    """A rich-text field's HTML: "great!" in <p><b><i> tags scored 0.500 before, "&nbsp;&amp;" after it
+    turned it negative."""
+    plain = "This product is great! Fast shipping & friendly support."
+    marked = [
+        "<p><b><i>This product is great!</i></b> Fast shipping &amp; friendly<br/>support.</p>",
+        'This product is great!&nbsp;Fast shipping &#38; <span class="x">friendly</span> support.',
+    ]
+    body = client.post(URL, json={"texts": [plain, *marked]}).json()["predictions"]
+    assert body[0]["label"] == "positive" and body[0]["score"] > 0.9
+    for p in body[1:]:
+        assert p["scores"] == body[0]["scores"] and p["tokens"] == body[0]["tokens"]
+    # Without markup a "<" or "&" is text: not a tag, not a reference.
+    from service.tasks.sentiment import shown_text
+
+    for text in ("a < b and c > d", "R&D at AT&T", "I <3 it", "Tom &amp Jerry"):
+        assert shown_text(text) == text

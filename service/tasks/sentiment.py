@@ -4,10 +4,13 @@ Texts are tokenised with the model's own ``tokenizer.json`` (Hugging Face ``toke
 the model's ``max_length`` (flagged, never silent), and padded to the smallest of the model's
 ``length_buckets`` that fits the longest text of the request. The bucket is the batcher key, so
 requests of similar length batch together and no batch is padded to more than its bucket.
+Markup is read as the text it shows (see :func:`shown_text`).
 """
 
 from __future__ import annotations
 
+import html
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,7 +108,26 @@ class Sentiment(Task[SentimentParameters]):
 TASK = Sentiment()
 
 
+# A tag (<p>, </b>, <br/>, <a href="...">, <!-- -->) or a character reference (&amp; &nbsp; &#39;).
+_TAG = re.compile(r"<(?:[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?|/[A-Za-z][A-Za-z0-9-]*\s*|!--.*?--)/?>", re.DOTALL)
+_REFERENCE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6});")
+
+
+def shown_text(text: str) -> str:
+    """The text a page would show for ``text``: tags dropped (each a space), character references
+    read. Apps send what a rich-text field holds: "This product is great!" in <p><b><i> tags scored
+    0.500 positive against 0.99 plain, and "&nbsp;&amp;" after it turned it negative (0.32).
+    A text without markup is returned unchanged ("a < b", "R&D", "AT&T" stay as written)."""
+    if "<" not in text and "&" not in text:
+        return text
+    stripped = _TAG.sub(" ", text)
+    if stripped == text and not _REFERENCE.search(text):
+        return text
+    return " ".join(html.unescape(stripped).split())
+
+
 def encode(assets: TextAssets, texts: Sequence[str]) -> Encoded:
+    texts = [shown_text(t) for t in texts]
     encodings = encode_each(assets.tokenizer, texts)  # not encode_batch: see encode_each
     lengths = [len(e.ids) for e in encodings]
     # A text that normalises to nothing (only control characters, say) becomes one unknown token.
