@@ -284,3 +284,20 @@ def test_sentiment_reads_markup_as_the_text_it_shows(client: TestClient) -> None
 
     for text in ("a < b and c > d", "R&D at AT&T", "I <3 it", "Tom &amp Jerry"):
         assert shown_text(text) == text
+
+
+def test_sentiment_reads_a_negation_typed_without_its_apostrophe_as_one(client: TestClient) -> None:
+    """Phones' typing: "didnt love it" read 0.81 positive, "I didn't love it." right."""
+    pairs = [
+        ("i didnt love it", "i didn't love it"),
+        ("Doesnt work at all, dont buy", "Doesn't work at all, don't buy"),
+        ("the food wasnt good", "the food wasn't good"),
+    ]
+    texts = [t for pair in pairs for t in pair]
+    got = client.post(URL, json={"texts": texts}).json()["predictions"]
+    for i in range(0, len(texts), 2):
+        assert got[i]["scores"] == got[i + 1]["scores"] and got[i]["label"] == "negative", texts[i]
+    from service.tasks.sentiment import with_apostrophes
+
+    for word in ("I wont go", "cant", "Well, ill be there", "ant", "donts and dos"):  # other words, kept
+        assert with_apostrophes(word) == word
