@@ -108,8 +108,9 @@ class Sentiment(Task[SentimentParameters]):
 TASK = Sentiment()
 
 
-# A tag (<p>, </b>, <br/>, <a href="...">, <!-- -->) or a character reference (&amp; &nbsp; &#39;).
-_TAG = re.compile(r"<(?:[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?|/[A-Za-z][A-Za-z0-9-]*\s*|!--.*?--)/?>", re.DOTALL)
+# A tag (<p>, </b>, <br/>, <a href="...">) or a character reference (&amp; &nbsp; &#39;). Comments
+# are cut by str.find, in one pass: a lazy "<!--.*?-->" in the pattern took 0.67 s on 6,000 "<!--".
+_TAG = re.compile(r"<(?:[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?|/[A-Za-z][A-Za-z0-9-]*\s*)/?>")
 _REFERENCE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6});")
 
 
@@ -120,10 +121,18 @@ def shown_text(text: str) -> str:
     A text without markup is returned unchanged ("a < b", "R&D", "AT&T" stay as written)."""
     if "<" not in text and "&" not in text:
         return text
-    stripped = _TAG.sub(" ", text)
+    stripped = _TAG.sub(" ", _without_comments(text))
     if stripped == text and not _REFERENCE.search(text):
         return text
     return " ".join(html.unescape(stripped).split())
+
+
+def _without_comments(text: str) -> str:
+    pieces, at = [], 0
+    while (start := text.find("<!--", at)) >= 0 and (end := text.find("-->", start + 4)) >= 0:
+        pieces += [text[at:start], " "]
+        at = end + 3
+    return "".join(pieces) + text[at:] if pieces else text
 
 
 # Negations typed on a phone without their apostrophe. Only forms that are no other English word
