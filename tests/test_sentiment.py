@@ -283,8 +283,15 @@ def test_sentiment_reads_markup_as_the_text_it_shows(client: TestClient) -> None
     # Without markup a "<" or "&" is text: not a tag, not a reference.
     from service.tasks.sentiment import shown_text
 
-    for text in ("a < b and c > d", "R&D at AT&T", "I <3 it", "Tom &amp Jerry"):
+    plain_texts = ("a < b and c > d", "R&D at AT&T", "I <3 it", "Tom &amp Jerry", "List<String> names", "<sigh> fine")
+    for text in (*plain_texts, "Worth it <only if on sale. Otherwise overpriced junk.\nBattery => 2 hours"):
         assert shown_text(text) == text
+    assert shown_text("<b>G</b>reat, un<i>believ</i>able<o:p></o:p>") == "Great, unbelievable"
+    assert shown_text("<style>p{color:red}</style><script>x = '<p>'</script><P>Awful</P>") == "Awful"
+    # A reference too long to read is left as typed (html.unescape raised on 4,400 digits: a 500).
+    long_reference = "<b>x</b>&#" + "1" * 4400
+    assert shown_text(long_reference) == long_reference.replace("<b>", "").replace("</b>", "")
+    assert client.post(URL, json={"texts": [long_reference, plain]}).status_code == 200
     assert shown_text("so <!-- a <b> comment --> good <!-- never closed") == "so good <!-- never closed"
     started = time.perf_counter()  # 6,000 unclosed comments took 0.67 s through a lazy pattern
     for text in ("<!--" * 6000, "<!--" * 6000 + "-->", "<a " * 8000, "&" * 24000):
