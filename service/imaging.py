@@ -98,7 +98,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "ima
     if not data:
         raise InvalidImage(f"{name}: the file is empty")
     if len(data) > max_bytes:
-        raise ImageTooLarge(f"{name}: {len(data)} bytes is over the limit of {max_bytes} bytes")
+        # Only the limit and one byte more are read from an upload, so its size is not known here.
+        raise ImageTooLarge(f"{name}: larger than the limit of {max_bytes} bytes")
     try:
         with warnings.catch_warnings():
             # Pillow warns, then raises, on large images; our own pixel limit below decides.

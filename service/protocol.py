@@ -24,6 +24,10 @@ PROTOCOL_DATATYPES = frozenset(
 
 
 def parse_json(body: bytes) -> Any:
+    # RFC 8259 lets a parser ignore a leading byte-order mark, and Windows and .NET clients send one
+    # (orjson refuses it: 400 invalid_json).
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]
     if not body:
         raise InvalidJSON("request body is empty; expected a JSON object")
     try:

@@ -254,6 +254,17 @@ def test_sentiment_bad_requests_get_clear_4xx(client: TestClient, kwargs: dict, 
     assert response.json()["error"]
 
 
+def test_a_json_body_that_starts_with_a_byte_order_mark_is_read(client: TestClient) -> None:
+    """Windows and .NET clients may send one; RFC 8259 lets a parser ignore it (orjson refused it: 400)."""
+    body = b'{"texts": ["Great product, fast shipping."]}'
+    plain = client.post("/v1/sentiment", content=body, headers={"content-type": "application/json"})
+    marked = client.post("/v1/sentiment", content=b"\xef\xbb\xbf" + body, headers={"content-type": "application/json"})
+    assert marked.status_code == 200, marked.text
+    assert marked.json()["predictions"] == plain.json()["predictions"]
+    only_mark = client.post("/v1/sentiment", content=b"\xef\xbb\xbf", headers={"content-type": "application/json"})
+    assert (only_mark.status_code, only_mark.json()["error_type"]) == (400, "invalid_json")
+
+
 def test_sentiment_mixed_language_request_routes_each_text_to_its_model(client: TestClient) -> None:
     texts = ["a wonderful, moving film", "房间很干净，服务也很热情。", "dull and lifeless", "卫生很差，非常失望。"]
     response = client.post(URL, json={"texts": texts})
