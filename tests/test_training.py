@@ -3,6 +3,7 @@ the parity check, and a repository folder that the service then serves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -240,6 +241,35 @@ def test_unlabelled_sentences_never_include_a_check_sets_sentence_and_keep_their
     held = [drawn[3], "I didn't like it."]
     kept, labels = sentiment.unlabelled_texts(cfg, exclude=[], held=held)
     assert kept == [t for t in drawn if t not in held] and len(kept) == len(drawn) - 1 and set(labels) == {-1}
+
+
+def test_the_vocabulary_can_come_from_the_labelled_texts_alone(data_dir: Path) -> None:
+    """--no-vocabulary-from-unlabelled: no piece of the vocabulary is a word that only the unlabelled
+    sentences hold, while the teacher still labels them (encoded with it) for the student."""
+    from training import sentiment
+
+    cfg = sentiment.Config(
+        smoke=True,
+        data_dir=data_dir / "sentiment",
+        distil=2,
+        unlabelled=data_dir / "translation" / "fra-eng.zip",
+        vocabulary_from_unlabelled=False,
+    )
+    tokenizer, seqs, _ = sentiment.encoded_data(cfg)
+
+    def words(texts: list[str]) -> set[str]:
+        normalise, split = tokenizer.normalizer.normalize_str, tokenizer.pre_tokenizer.pre_tokenize_str
+        return {word for text in texts for word, _ in split(normalise(text))}
+
+    data = sentiment.load_data(cfg)
+    only_unlabelled = words(sentiment.unlabelled_texts(cfg, exclude=[])[0]) - words(data["train"][0][:600])
+    # Words of 5 letters or more that no training word starts with cannot be a piece by chance.
+    train_words = words(data["train"][0][:600])
+    foreign = {w for w in only_unlabelled if len(w) >= 5 and not any(t.startswith(w) for t in train_words)}
+    assert len(seqs["unlabelled"]) > 0 and len(foreign) > 100
+    assert not foreign & set(tokenizer.get_vocab())
+    with_unlabelled, _, _ = sentiment.encoded_data(dataclasses.replace(cfg, vocabulary_from_unlabelled=True))
+    assert len(foreign & set(with_unlabelled.get_vocab())) >= 10  # Tatoeba's words take pieces there
 
 
 def test_sentiment_pretraining_teaches_both_directions_and_leaves_the_classifier_layer_alone() -> None:

@@ -106,6 +106,13 @@ class Config:
         metadata={"help": "en, with --distil: a Tatoeba zip (fra-eng.zip) whose English sentences the teacher labels"},
     )
     unlabelled_sentences: int = field(default=30000, metadata={"help": "how many of them, drawn with the seed"})
+    vocabulary_from_unlabelled: bool = field(
+        default=True,
+        metadata={
+            "help": "build the WordPiece vocabulary on the --unlabelled sentences too (v3-v5); without it, on "
+            "the labelled training texts only, so that no piece goes to words no label ever taught"
+        },
+    )
     pretrain_epochs: int = field(
         default=0,
         metadata={
@@ -744,7 +751,8 @@ def encoded_data(cfg: Config) -> tuple[Tokenizer, dict[str, list[list[int]]], di
         whole = full_sentences(data["train"][0])
         data["pretrain"] = ([data["train"][0][i] for i in whole], [-1] * len(whole))
     data = {k: v for k, v in data.items() if v[0]}
-    tokenizer = build_tokenizer(data["train"][0] + data.get("unlabelled", ([], []))[0], cfg.vocab_size)
+    vocabulary_text = data["train"][0] + (data.get("unlabelled", ([], []))[0] if cfg.vocabulary_from_unlabelled else [])
+    tokenizer = build_tokenizer(vocabulary_text, cfg.vocab_size)
     seqs = {k: encode(tokenizer, v[0], cfg.max_len) for k, v in data.items()}
     return tokenizer, seqs, {k: v[1] for k, v in data.items()}
 
