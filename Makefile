@@ -54,7 +54,7 @@ train-image-classification: $(VENV)/.dev
 	$(BIN)/python -m training.image_classification --data-dir $(DATA)/image_classification/mnist --output-dir models --version 1
 
 train-sentiment: $(VENV)/.dev
-	$(BIN)/python -m training.sentiment --lang en --data-dir $(DATA)/sentiment --output-dir models --version 5 --arch bilstm --epochs 10 --word-dropout 0.1 --distil 4 --unlabelled $(DATA)/translation/fra-eng.zip --everyday-synthetic 12000 --everyday-talk 0.5 --written training/everyday_written.tsv training/everyday_written2.tsv
+	$(BIN)/python -m training.sentiment --lang en --data-dir $(DATA)/sentiment --output-dir models --version 6 --arch bilstm --epochs 10 --word-dropout 0.1 --distil 4 --unlabelled $(DATA)/translation/fra-eng.zip --everyday-synthetic 12000 --everyday-talk 0.5 --written training/everyday_written.tsv training/everyday_written2.tsv --vocab-size 24000
 	$(BIN)/python -m training.sentiment --lang zh --data-dir $(DATA)/sentiment --output-dir /tmp/zh-ens --version 2 --arch cnn --epochs 15 --embed-dim 192 --dropout 0.3 --bigram-buckets 50000 --max-len 512 --ensemble 5
 	$(BIN)/python -m training.sentiment --lang zh --data-dir $(DATA)/sentiment --output-dir /tmp/zh-lstm --version 2 --arch bilstm --epochs 10 --word-dropout 0.1 --embed-dim 192 --hidden 256 --max-len 512
 	$(BIN)/python -m training.sentiment --lang zh --data-dir $(DATA)/sentiment --max-len 512 --max-batch-size 8 --combine /tmp/zh-ens/sentiment-zh/2 /tmp/zh-lstm/sentiment-zh/2 --half-embeddings --output-dir models --version 3

@@ -2,7 +2,7 @@
 padding to its length bucket the way the service does (``service.tasks.sentiment.encode``), then its
 graph in onnxruntime with the service's session options, one sentence at a time and in batches.
 
-    python -m bench.sentiment /tmp/v2/sentiment/2 models/sentiment/5 [--repeats 3] [--threads 1]
+    python -m bench.sentiment /tmp/v2/sentiment/2 models/sentiment/6 [--repeats 3] [--threads 1]
 
 The sentences are SST-2 full sentences (``dev.tsv``'s longest rows, the length of real reviews) and
 the everyday check set (``--lang zh``: every 7th ChnSentiCorp review), in rounds that alternate the

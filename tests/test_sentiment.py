@@ -20,7 +20,7 @@ def metadata(name: str, version: str = "1") -> dict:
     return json.loads((ROOT / "models" / name / version / "metadata.json").read_text())
 
 
-ENGLISH_VERSION = "5"
+ENGLISH_VERSION = "6"
 
 
 def http_accuracy(client: TestClient, texts: list[str], labels: list[int], **extra) -> float:
@@ -60,7 +60,7 @@ def test_sentiment_english_unseen_sentences_through_http_match_offline(client: T
     texts, labels = english_split(data_dir)["test"]
     accuracy = http_accuracy(client, texts, labels)
     print(f"\nSST-2 held-out sentences through HTTP: {accuracy:.2%} (offline {metrics['test_accuracy']:.2%})")
-    assert metrics["test_accuracy"] >= 0.83
+    assert metrics["test_accuracy"] >= 0.835
     assert abs(accuracy - metrics["test_accuracy"]) <= 0.005
     everyday = read_everyday(ROOT / "tests" / "data" / "everyday_sentiment.tsv")
     accuracy = http_accuracy(client, *everyday)
@@ -83,8 +83,8 @@ def test_sentiment_english_unseen_sentences_through_http_match_offline(client: T
 
 
 # Each written by a session that read no code and no other set; only accuracies of the blind ones are
-# ever printed. The floor is a little under the shipped version's own figure (v4, v5).
-LATER_CHECK_SETS = [("fresh2", 160, 0.85), ("blind", 200, 0.75), ("blind2", 240, 0.88)]
+# ever printed. The floor is a little under the shipped version's own figure (v5, v6).
+LATER_CHECK_SETS = [("fresh2", 160, 0.85), ("blind", 200, 0.80), ("blind2", 240, 0.90)]
 
 
 @pytest.mark.parametrize(("name", "size", "floor"), LATER_CHECK_SETS, ids=[c[0] for c in LATER_CHECK_SETS])

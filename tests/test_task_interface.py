@@ -180,7 +180,7 @@ def text_model(root: Path, name: str, *, classes: int = 2, length: int | str = "
     from tests.onnx_models import text_classifier
 
     text_classifier(root / name / "1" / "model.onnx", classes, length)
-    shutil.copy(ROOT / "models" / "sentiment" / "5" / "tokenizer.json", root / name / "1" / "tokenizer.json")
+    shutil.copy(ROOT / "models" / "sentiment" / "6" / "tokenizer.json", root / name / "1" / "tokenizer.json")
     fixed = length if isinstance(length, int) else -1
     body = {
         "name": name,
