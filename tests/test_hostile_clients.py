@@ -13,6 +13,11 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import ROOT, make_client, wait_ready
 
+# The committed English sentiment model's vocabulary: one id past it must be refused.
+SENTIMENT_VOCAB = (
+    int(json.loads((ROOT / "models" / "sentiment" / "model.json").read_text())["inputs"][0]["value_range"][1]) + 1
+)
+
 
 def infer(client: TestClient, model: str, *tensors: dict):
     return client.post(f"/v2/models/{model}/infer", json={"inputs": list(tensors)})
@@ -30,8 +35,8 @@ def ints(name: str, values: list, shape: list[int]) -> dict:
         ("sentiment", [ints("input_ids", [], [1, 0]), ints("attention_mask", [], [1, 0])], "axis 1 is empty"),
         (
             "sentiment",
-            [ints("input_ids", [5, 16000], [1, 2]), ints("attention_mask", [1, 1], [1, 2])],
-            "value 16000 is out of the model's range [0, 15999]",
+            [ints("input_ids", [5, SENTIMENT_VOCAB], [1, 2]), ints("attention_mask", [1, 1], [1, 2])],
+            f"value {SENTIMENT_VOCAB} is out of the model's range [0, {SENTIMENT_VOCAB - 1}]",
         ),
         (
             "sentiment",
