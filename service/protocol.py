@@ -23,13 +23,24 @@ PROTOCOL_DATATYPES = frozenset(
 )
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_OR_32_BOMS = (b"\x00\x00\xfe\xff", b"\xff\xfe", b"\xfe\xff")
+
+
+def without_bom(body: bytes) -> bytes:
+    """``body`` without one leading UTF-8 byte-order mark: RFC 8259 lets a parser ignore it, and
+    Windows and .NET clients send one (orjson refuses it: it was a 400 invalid_json)."""
+    return body[len(_UTF8_BOM) :] if body.startswith(_UTF8_BOM) else body
+
+
 def parse_json(body: bytes) -> Any:
-    # RFC 8259 lets a parser ignore a leading byte-order mark, and Windows and .NET clients send one
-    # (orjson refuses it: 400 invalid_json).
-    if body.startswith(b"\xef\xbb\xbf"):
-        body = body[3:]
+    body = without_bom(body)
     if not body:
         raise InvalidJSON("request body is empty; expected a JSON object")
+    if body.startswith(_UTF8_BOM):
+        raise InvalidJSON("request body starts with more than one byte-order mark; send at most one")
+    if body.startswith(_UTF16_OR_32_BOMS):
+        raise InvalidJSON("request body is UTF-16 or UTF-32 (it starts with that byte-order mark); send JSON as UTF-8")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -261,8 +261,17 @@ def test_a_json_body_that_starts_with_a_byte_order_mark_is_read(client: TestClie
     marked = client.post("/v1/sentiment", content=b"\xef\xbb\xbf" + body, headers={"content-type": "application/json"})
     assert marked.status_code == 200, marked.text
     assert marked.json()["predictions"] == plain.json()["predictions"]
-    only_mark = client.post("/v1/sentiment", content=b"\xef\xbb\xbf", headers={"content-type": "application/json"})
+    json_type = {"content-type": "application/json"}
+    only_mark = client.post("/v1/sentiment", content=b"\xef\xbb\xbf", headers=json_type)
     assert (only_mark.status_code, only_mark.json()["error_type"]) == (400, "invalid_json")
+    assert "empty" in only_mark.json()["error"]
+    # A route whose body may be empty reads a lone mark as empty too (it said "empty" and refused it).
+    index = client.post("/v2/repository/index", content=b"\xef\xbb\xbf", headers=json_type)
+    assert index.status_code == 200 and index.json() == client.post("/v2/repository/index").json()
+    twice = client.post("/v1/sentiment", content=b"\xef\xbb\xbf" * 2 + body, headers=json_type)
+    assert twice.status_code == 400 and "more than one byte-order mark" in twice.json()["error"]
+    utf16 = client.post("/v1/sentiment", content=b"\xff\xfe" + body.decode().encode("utf-16-le"), headers=json_type)
+    assert utf16.status_code == 400 and "send JSON as UTF-8" in utf16.json()["error"]
 
 
 def test_sentiment_mixed_language_request_routes_each_text_to_its_model(client: TestClient) -> None:

@@ -23,7 +23,7 @@ from service.errors import (
     status_summary,
     wire_errors,
 )
-from service.protocol import parse_json
+from service.protocol import parse_json, without_bom
 
 # A 28x28 PNG of a handwritten 7 (from the MNIST test set), for the docs' "try it out".
 SEVEN_PNG_BASE64 = (
@@ -98,7 +98,8 @@ async def read_json(request: Request, model: type[M], *, optional: bool = False)
     if not is_json_media(kind):
         raise UnsupportedMediaType(f"content type {kind!r} is not accepted; send application/json")
     body = await request.body()
-    return parse_body(body if body or not optional else b"{}", model)
+    empty = not without_bom(body)  # a body of only a byte-order mark is empty too
+    return parse_body(b"{}" if empty and optional else body, model)
 
 
 def parse_body(body: bytes, model: type[M]) -> M:
