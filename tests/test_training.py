@@ -261,10 +261,9 @@ def test_the_vocabulary_can_come_from_the_labelled_texts_alone(data_dir: Path) -
         normalise, split = tokenizer.normalizer.normalize_str, tokenizer.pre_tokenizer.pre_tokenize_str
         return {word for text in texts for word, _ in split(normalise(text))}
 
-    data = sentiment.load_data(cfg)
-    only_unlabelled = words(sentiment.unlabelled_texts(cfg, exclude=[])[0]) - words(data["train"][0][:600])
+    train_words = words(sentiment.load_data(cfg)["train"][0][:600])
+    only_unlabelled = words(sentiment.unlabelled_texts(cfg, exclude=[])[0]) - train_words
     # Words of 5 letters or more that no training word starts with cannot be a piece by chance.
-    train_words = words(data["train"][0][:600])
     foreign = {w for w in only_unlabelled if len(w) >= 5 and not any(t.startswith(w) for t in train_words)}
     assert len(seqs["unlabelled"]) > 0 and len(foreign) > 100
     assert not foreign & set(tokenizer.get_vocab())

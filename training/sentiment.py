@@ -109,7 +109,7 @@ class Config:
     vocabulary_from_unlabelled: bool = field(
         default=True,
         metadata={
-            "help": "build the WordPiece vocabulary on the --unlabelled sentences too (v3-v5); without it, on "
+            "help": "build the WordPiece vocabulary on the --unlabelled sentences too (v3-v6); without it, on "
             "the labelled training texts only, so that no piece goes to words no label ever taught"
         },
     )
